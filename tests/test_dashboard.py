@@ -1,0 +1,314 @@
+"""Dashboard: the JSON API over a real socket (the `blip3o-rl dashboard` command in a subprocess),
+its 404/422 errors, the TensorBoard export, and the page in headless Debian chromium (Playwright).
+
+The store is written by a short simulated run (metric names as rl/run_store.py documents them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from rl.run_store import RunStore, SampleRecord
+
+STEPS = 12
+SAMPLES_PER_STEP = 4
+SAMPLE_EVERY = 2
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def mean_reward(step: int, offset: float = 0.0) -> float:
+    return 0.2 + 0.6 * (1 - math.exp(-step / 8)) + offset
+
+
+def pixels(step: int, index: int) -> np.ndarray:
+    image = np.full((48, 64, 3), 30, np.uint8)  # [H, W, 3]
+    image[..., index % 3] = 80 + 40 * index
+    image[12:36, 16:48] = 255 if step % 4 == 0 else 0
+    return image
+
+
+def simulate_step(store: RunStore, run_id: str, step: int, offset: float = 0.0) -> None:
+    """What the trainer logs per step: every chart group gets a metric, every other step samples."""
+    reward = mean_reward(step, offset)
+    store.log_metrics(run_id, step, {
+        "reward/mean": reward, "reward/ocr": reward, "reward/geneval": 0.8 * reward,
+        "geneval/counting": 0.7 * reward, "geneval/position": 0.5 * reward, "ocr/reward": reward,
+        "policy/kl": 0.001 * step, "policy/entropy": 3.0 - 0.1 * step, "policy/clip_fraction": 0.05,
+        "time/rollout": 1.0, "time/decode": 0.5, "time/reward": 0.3, "time/update": 0.8, "time/sync": 0.1,
+        "throughput/images_per_s": 8.0, "loss": 0.1,
+    })
+    if step % SAMPLE_EVERY == 0:
+        store.log_samples(run_id, step, [
+            SampleRecord(f'a sign that says "cat {i}"', pixels(step, i), reward, {"ocr": reward, "format": 1.0})
+            for i in range(SAMPLES_PER_STEP)
+        ])
+
+
+def make_runs(runs_dir: Path) -> tuple[RunStore, str, str]:
+    """A running run of STEPS steps (the one the page shows first) and a finished baseline."""
+    store = RunStore(runs_dir)
+    baseline = store.create_run("ocr-baseline", {"lr": 1e-3})
+    for step in range(STEPS - 2):
+        simulate_step(store, baseline, step, offset=-0.1)
+    store.finish_run(baseline, "finished")
+    time.sleep(0.01)  # distinct start times: the newest run is listed (and shown) first
+    live = store.create_run("ocr-live", {"lr": 2e-3, "group_size": 8})
+    for step in range(STEPS):
+        simulate_step(store, live, step)
+    store.log_event(live, "restart", "reward worker 1 restarted")
+    return store, live, baseline
+
+
+@contextlib.contextmanager
+def dashboard_server(runs_dir: Path):
+    """`blip3o-rl dashboard` on a free port, as a user starts it; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "dashboard", "--runs-dir", str(runs_dir),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/api/runs", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None, process.stdout.read().decode()
+                assert time.monotonic() < deadline, "dashboard did not start in 60 s"
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    with dashboard_server(runs[0].runs_dir) as url:
+        yield url
+
+
+def test_api_lists_runs_and_serves_metrics(server, runs):
+    _, live, baseline = runs
+    listed = httpx.get(f"{server}/api/runs").json()
+    assert [(r["id"], r["status"], r["last_step"]) for r in listed] == [
+        (live, "running", STEPS - 1), (baseline, "finished", STEPS - 3)]
+
+    detail = httpx.get(f"{server}/api/runs/{live}").json()
+    assert detail["config"] == {"lr": 2e-3, "group_size": 8}
+    assert detail["sample_steps"] == list(range(0, STEPS, SAMPLE_EVERY))
+    assert [(e["kind"], e["message"]) for e in detail["events"]] == [("restart", "reward worker 1 restarted")]
+    assert "reward/mean" in detail["metric_keys"] and len(detail["metric_keys"]) == 16
+
+    everything = httpx.get(f"{server}/api/runs/{live}/metrics").json()
+    assert everything["steps"] == list(range(STEPS))
+    assert everything["values"]["reward/mean"] == pytest.approx([mean_reward(s) for s in range(STEPS)], abs=1e-12)
+
+    tail = httpx.get(f"{server}/api/runs/{live}/metrics", params={"keys": "reward/mean,policy/kl", "since": 8}).json()
+    assert tail["steps"] == [9, 10, 11]
+    assert tail["values"] == {
+        "policy/kl": pytest.approx([0.009, 0.010, 0.011], abs=1e-12),
+        "reward/mean": pytest.approx([mean_reward(s) for s in (9, 10, 11)], abs=1e-12),
+    }
+
+
+def test_api_serves_samples_and_their_images(server, runs):
+    _, live, _ = runs
+    latest = httpx.get(f"{server}/api/runs/{live}/samples").json()
+    assert latest["step"] == 10  # no step given: the latest step with samples
+    chosen = httpx.get(f"{server}/api/runs/{live}/samples", params={"step": 4}).json()
+    assert chosen["step"] == 4 and len(chosen["samples"]) == SAMPLES_PER_STEP
+    sample = chosen["samples"][2]
+    assert sample["prompt"] == 'a sign that says "cat 2"'
+    assert sample["reward"] == pytest.approx(mean_reward(4), abs=1e-12)
+    assert sample["components"] == {"ocr": pytest.approx(mean_reward(4), abs=1e-12), "format": 1.0}
+    image = httpx.get(f"{server}{sample['image_url']}")
+    assert image.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.content))), pixels(4, 2))
+
+
+@pytest.mark.parametrize("path, params, detail", [
+    ("/api/runs/nope", {}, "unknown run id 'nope'"),
+    ("/api/runs/nope/metrics", {}, "unknown run id 'nope'"),
+    ("/api/runs/nope/samples", {}, "unknown run id 'nope'"),
+    ("/api/runs/{live}/samples", {"step": 3}, "has no samples at step 3"),
+    ("/api/runs/{live}/samples/4/9.png", {}, "has no sample 9 at step 4"),
+])
+def test_api_unknown_things_are_404_json(server, runs, path, params, detail):
+    response = httpx.get(server + path.format(live=runs[1]), params=params)
+    assert response.status_code == 404
+    assert detail in response.json()["detail"]
+
+
+@pytest.mark.parametrize("path, params, detail", [
+    ("metrics", {"since": "abc"}, "valid integer"),
+    ("metrics", {"since": -5}, "greater than or equal to -1"),
+    ("metrics", {"keys": "reward/mean,"}, "bad metric key ''"),
+    ("metrics", {"keys": "reward/meen"}, "unknown metric key 'reward/meen'"),
+    ("samples", {"step": "latest"}, "valid integer"),
+    ("samples", {"step": -1}, "greater than or equal to 0"),
+])
+def test_api_bad_query_parameters_are_422_json(server, runs, path, params, detail):
+    response = httpx.get(f"{server}/api/runs/{runs[1]}/{path}", params=params)
+    assert response.status_code == 422
+    assert detail in str(response.json()["detail"])
+
+
+def test_tensorboard_export_matches_the_store(runs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deploy.dashboard.tensorboard_export import export_tensorboard
+
+    store, live, _ = runs
+    command = [sys.executable, "-m", "deploy.cli", "export-tensorboard", "--runs-dir", str(store.runs_dir), "--out", str(tmp_path)]
+    written = subprocess.run(command + ["--run", live], check=True, capture_output=True, text=True)
+    assert written.stdout.strip() == f"wrote TensorBoard events for {live} to {tmp_path / live}"
+    export_tensorboard(store, live, tmp_path)  # a second export replaces the first, never doubles it
+    assert len(list((tmp_path / live).glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(tmp_path / live))
+    events.Reload()
+    assert len(events.Tags()["scalars"]) == 16
+    points = events.Scalars("reward/mean")
+    assert [p.step for p in points] == list(range(STEPS))
+    assert [p.value for p in points] == pytest.approx([mean_reward(s) for s in range(STEPS)], rel=1e-6)
+
+    missing = subprocess.run(command + ["--run", "nope"], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"blip3o-rl: error: unknown run id 'nope' in {store.runs_dir}"
+
+
+def smoothed(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's debiased EMA, the page's smoothing: s_n = (w s_{n-1} + (1-w) v_n) / (1 - w^n)."""
+    out, last = [], 0.0
+    for n, value in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * value
+        out.append(last / (1 - weight**n))
+    return out
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium: run scripts/install_browser.sh")
+def test_page_shows_live_curves_gallery_and_comparison(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    store, live, baseline = make_runs(tmp_path)  # its own store: this test writes more steps
+    ARTIFACTS.mkdir(exist_ok=True)
+    with dashboard_server(store.runs_dir) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{server}/?poll=300")
+
+        # The reward chart has one point per step in the store.
+        chart = page.locator("#chart-reward-mean")
+        expect(chart).to_have_attribute("data-points", str(len(store.metrics(live).steps)), timeout=15_000)
+        drawn = page.evaluate("window.dashboard.charts['reward-mean'].plot.data")
+        assert drawn[0] == list(range(STEPS))
+        assert drawn[1] == pytest.approx([mean_reward(s) for s in range(STEPS)], abs=1e-12)
+        expected_charts = ["reward-mean", "reward-functions", "geneval", "ocr", "kl", "entropy",
+                           "clip-fraction", "time", "throughput", "other"]
+        assert page.evaluate("Object.keys(window.dashboard.charts)") == expected_charts
+        expect(page.locator("#runs li")).to_have_count(2)
+        expect(page.locator(f'#runs li[data-run-id="{live}"] .status')).to_have_text("running")
+
+        # The gallery shows the latest step's images, decoded by the browser.
+        expect(page.locator("#gallery-step")).to_have_text("step 10")
+        expect(page.locator("#gallery .card img")).to_have_count(SAMPLES_PER_STEP)
+        page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth === 64)")
+        expect(page.locator("#gallery .card").nth(1).locator(".prompt")).to_have_text('a sign that says "cat 1"')
+
+        # A step written now shows up without a reload (chart and gallery).
+        simulate_step(store, live, STEPS)
+        expect(chart).to_have_attribute("data-points", str(STEPS + 1), timeout=15_000)
+        expect(page.locator("#gallery-step")).to_have_text(f"step {STEPS}")
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        # Smoothing is TensorBoard's EMA; comparison overlays the baseline as a second series.
+        page.locator("#smooth").fill("0.6")
+        raw = [mean_reward(s) for s in range(STEPS + 1)]
+        page.wait_for_function("window.dashboard.smooth === 0.6")
+        drawn = page.evaluate("window.dashboard.charts['reward-mean'].plot.data[1]")
+        assert drawn == pytest.approx(smoothed(raw, 0.6), abs=1e-9)
+        page.locator("#compare").select_option(baseline)
+        page.wait_for_function("window.dashboard.charts['reward-mean'].plot.series.length === 3", timeout=15_000)
+        overlay = page.evaluate("window.dashboard.charts['reward-mean'].plot.data")
+        assert overlay[0] == list(range(STEPS + 1))
+        baseline_raw = [mean_reward(s, -0.1) for s in range(STEPS - 2)]
+        assert overlay[2][: STEPS - 2] == pytest.approx(smoothed(baseline_raw, 0.6), abs=1e-9)
+        assert all(v is None for v in overlay[2][STEPS - 2:])  # the baseline stopped earlier
+        page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"), full_page=True)
+
+        # A resume from a checkpoint drops the later steps; the page follows without a reload.
+        store.resume_run(live, checkpoint_step=5)
+        expect(chart).to_have_attribute("data-points", "6", timeout=15_000)
+        simulate_step(store, live, 6)
+        expect(chart).to_have_attribute("data-points", "7", timeout=15_000)
+        expect(page.locator("#events li").first.locator(".kind")).to_have_text("resume")
+        browser.close()
+    assert errors == []
+
+
+def test_deploy_files_are_valid_and_consistent():
+    """cluster.yaml passes Ray's own validation; the KubeRay manifest's groups, resources,
+    selectors and env names agree with each other and with the code they start."""
+    import json
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from rewards.app.settings import Settings
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    roles = {"rollout", "decoder", "learner", "reward"}
+    cluster = yaml.safe_load((deploy / "cluster.yaml").read_text())
+    validate_config(prepare_config(cluster))
+    for role in roles:
+        resources = cluster["available_node_types"][role]["resources"]
+        assert resources[role] >= 1 and resources["GPU"] >= 1, role
+
+    job, dashboard_service, rewards_deployment, rewards_service = yaml.safe_load_all(
+        (deploy / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert "python -m rl.train --config" in job["spec"]["entrypoint"]
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert set(groups) == roles
+    for role, group in groups.items():
+        advertised = json.loads(json.loads(group["rayStartParams"]["resources"]))  # KubeRay's quoted JSON
+        gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        assert set(advertised) == {role} and advertised[role] == gpus, role
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    assert dashboard_service["spec"]["selector"].items() <= head["metadata"]["labels"].items()
+    dashboard = next(c for c in head["spec"]["containers"] if c["name"] == "blip3o-rl-dashboard")
+    assert dashboard["command"][:2] == ["blip3o-rl", "dashboard"]
+    assert dashboard["ports"][0]["containerPort"] == dashboard_service["spec"]["ports"][0]["targetPort"]
+    pod = rewards_deployment["spec"]["template"]
+    assert rewards_service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [env] = pod["spec"]["containers"][0]["env"]
+    assert env["name"] == Settings.model_config["env_prefix"] + "TOKEN"
