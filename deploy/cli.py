@@ -17,6 +17,31 @@ def _make_tiny(args: argparse.Namespace) -> None:
     print(f"wrote tiny '{args.preset}' model to {paths.root}")
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    from deploy.dashboard.app import serve
+
+    serve(Path(args.runs_dir), host=args.host, port=args.port)
+
+
+def _export_tensorboard(args: argparse.Namespace) -> None:
+    from deploy.dashboard.tensorboard_export import export_tensorboard
+    from rl.run_store import RunStore, UnknownRunError
+
+    store = RunStore(Path(args.runs_dir))
+    try:
+        written = export_tensorboard(store, args.run_id, Path(args.out))
+    except UnknownRunError as error:
+        print(f"blip3o-rl: error: {error} in {args.runs_dir}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote TensorBoard events for {args.run_id} to {written}")
+
+
+def _rewards_serve(args: argparse.Namespace) -> None:
+    from rewards.app.run import serve_from_args
+
+    serve_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o-rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--preset", choices=["sana", "glyph"], default="sana")
     tiny.set_defaults(run=_make_tiny)
+
+    dashboard = sub.add_parser("dashboard", help="serve the live dashboard over a runs directory")
+    dashboard.add_argument("--runs-dir", default="runs", help="directory holding runs.db (default: runs)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback; it has no login)")
+    dashboard.add_argument("--port", type=int, default=8266, help="TCP port (default: 8266; Ray's own is 8265)")
+    dashboard.set_defaults(run=_dashboard)
+
+    export = sub.add_parser("export-tensorboard", help="write a run's metrics as TensorBoard event files")
+    export.add_argument("--runs-dir", default="runs")
+    export.add_argument("--run", dest="run_id", required=True, help="run id (see the dashboard or /api/runs)")
+    export.add_argument("--out", required=True, help="TensorBoard log directory")
+    export.set_defaults(run=_export_tensorboard)
+
+    rewards = sub.add_parser("rewards", help="reward service (GenEval, OCR)")
+    rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
+    rewards_serve = rewards_sub.add_parser("serve", help="serve the reward REST API (uvicorn)")
+    from rewards.app.run import add_serve_arguments
+
+    add_serve_arguments(rewards_serve)
+    rewards_serve.set_defaults(run=_rewards_serve)
     return parser
 
 

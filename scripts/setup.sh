@@ -39,5 +39,17 @@ if [[ -n "$cv" ]]; then
   pip install -q --no-deps --force-reinstall "opencv-python-headless==$cv"
 fi
 "$VENV/bin/python" scripts/install_ocr_models.py
+# DejaVu Sans Bold draws the glyph decoder's tiles (rollout/glyph.py): Debian's fonts-dejavu-core.
+if [[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf ]]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""
+    if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends fonts-dejavu-core
+  else
+    echo "setup: DejaVuSans-Bold.ttf missing and no apt-get; set glyph.font_path to a TrueType font" >&2
+  fi
+fi
+bash scripts/install_browser.sh  # Debian chromium for the dashboard browser test
 echo "$want" > "$STAMP"
 echo "setup: done ($VENV)"

@@ -54,3 +54,23 @@ def ray_cluster():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vllm_rollout_worker(tiny_model_dir):
+    """One in-process vLLM engine serving the tiny AR model, shared by the whole session.
+
+    Tests that update its weights restore the original weights before they return.
+    """
+    from rollout.ar_worker import ARRolloutWorker
+    from rollout.config import RolloutConfig
+
+    return ARRolloutWorker(RolloutConfig(model=str(tiny_model_dir), kv_cache_gib=1, max_model_len=256))
+
+
+@pytest.fixture(scope="session")
+def tiny_geneval_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny random Mask2Former (80 COCO labels, every query a confident dog) and tiny CLIP dirs."""
+    from tests.rewards_support import make_tiny_geneval_models
+
+    return make_tiny_geneval_models(tmp_path_factory.mktemp("tiny-geneval"))

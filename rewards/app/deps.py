@@ -1,0 +1,72 @@
+"""FastAPI dependencies: settings, auth, limits, and the scorers (tests override the latter)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Protocol
+
+import numpy as np
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from rewards.app.batching import Batcher
+from rewards.app.errors import ApiError
+from rewards.app.settings import Settings
+from rewards.geneval_rules import GenevalMetadata, GenevalResult
+from rewards.ocr import OcrResult
+
+_bearer = HTTPBearer(auto_error=False, description="Bearer token, when the server was started with one")
+
+
+class OcrScorerLike(Protocol):
+    def score(self, images: list[np.ndarray], targets: list[str]) -> list[OcrResult]: ...
+
+
+class GenevalScorerLike(Protocol):
+    def score(self, images: list[np.ndarray], metadatas: list[GenevalMetadata]) -> list[GenevalResult]: ...
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require_token(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """401 unless the server has no token or the request carries the right one."""
+    token = get_settings(request).token
+    if token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+def check_item_count(count: int, settings: Settings) -> None:
+    if count > settings.max_items:
+        raise ApiError(
+            413, "too_many_items", f"{count} items in one request; the limit is {settings.max_items}", settings.max_items
+        )
+
+
+def _scorer(request: Request, name: str):
+    scorer = request.app.state.scorers.get(name)
+    if scorer is None:
+        raise ApiError(503, "scorer_unavailable", f"the {name} scorer is not loaded on this server")
+    return scorer
+
+
+def get_ocr_scorer(request: Request) -> OcrScorerLike:
+    return _scorer(request, "ocr")
+
+
+def get_geneval_scorer(request: Request) -> GenevalScorerLike:
+    return _scorer(request, "geneval")
+
+
+def get_batcher(request: Request) -> Batcher:
+    return request.app.state.batchers[request.url.path]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]

@@ -1,0 +1,32 @@
+"""Liveness, readiness and Prometheus metrics (no auth: probes and scrapers call these)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from rewards.app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is up and serving."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request):
+    """The scorers are loaded (503 while they load)."""
+    names = sorted(request.app.state.scorers)
+    if not request.app.state.ready:
+        return JSONResponse(Health(status="loading", scorers=names).model_dump(), status_code=503)
+    return Health(status="ready", scorers=names)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,122 @@
+"""Request and response bodies of the reward API (they are the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rewards.geneval_rules import GenevalMetadata, GenevalResult
+
+Base64Image = Annotated[str, Field(description="base64 PNG or JPEG (a data: URL is accepted too)")]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    error: str = Field(description="machine-readable code, e.g. bad_base64, missing_quotes")
+    message: str = Field(description="what is wrong, for a human")
+    item: int | None = Field(None, description="index of the offending item, when there is one")
+
+
+class OcrItem(BaseModel):
+    """One image and the text it should show: a prompt with a quoted target, or the target itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Base64Image
+    prompt: str | None = Field(None, description='caption with the target in double quotes: a sign "OPEN"')
+    target: str | None = Field(None, description="the target text itself (instead of a prompt)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "OcrItem":
+        if (self.prompt is None) == (self.target is None):
+            raise ValueError("give exactly one of 'prompt' or 'target'")
+        return self
+
+
+class OcrRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: Annotated[list[OcrItem], Field(min_length=1)]
+
+
+class OcrItemResult(BaseModel):
+    reward: float = Field(description="Flow-GRPO OCR reward in [0, 1]")
+    recognized: str = Field(description="the recognised lines, concatenated")
+    target: str = Field(description="the target text the reward was computed against")
+
+
+class OcrResponse(BaseModel):
+    results: list[OcrItemResult]
+
+
+class GenevalItem(BaseModel):
+    """One image and one line of GenEval metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Base64Image
+    metadata: GenevalMetadata
+
+
+class GenevalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: Annotated[list[GenevalItem], Field(min_length=1)]
+
+
+class DetectedObject(BaseModel):
+    label: str
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in pixels")
+    score: float
+
+
+class ClauseOutcome(BaseModel):
+    """How one include clause was judged."""
+
+    cls: str = Field(alias="class")
+    count: int
+    found: int = Field(description="objects of the class kept (score threshold, at most 16)")
+    ok: bool
+    colors: list[str] | None = Field(None, description="CLIP colour of each of the top `count` objects")
+    relations: list[list[str]] | None = Field(None, description="relations of each (object, target) pair checked")
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class GenevalDetails(BaseModel):
+    objects: list[DetectedObject]
+    include: list[ClauseOutcome]
+    exclude_violated: list[int] = Field(description="indices of exclude clauses that held")
+    terms: list[float] = Field(description="terms of the graded reward (their mean)")
+
+
+class GenevalItemResult(BaseModel):
+    reward: float = Field(description="graded reward (Flow-GRPO formula; can be negative when over-counting)")
+    correct: bool = Field(description="strict GenEval correctness (official rules)")
+    tag: str
+    details: GenevalDetails
+
+    @classmethod
+    def of(cls, result: GenevalResult) -> "GenevalItemResult":
+        objects = [
+            DetectedObject(label=d.label, box=d.box, score=d.score) for found in result.objects.values() for d in found
+        ]
+        clauses = [
+            ClauseOutcome(cls=r.cls, count=r.count, found=r.found, ok=r.ok, colors=r.colors, relations=r.relations)
+            for r in result.include
+        ]
+        details = GenevalDetails(
+            objects=objects, include=clauses, exclude_violated=result.exclude_violated, terms=result.terms
+        )
+        return cls(reward=result.reward, correct=result.correct, tag=result.tag, details=details)
+
+
+class GenevalResponse(BaseModel):
+    results: list[GenevalItemResult]
+
+
+class Health(BaseModel):
+    status: str
+    scorers: list[str] = []

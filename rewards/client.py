@@ -1,0 +1,109 @@
+"""Async client of the reward API (what the trainer uses).
+
+Retries with exponential backoff on connection errors, timeouts and 5xx only; a 4xx means the
+request itself is wrong, so it is raised at once as `RewardRequestError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from rewards.app.schemas import GenevalItemResult, GenevalResponse, OcrItemResult, OcrResponse
+from rewards.geneval_rules import GenevalMetadata
+
+
+class RewardRequestError(Exception):
+    """The server refused the request (4xx); `code`, `message` and `item` come from its JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, item: int | None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (item {item})" if item is not None else ""))
+        self.status, self.code, self.message, self.item = status, code, message, item
+
+
+class RewardServerError(Exception):
+    """The server kept failing (5xx or unreachable) after every retry."""
+
+
+def encode_png(image: np.ndarray) -> str:
+    """uint8 RGB [H, W, 3] -> base64 PNG (lossless, so the server scores exactly these pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class RewardClient:
+    """`async with RewardClient(url) as client: await client.ocr(images, prompts=...)`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, transport=transport)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    async def __aenter__(self) -> "RewardClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def ocr(
+        self, images: list[np.ndarray], *, prompts: list[str] | None = None, targets: list[str] | None = None
+    ) -> list[OcrItemResult]:
+        """OCR rewards; give the prompts (target in double quotes) or the targets themselves."""
+        if (prompts is None) == (targets is None):
+            raise ValueError("give exactly one of prompts or targets")
+        key, texts = ("prompt", prompts) if prompts is not None else ("target", targets)
+        items = [{"image": encode_png(image), key: text} for image, text in zip(images, texts, strict=True)]
+        return OcrResponse.model_validate(await self.post("/v1/rewards/ocr", {"items": items})).results
+
+    async def geneval(self, images: list[np.ndarray], metadatas: list[GenevalMetadata]) -> list[GenevalItemResult]:
+        """GenEval correctness and graded reward of each image for its metadata line."""
+        items = [
+            {"image": encode_png(image), "metadata": m.model_dump(by_alias=True, exclude_none=True)}
+            for image, m in zip(images, metadatas, strict=True)
+        ]
+        return GenevalResponse.model_validate(await self.post("/v1/rewards/geneval", {"items": items})).results
+
+    async def post(self, path: str, payload: dict) -> dict:
+        """POST JSON; retry 5xx / connection failures with backoff, raise 4xx at once."""
+        content = json.dumps(payload).encode()
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.post(path, content=content, headers={"Content-Type": "application/json"})
+            except httpx.TransportError as error:  # connect, read, timeouts
+                failure = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                if response.status_code < 500:
+                    raise _request_error(response)
+                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+            if attempt < self.retries:
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise RewardServerError(f"{path} failed after {self.retries + 1} attempts; last: {failure}")
+
+
+def _request_error(response: httpx.Response) -> RewardRequestError:
+    try:
+        body = response.json()
+        return RewardRequestError(response.status_code, body["error"], body["message"], body.get("item"))
+    except (ValueError, KeyError, TypeError):
+        return RewardRequestError(response.status_code, "http_error", response.text[:200], None)

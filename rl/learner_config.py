@@ -1,0 +1,138 @@
+"""Configuration of the GRPO loss, the DeepSpeed learner and the weight sync (typed, unknown keys rejected).
+
+Derived values (the DeepSpeed config dict, the optimizer-step layout) are computed by functions
+from these models, never written back into them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GRPOConfig(BaseModel):
+    """The GRPO objective (see `rl/grpo.py` for the formulas)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    scale_by_std: bool = True
+    """Divide group-centred rewards by the group std (GRPO); False = Dr. GRPO (centre only)."""
+    advantage_eps: float = Field(1e-6, gt=0)
+    """Added to the group std before dividing."""
+    drop_zero_signal_groups: bool = True
+    """Leave groups whose rewards are all equal out of the update (dynamic sampling); counted either way."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """Ratio clipped below at 1 - clip_low."""
+    clip_high: float = Field(0.2, ge=0)
+    """Ratio clipped above at 1 + clip_high (clip-higher: DAPO uses 0.28)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual clip c > 1: for negative advantages the loss is capped at -c * A (None = off)."""
+    beta: float = Field(0.001, ge=0)
+    """KL coefficient to the frozen reference AR model; 0 = no reference model is loaded at all."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator (Schulman's k1, k2, k3)."""
+    tis_cap: float | None = Field(2.0, gt=0)
+    """Truncated importance-sampling cap for rollouts from an older policy / the sampler; None = off."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How per-token losses become one number (see grpo.py)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts; log-probs are computed at the same temperature."""
+
+
+class WeightSyncConfig(BaseModel):
+    """How the learner publishes weights to the rollout and decoder workers (see `rl/weight_sync.py`)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    transport: Literal["object_store", "shared_memory", "broadcast"] = "shared_memory"
+    """object_store / shared_memory: one machine; broadcast: a process group (NCCL on GPU, gloo on CPU)."""
+    shm_dir: str = "/dev/shm"
+    """Folder of the shared-memory files (must be a tmpfs visible to every worker)."""
+    broadcast_backend: Literal["gloo", "nccl"] = "gloo"
+    """Backend of the weight-sync process group."""
+    broadcast_device: Literal["cpu", "cuda"] = "cpu"
+    """Where the broadcast buffers live (cuda with nccl)."""
+    bucket_mb: int = Field(256, gt=0)
+    """Broadcast in buckets of at most this many MiB (bounds the extra buffer on GPU)."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Give up (with an error naming the worker) if a worker has not confirmed within this time."""
+
+
+class LearnerConfig(BaseModel):
+    """The DeepSpeed learner: one Ray actor per rank."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model: str
+    """Model directory or hub id (blip3o-rl layout); only its AR part is loaded."""
+    world_size: int = Field(2, ge=1)
+    """DeepSpeed ranks (one Ray actor each)."""
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage (BLIP3o-NEXT trains with ZeRO-1)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32 on CPU (bf16 is ~18x slower without bf16 instructions), bf16 on GPU."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Device of each rank."""
+    dist_backend: Literal["gloo", "nccl"] = "gloo"
+    """torch.distributed backend of the DeepSpeed ranks."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Rows per forward/backward on one rank."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per rank per optimizer step: one step sees world * gas * micro rows."""
+    epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value."""
+    lr: float = Field(1e-6, gt=0)
+    """Peak learning rate (BLIP3o-NEXT: 1e-6 text, 5e-6 GenEval)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Shape after warmup: constant, linear decay to 0 or cosine decay to 0 at `total_steps`."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from 0."""
+    total_steps: int = Field(1000, ge=1)
+    """Optimizer steps of the schedule (used by linear and cosine decay)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    seed: int = 0
+    """Seed of the mini-batch shuffling."""
+    num_cpus_per_rank: float = Field(1.0, gt=0)
+    """Ray CPUs reserved per rank."""
+    num_gpus_per_rank: float = Field(0.0, ge=0)
+    """Ray GPUs reserved per rank (1 on GPU machines)."""
+    torch_threads: int | None = None
+    """torch intra-op threads per rank (None = leave Ray's default)."""
+    initial_version: int = Field(0, ge=0)
+    """Weight version of the loaded weights (a resumed run passes its last version)."""
+    grpo: GRPOConfig = GRPOConfig()
+    """The loss."""
+    sync: WeightSyncConfig = WeightSyncConfig()
+    """The weight broadcast."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LearnerConfig":
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("bf16 needs ZeRO stage >= 1 (DeepSpeed keeps fp32 master weights there)")
+        if self.device == "cpu" and self.dist_backend == "nccl":
+            raise ValueError("dist_backend 'nccl' needs device 'cuda'; use 'gloo' on CPU")
+        return self
+
+
+def deepspeed_config(config: LearnerConfig) -> dict:
+    """The DeepSpeed config dict for `config` (the optimizer and scheduler are ours, passed as objects)."""
+    ds = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.micro_batch_size * config.gradient_accumulation_steps * config.world_size,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        # torch's AdamW: DeepSpeed's own Adam ops JIT-compile C++ for minutes on a fresh machine.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if config.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds

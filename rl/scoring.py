@@ -1,0 +1,114 @@
+"""Scoring a step's images through the reward API, and starting that API inside the cluster.
+
+The trainer talks to the reward service over the same REST API outside users call, whether the
+service is a Ray Serve application it started or an external URL. Scoring runs as a Ray task per
+chunk, so it starts as soon as that chunk's images exist (see rl/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import SecretStr
+
+from rl.prompts import PromptItem
+from rl.train_config import RewardsSection
+
+
+@dataclass(frozen=True)
+class RewardEndpoint:
+    """Where and how to reach the reward API."""
+
+    url: str
+    token: str | None
+    timeout_s: float
+    retries: int
+    backoff_s: float
+
+
+@dataclass(frozen=True)
+class SampleReward:
+    """The reward of one sample and its breakdown."""
+
+    reward: float
+    """The scalar GRPO trains on."""
+    task: str
+    """"ocr" or "geneval"."""
+    recognized: str = ""
+    """OCR: the text read from the image."""
+    geneval_correct: bool | None = None
+    """GenEval: strict correctness under the official rules."""
+    geneval_tag: str = ""
+    """GenEval: the prompt's tag (single_object, counting, ...)."""
+
+    def components(self) -> dict[str, float]:
+        """Per-reward-function values, as the run store and the dashboard show them."""
+        if self.task == "ocr":
+            return {"ocr": self.reward}
+        return {"geneval": self.reward, "geneval_correct": float(bool(self.geneval_correct))}
+
+
+async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> list[SampleReward]:
+    from rewards.client import RewardClient
+    from rewards.geneval_rules import GenevalMetadata
+
+    results: list[SampleReward | None] = [None] * len(items)
+    ocr_rows = [i for i, item in enumerate(items) if item.task == "ocr"]
+    geneval_rows = [i for i, item in enumerate(items) if item.task == "geneval"]
+    async with RewardClient(
+        endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s, retries=endpoint.retries,
+        backoff_s=endpoint.backoff_s,
+    ) as client:
+        if ocr_rows:
+            scored = await client.ocr([images[i] for i in ocr_rows], prompts=[items[i].caption for i in ocr_rows])
+            for row, result in zip(ocr_rows, scored):
+                results[row] = SampleReward(result.reward, "ocr", recognized=result.recognized)
+        if geneval_rows:
+            metadata = [GenevalMetadata.model_validate_json(items[i].geneval_metadata) for i in geneval_rows]
+            scored = await client.geneval([images[i] for i in geneval_rows], metadata)
+            for row, result in zip(geneval_rows, scored):
+                results[row] = SampleReward(result.reward, "geneval", geneval_correct=result.correct,
+                                            geneval_tag=result.tag)
+    return [r for r in results if r is not None]
+
+
+def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> list[SampleReward]:
+    """Rewards of `images` [R, H, W, 3], row r scored against `items[r]`."""
+    if len(images) != len(items):
+        raise ValueError(f"{len(images)} images for {len(items)} prompt items")
+    return asyncio.run(_score(endpoint, images, items))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_reward_service(config: RewardsSection) -> RewardEndpoint:
+    """The reward API for this run: a Ray Serve application started here, or the configured URL."""
+    token = config.token
+    if config.service == "url":
+        url = config.url
+    else:
+        from ray import serve
+
+        from rewards.serve import build_serve_app
+
+        port = config.port or _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = config.server.model_copy(update={"token": SecretStr(token)} if token else {})
+        serve.run(build_serve_app(settings, num_cpus=config.num_cpus), name="rewards", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+    return RewardEndpoint(url=url, token=token, timeout_s=config.timeout_s, retries=config.retries,
+                          backoff_s=config.backoff_s)
+
+
+def stop_reward_service(config: RewardsSection) -> None:
+    if config.service == "serve":
+        from ray import serve
+
+        serve.delete("rewards")

@@ -1,0 +1,293 @@
+"""The GRPO run: `python -m rl.train --config FILE [--resume [RUN_ID]]` (also `blip3o-rl train`).
+
+One step, sync schedule:
+    prompts -> rollouts (vLLM) -> images (decoder) -> rewards (reward API)   [rl/pipeline.py]
+            -> group advantages -> learner update (DeepSpeed) -> publish weights v+1 to every worker
+Async schedule: step t+1's rollouts are launched before step t's update, so sampling overlaps
+training; they are one version stale, and the learner corrects for it with truncated importance
+sampling. The step after a checkpoint is launched only after the update (as in sync), so a
+checkpoint never has rollouts in flight and `--resume` replays exactly.
+
+Everything a step produced is recorded in the run store (rl/run_store.py); the dashboard reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rl.checkpoint import CheckpointDir, TrainerState
+from rl.grpo import group_advantages
+from rl.learner_config import LearnerConfig
+from rl.pipeline import PendingStep, ScoredStep, launch_step
+from rl.prompts import PromptSampler
+from rl.run_store import RunStore, SampleRecord
+from rl.scoring import RewardEndpoint, start_reward_service, stop_reward_service
+from rl.train_config import ConfigError, TrainConfig, load_config
+
+
+class StaleRolloutError(RuntimeError):
+    """Rollouts lag the learner by more than the configured staleness."""
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of a step: distinct per step, reproducible per run (rows add their index)."""
+    return (seed * 1_000_003 + step * 65_537) % (2**31 - 1)
+
+
+def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str, float]) -> dict[str, float]:
+    """The step's numbers under the run store's key scheme (see rl/run_store.py)."""
+    rewards = scored.reward_tensor()
+    metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0}
+    for task in sorted({r.task for r in scored.rewards}):
+        values = [r.reward for r in scored.rewards if r.task == task]
+        metrics[f"reward/{task}"] = float(np.mean(values))
+    if any(r.task == "ocr" for r in scored.rewards):
+        metrics["ocr/exact"] = float(np.mean([r.reward == 1.0 for r in scored.rewards if r.task == "ocr"]))
+    tags = sorted({r.geneval_tag for r in scored.rewards if r.task == "geneval"})
+    for tag in tags:
+        metrics[f"geneval/{tag}"] = float(np.mean([bool(r.geneval_correct) for r in scored.rewards if r.geneval_tag == tag]))
+    metrics.update({
+        "policy/kl": learner.kl,
+        "policy/entropy": learner.entropy,
+        "policy/clip_fraction": learner.clip_low_frac + learner.clip_high_frac,
+        "policy/clip_low": learner.clip_low_frac,
+        "policy/clip_high": learner.clip_high_frac,
+        "policy/loss": learner.loss,
+        "policy/grad_norm": learner.grad_norm,
+        "policy/ratio_max": learner.ratio_max,
+        "policy/lr": learner.lr,
+        "policy/version": float(learner.policy_version),
+        "policy/staleness": float(staleness),
+        "groups/zero_signal_share": learner.zero_signal_share,
+    })
+    metrics.update({f"time/{stage}": seconds for stage, seconds in timings.items()})
+    metrics["throughput/images_per_s"] = len(rewards) / max(timings["step"], 1e-9)
+    return metrics
+
+
+def sample_records(scored: ScoredStep, count: int, group_size: int) -> list[SampleRecord]:
+    """`count` samples spread evenly over the step's rows, with their reward breakdown."""
+    rows = np.unique(np.linspace(0, len(scored.rewards) - 1, num=min(count, len(scored.rewards))).round().astype(int))
+    return [
+        SampleRecord(
+            prompt=scored.items[row // group_size].caption,
+            image=scored.images[row],
+            reward=scored.rewards[row].reward,
+            components=scored.rewards[row].components(),
+        )
+        for row in rows.tolist()
+    ]
+
+
+def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
+    stages = " ".join(f"{name} {metrics[f'time/{name}']:.2f}s" for name in ("collect", "update", "sync"))
+    busy = " ".join(f"{name} {metrics[f'time/{name}']:.2f}" for name in ("rollout", "decode", "reward"))
+    return (
+        f"step {step}/{steps} | reward {metrics['reward/mean']:.3f} | kl {metrics['policy/kl']:.4f} | "
+        f"zero-signal {metrics['groups/zero_signal_share']:.0%} | v{int(metrics['policy/version'])} | "
+        f"{stages} (busy: {busy}) | step {metrics['time/step']:.2f}s"
+    )
+
+
+def ensure_model(config: TrainConfig) -> None:
+    path = Path(config.model.path)
+    if config.model.make_tiny and not path.exists():
+        from policy.tiny import PRESETS, make_tiny
+
+        print(f"building tiny '{config.model.make_tiny}' model at {path}", flush=True)
+        make_tiny(path, PRESETS[config.model.make_tiny])
+
+
+def init_ray(config: TrainConfig) -> None:
+    import ray
+
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False)
+
+
+class Trainer:
+    """Owns the workers, the learner, the store and the loop of one run."""
+
+    def __init__(self, config: TrainConfig, resume: str | None = None):
+        self.config = config
+        self.store = RunStore(config.logging.runs_dir)
+        self.run_id, self.state = self._open_run(resume)
+        self.checkpoints = CheckpointDir(Path(config.logging.runs_dir) / "checkpoints" / self.run_id,
+                                         keep_last=config.checkpoint.keep_last)
+        self.sampler = PromptSampler(config.data.sources, config.seed, self.state.sampler)
+
+    def _open_run(self, resume: str | None) -> tuple[str, TrainerState]:
+        if resume is None:
+            run_id = self.store.create_run(self.config.name, self.config.model_dump(mode="json"))
+            return run_id, TrainerState(step=0, policy_version=self.config.learner.initial_version, run_id=run_id)
+        run_id = resume if resume != "latest" else self._latest_run_id()
+        checkpoint = CheckpointDir(Path(self.config.logging.runs_dir) / "checkpoints" / run_id).latest()
+        if checkpoint is None:
+            raise ConfigError(f"run '{run_id}' has no complete checkpoint to resume from")
+        state = CheckpointDir(checkpoint.parent).load_state(checkpoint)
+        self.resume_from = checkpoint
+        self.store.resume_run(run_id, state.step)
+        return run_id, state
+
+    def _latest_run_id(self) -> str:
+        runs = [r for r in self.store.list_runs() if r.name == self.config.name]
+        if not runs:
+            raise ConfigError(f"no earlier run named '{self.config.name}' in {self.config.logging.runs_dir} to resume")
+        return max(runs, key=lambda r: r.started_at).id
+
+    # ----- setup ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from rl.learner_group import LearnerGroup
+        from rollout.ar_worker import ARRolloutActor
+        from rollout.decoder_worker import decoder_actor
+
+        config = self.config
+        t0 = time.perf_counter()
+        self.endpoint: RewardEndpoint = start_reward_service(config.rewards)
+        self.rollout_actors = [
+            ARRolloutActor.options(num_cpus=config.rollout.num_cpus_per_worker,
+                                   num_gpus=config.rollout.num_gpus_per_worker).remote(config.rollout.engine)
+            for _ in range(config.rollout.workers)
+        ]
+        self.decoder_actors = [decoder_actor(config.decoder.decoder) for _ in range(config.decoder.workers)]
+        learner_config: LearnerConfig = config.learner.model_copy(update={"initial_version": self.state.policy_version})
+        self.learner = LearnerGroup(learner_config)
+        workers = self.rollout_actors + self.decoder_actors
+        self.learner.connect_workers(workers)
+        if self.state.step > 0:
+            self.learner.load_checkpoint(str(self.resume_from / "learner"))
+            report = self.learner.publish_weights()  # workers start from the checkpoint's weights
+            self.store.log_event(self.run_id, "resume", f"weights v{self.state.policy_version} published in {report.seconds:.2f} s")
+        self._check_versions(self.state.policy_version)
+        print(f"run {self.run_id}: workers, learner and reward API ({self.endpoint.url}) up in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+    def _check_versions(self, version: int) -> None:
+        import ray
+
+        served = ray.get([w.served_version.remote() for w in self.rollout_actors + self.decoder_actors])
+        if any(v != version for v in served):
+            raise RuntimeError(f"workers serve versions {served}, expected {version} everywhere")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in getattr(self, "rollout_actors", []) + getattr(self, "decoder_actors", []):
+            ray.kill(actor)
+        if hasattr(self, "learner"):
+            self.learner.shutdown()
+        if hasattr(self, "endpoint"):
+            stop_reward_service(self.config.rewards)
+
+    # ----- the loop ---------------------------------------------------------------------------
+
+    def _launch(self, step: int) -> PendingStep:
+        config = self.config
+        items = self.sampler.next_batch(config.data.prompts_per_step)
+        return launch_step(items, config.data.group_size, step_seed(config.seed, step), self.rollout_actors,
+                           self.decoder_actors, self.endpoint, config.schedule.chunk_prompts)
+
+    def _is_checkpoint_step(self, step: int) -> bool:
+        return step % self.config.checkpoint.every == 0 or step == self.config.steps
+
+    def run(self) -> None:
+        config = self.config
+        first = self.state.step + 1
+        pending = self._launch(first) if first <= config.steps else None
+        for step in range(first, config.steps + 1):
+            t_step = time.perf_counter()
+            scored = pending.collect(config.schedule.stage_timeout_s)
+            staleness = self.state.policy_version - scored.batch.policy_version
+            if staleness > config.schedule.max_staleness:
+                raise StaleRolloutError(f"step {step}: rollouts of v{scored.batch.policy_version} are {staleness} "
+                                        f"versions behind the learner (max {config.schedule.max_staleness})")
+            overlap = config.schedule.mode == "async" and step < config.steps and not self._is_checkpoint_step(step)
+            pending = self._launch(step + 1) if overlap else None  # sampled with the current weights
+            advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
+            t_update = time.perf_counter()
+            learner_metrics = self.learner.train_step(scored.batch, advantages)
+            t_sync = time.perf_counter()
+            sync = self.learner.publish_weights()
+            t_done = time.perf_counter()
+            self.state.step, self.state.policy_version = step, learner_metrics.policy_version
+            timings = dict(scored.timings, update=t_sync - t_update, sync=t_done - t_sync, step=t_done - t_step)
+            metrics = step_metrics(scored, learner_metrics, staleness, timings)
+            metrics.update({"sync/seconds": sync.seconds, "sync/gb_per_s": sync.gb_per_s})
+            self.store.log_metrics(self.run_id, step, metrics)
+            self.store.log_samples(self.run_id, step, sample_records(scored, config.logging.samples_per_step,
+                                                                     config.data.group_size))
+            print(progress_line(step, config.steps, metrics), flush=True)
+            if self._is_checkpoint_step(step):
+                self.save_checkpoint()
+            if pending is None and step < config.steps:
+                pending = self._launch(step + 1)
+
+    def save_checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        tmp = self.checkpoints.begin(self.state.step)
+        self.learner.save_checkpoint(str(tmp / "learner"))
+        self.learner.export_policy(str(tmp / "policy"))
+        path = self.checkpoints.commit(tmp, self.state)
+        print(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rl.train", description="Run GRPO post-training.")
+    parser.add_argument("--config", required=True, help="YAML config (see deploy/configs/)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue a run from its last checkpoint: a run id, or the latest run of this name")
+    parser.add_argument("--runs-dir", default=None, help="override logging.runs_dir")
+    parser.add_argument("--steps", type=int, default=None, help="override steps")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {}
+    if args.runs_dir:
+        overrides["logging.runs_dir"] = args.runs_dir
+    if args.steps:
+        overrides["steps"] = args.steps
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ensure_model(config)
+    init_ray(config)
+    trainer = None
+    try:
+        trainer = Trainer(config, resume=args.resume)
+        print(f"run {trainer.run_id}: steps {trainer.state.step + 1}..{config.steps} of '{config.name}'", flush=True)
+        trainer.start()
+        trainer.run()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BaseException as error:
+        if trainer is not None:
+            status = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
+            trainer.store.log_event(trainer.run_id, "error", f"{type(error).__name__}: {error}")
+            trainer.store.finish_run(trainer.run_id, status)
+        raise
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+    trainer.store.finish_run(trainer.run_id, "finished")
+    print(f"run {trainer.run_id} finished: {config.steps} steps; store {config.logging.runs_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Versioned weight sync: learner rank 0 -> every rollout and decoder worker, confirmed per version.
+
+Every receiving worker keeps one contract (`WeightReceiver`): `update_weights(version, weights)`
+with HF Qwen3 parameter names, returning the version it now serves (or raising
+`policy.weights.WeightUpdateError`), and `served_version()`. A sender packs the full AR weights
+into byte buffers described by a `Manifest`, moves the bytes with its transport, runs the matching
+receive function inside each worker's process (Ray's `__ray_call__`: the function gets the worker
+instance), which rebuilds `{name: tensor}` views over the received bytes and calls the worker's own
+`update_weights`. The sender then asks every worker for `served_version()` and fails, naming the
+worker, unless each one serves the new version.
+
+Transports and rank layout:
+
+    one machine, object store           one machine, shared memory
+    learner rank 0 --ray.put(bytes)-->   learner rank 0 --write--> /dev/shm/blip3o-weights-*.bin
+      worker i: zero-copy view of the      worker i: mmap of the file (page cache, no copy)
+      plasma buffer (also /dev/shm)        (one file, rewritten every publish, removed at close)
+
+    GPU cluster (or gloo on CPU), broadcast over a process group of its own:
+      sync rank 0 = learner rank 0 --broadcast(bucket k), k = 0..K-1--+--> sync rank 1 = worker 0
+                                                                       +--> sync rank 2 = worker 1
+                                                                       +--> sync rank W = worker W-1
+      The group has its own TCPStore on rank 0's node and is separate from DeepSpeed's group:
+      learner ranks 1.. take part in the ZeRO gather only, never in the broadcast.
+
+Bytes reported are the payload (all parameters once); every worker receives that many.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from rl.learner_config import WeightSyncConfig
+
+ALIGN = 64
+"""Byte alignment of every tensor inside a buffer (any dtype view stays aligned)."""
+
+
+class WeightSyncError(RuntimeError):
+    """A worker did not confirm a weight version (timed out, refused, or serves another version)."""
+
+
+class WeightReceiver(Protocol):
+    """What every worker serving the AR policy implements (ARRolloutWorker, DiffusionDecoderWorker)."""
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int: ...
+
+    def served_version(self) -> int: ...
+
+
+class TransformersReceiver:
+    """The receiving contract on a plain transformers AR model: the smallest correct worker
+    (validate the whole update first, refuse stale versions), used by tests and benchmarks."""
+
+    def __init__(self, model_dir: str, torch_threads: int | None = None):
+        from policy.loading import load_ar_model
+        from policy.model_dir import resolve_model_dir
+        from policy.weights import param_specs
+
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        self.model = load_ar_model(resolve_model_dir(model_dir))
+        self.specs = param_specs(self.model.state_dict())
+        self.version = 0
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        from policy.weights import WeightUpdateError, validate_weights
+
+        if version < self.version:
+            raise WeightUpdateError(f"weight update refused: version {version} is older than served {self.version}")
+        validate_weights(self.specs, weights, allow_cast=True)
+        self.model.load_state_dict(weights)  # copies out of the transport's buffer
+        self.version = version
+        return version
+
+    def served_version(self) -> int:
+        return self.version
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: {name: tensor} <-> byte buckets + manifest
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bucket: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    slots: tuple[TensorSlot, ...]
+    bucket_bytes: tuple[int, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.slots)
+
+
+def make_manifest(weights: Mapping[str, torch.Tensor], bucket_limit: int | None = None) -> Manifest:
+    """Lay tensors out in buckets of at most `bucket_limit` bytes (a bigger tensor gets its own)."""
+    if not weights:
+        raise ValueError("no weights to publish")
+    slots, buckets, used = [], [], 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        start = -(-used // ALIGN) * ALIGN
+        if not buckets or (bucket_limit is not None and used > 0 and start + nbytes > bucket_limit):
+            buckets.append(0)
+            start = 0
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        slots.append(TensorSlot(name, dtype, tuple(tensor.shape), len(buckets) - 1, start, nbytes))
+        used = start + nbytes
+        buckets[-1] = used
+    return Manifest(tuple(slots), tuple(buckets))
+
+
+def pack_bucket(weights: Mapping[str, torch.Tensor], manifest: Manifest, bucket: int, out: torch.Tensor) -> None:
+    """Copy the tensors of `bucket` into the uint8 buffer `out` [bucket_bytes]."""
+    for slot in manifest.slots:
+        if slot.bucket == bucket:
+            src = weights[slot.name].detach().contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
+            out[slot.offset : slot.offset + slot.nbytes].copy_(src, non_blocking=True)
+
+
+def unpack(buffers: Sequence[torch.Tensor], manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Views `{name: tensor}` over the received uint8 buffers (no copy)."""
+    out = {}
+    for slot in manifest.slots:
+        raw = buffers[slot.bucket][slot.offset : slot.offset + slot.nbytes]  # [nbytes] uint8
+        out[slot.name] = raw.view(getattr(torch, slot.dtype)).view(slot.shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Senders (run in learner rank 0) and receive functions (run inside each worker via __ray_call__)
+
+
+@dataclass
+class SyncReport:
+    """One publish: every worker confirmed `version`."""
+
+    version: int
+    transport: str
+    bytes: int
+    """Payload: every parameter once (each worker receives this many)."""
+    seconds: float
+    """Packing + transport + every worker loading + confirmation."""
+    pack_seconds: float
+    """Of which: copying the weights into the send buffer."""
+    workers: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def _confirm(workers: Sequence, update_refs: list, version: int, timeout_s: float) -> None:
+    """Wait for every worker's update, then check that each one serves `version`."""
+    import ray
+
+    ready, pending = ray.wait(update_refs, num_returns=len(update_refs), timeout=timeout_s)
+    if pending:
+        late = [i for i, ref in enumerate(update_refs) if ref in pending]
+        raise WeightSyncError(f"workers {late} did not confirm weight version {version} within {timeout_s:.0f} s")
+    answered = []
+    for i, ref in enumerate(update_refs):
+        try:
+            answered.append(ray.get(ref))
+        except Exception as error:  # the worker's own error (e.g. WeightUpdateError) inside a RayTaskError
+            cause = getattr(error, "cause", None) or error
+            raise WeightSyncError(
+                f"worker {i} refused weight version {version}: {type(cause).__name__}: {cause}") from error
+    # Ask again rather than trust the update's return value alone: the version a worker reports
+    # serving is what every later rollout will be stamped with.
+    served = ray.get([w.served_version.remote() for w in workers], timeout=timeout_s)
+    wrong = {i: (a, s) for i, (a, s) in enumerate(zip(answered, served)) if a != version or s != version}
+    if wrong:
+        raise WeightSyncError(f"after publishing version {version}, workers answered/serve {wrong} "
+                              "(worker: (update's answer, served_version))")
+
+
+def _tensor_view(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only plasma / mmap buffer: the worker copies, never writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+class ObjectStoreSender:
+    """One `ray.put` of the packed bytes; workers read it zero-copy from the object store."""
+
+    transport = "object_store"
+
+    def __init__(self, workers: Sequence, config: WeightSyncConfig):
+        self.workers, self.config = list(workers), config
+
+    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+        import ray
+
+        start = time.perf_counter()
+        manifest = make_manifest(weights)
+        buffer = np.empty(manifest.bucket_bytes[0], dtype=np.uint8)  # [bytes] (one bucket)
+        pack_bucket(weights, manifest, 0, torch.from_numpy(buffer))
+        ref = ray.put(buffer)
+        packed = time.perf_counter()
+        refs = [w.__ray_call__.remote(receive_from_object_store, manifest, ref, version) for w in self.workers]
+        _confirm(self.workers, refs, version, self.config.timeout_s)
+        del ref
+        return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, packed - start,
+                          len(self.workers))
+
+    def close(self) -> None:
+        pass
+
+
+def receive_from_object_store(worker: WeightReceiver, manifest: Manifest, buffer: np.ndarray, version: int) -> int:
+    return worker.update_weights(version, unpack([_tensor_view(buffer)], manifest))
+
+
+class SharedMemorySender:
+    """Packs straight into one file on tmpfs, reused every publish (its pages stay allocated);
+    workers map it. Every worker must be on this machine. Reuse is safe because a publish returns
+    only after every worker has copied the weights; after a failed publish the file is dropped so a
+    late worker never reads a half-overwritten buffer."""
+
+    transport = "shared_memory"
+
+    def __init__(self, workers: Sequence, config: WeightSyncConfig):
+        self.workers, self.config = list(workers), config
+        if not os.path.isdir(config.shm_dir):
+            raise ValueError(f"shared-memory folder {config.shm_dir} does not exist")
+        self.path: str | None = None
+        self.mapped: np.memmap | None = None
+
+    def _buffer(self, size: int) -> torch.Tensor:
+        if self.mapped is None or self.mapped.shape[0] != size:
+            self.close()
+            self.path = os.path.join(self.config.shm_dir, f"blip3o-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
+            self.mapped = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(size,))
+        return torch.from_numpy(self.mapped)  # [size] uint8
+
+    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+        start = time.perf_counter()
+        manifest = make_manifest(weights)
+        pack_bucket(weights, manifest, 0, self._buffer(manifest.bucket_bytes[0]))
+        packed = time.perf_counter()
+        refs = [w.__ray_call__.remote(receive_from_shared_memory, manifest, self.path, version) for w in self.workers]
+        try:
+            _confirm(self.workers, refs, version, self.config.timeout_s)
+        except Exception:
+            self.close()
+            raise
+        return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, packed - start,
+                          len(self.workers))
+
+    def close(self) -> None:
+        """Drop the file (a worker still reading keeps its own mapping of it)."""
+        self.mapped = None
+        if self.path is not None and os.path.exists(self.path):
+            os.unlink(self.path)
+        self.path = None
+
+
+def receive_from_shared_memory(worker: WeightReceiver, manifest: Manifest, path: str, version: int) -> int:
+    if not os.path.exists(path):
+        raise WeightSyncError(
+            f"{path} not found: the shared-memory transport needs every worker on the learner's machine")
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: never alters the file
+    return worker.update_weights(version, unpack([torch.from_numpy(mapped)], manifest))
+
+
+_GROUPS: dict[str, object] = {}
+"""Weight-sync process groups (c10d backends) this process has joined, by name (lives in each worker process)."""
+
+
+def _new_group(name: str, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float, store=None):
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = torch.distributed.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    prefixed = torch.distributed.PrefixStore(name, store)
+    if backend == "nccl":  # untested here (CPU-only machine); same construction as vLLM's stateless groups
+        options = torch.distributed.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return torch.distributed.ProcessGroupNCCL(prefixed, rank, world, options)
+    return torch.distributed.ProcessGroupGloo(prefixed, rank, world, timeout)
+
+
+def join_broadcast_group(worker: WeightReceiver, name: str, host: str, port: int, rank: int, world: int,
+                         backend: str, timeout_s: float) -> int:
+    _GROUPS[name] = _new_group(name, host, port, rank, world, backend, timeout_s)
+    return rank
+
+
+def leave_broadcast_group(worker: WeightReceiver, name: str) -> None:
+    _GROUPS.pop(name, None)
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    options = torch.distributed.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
+def receive_broadcast(worker: WeightReceiver, name: str, manifest: Manifest, device: str, version: int) -> int:
+    group = _GROUPS.get(name)
+    if group is None:
+        raise WeightSyncError(f"this worker never joined weight-sync group '{name}'")
+    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for size in manifest.bucket_bytes]  # [bytes_k]
+    for buffer in buffers:
+        _broadcast(group, buffer)
+    return worker.update_weights(version, unpack(buffers, manifest))
+
+
+class BroadcastSender:
+    """A process group of learner rank 0 (sync rank 0) and the workers; weights go out in buckets."""
+
+    transport = "broadcast"
+
+    def __init__(self, workers: Sequence, config: WeightSyncConfig):
+        import ray
+
+        self.workers, self.config = list(workers), config
+        self.name = f"blip3o-weights-{uuid.uuid4().hex[:8]}"
+        world = len(self.workers) + 1
+        host = ray.util.get_node_ip_address()
+        timeout = datetime.timedelta(seconds=config.timeout_s)
+        store = torch.distributed.TCPStore(host, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        joins = [
+            w.__ray_call__.remote(join_broadcast_group, self.name, host, store.port, rank + 1, world,
+                                  config.broadcast_backend, config.timeout_s)
+            for rank, w in enumerate(self.workers)
+        ]
+        # Constructing the group is a rendezvous with every worker's join above.
+        self.group = _new_group(self.name, host, store.port, 0, world, config.broadcast_backend, config.timeout_s,
+                                store)
+        self.store = store
+        ray.get(joins, timeout=config.timeout_s)
+
+    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+        start = time.perf_counter()
+        manifest = make_manifest(weights, self.config.bucket_mb * 2**20)
+        refs = [w.__ray_call__.remote(receive_broadcast, self.name, manifest, self.config.broadcast_device, version)
+                for w in self.workers]
+        buffer = torch.empty(max(manifest.bucket_bytes), dtype=torch.uint8, device=self.config.broadcast_device)
+        pack_seconds = 0.0
+        for bucket, size in enumerate(manifest.bucket_bytes):
+            pack_start = time.perf_counter()
+            pack_bucket(weights, manifest, bucket, buffer[:size])
+            pack_seconds += time.perf_counter() - pack_start
+            _broadcast(self.group, buffer[:size])
+        _confirm(self.workers, refs, version, self.config.timeout_s)
+        return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, pack_seconds,
+                          len(self.workers))
+
+    def close(self) -> None:
+        """Best effort: workers that died have no group left to leave."""
+        import ray
+
+        refs = [w.__ray_call__.remote(leave_broadcast_group, self.name) for w in self.workers]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=self.config.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        self.group = self.store = None
+
+
+SENDERS = {"object_store": ObjectStoreSender, "shared_memory": SharedMemorySender, "broadcast": BroadcastSender}
+
+
+def make_sender(config: WeightSyncConfig, workers: Sequence):
+    """The sender for `config.transport`, built once at setup (the broadcast one forms its group here)."""
+    if not workers:
+        raise ValueError("no workers to publish weights to")
+    return SENDERS[config.transport](workers, config)

