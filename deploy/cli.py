@@ -17,6 +17,13 @@ def _make_tiny(args: argparse.Namespace) -> None:
     print(f"wrote tiny '{args.preset}' model to {paths.root}")
 
 
+def _make_tiny_geneval(args: argparse.Namespace) -> None:
+    from rewards.tiny import make_tiny_geneval_models
+
+    detector, clip = make_tiny_geneval_models(Path(args.directory))
+    print(f"wrote tiny GenEval models: detector {detector}, clip {clip}")
+
+
 def _dashboard(args: argparse.Namespace) -> None:
     from deploy.dashboard.app import serve
 
@@ -51,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--preset", choices=["sana", "glyph"], default="sana")
     tiny.set_defaults(run=_make_tiny)
 
+    tiny_geneval = sub.add_parser("make-tiny-geneval", help="write tiny random Mask2Former + CLIP GenEval models")
+    tiny_geneval.add_argument("directory")
+    tiny_geneval.set_defaults(run=_make_tiny_geneval)
+
+    # listed for --help; main() hands `train ...` to rl.train's own parser untouched
+    sub.add_parser("train", help="run GRPO: blip3o-rl train --config FILE [--resume [RUN_ID]]")
+
     dashboard = sub.add_parser("dashboard", help="serve the live dashboard over a runs directory")
     dashboard.add_argument("--runs-dir", default="runs", help="directory holding runs.db (default: runs)")
     dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback; it has no login)")
@@ -76,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from policy.model_dir import CheckpointNotFoundError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from rl.train import main as train_main
+
+        raise SystemExit(train_main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

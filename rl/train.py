@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
 from rl.checkpoint import CheckpointDir, TrainerState
 from rl.grpo import group_advantages
 from rl.learner_config import LearnerConfig
 from rl.pipeline import PendingStep, ScoredStep, launch_step
-from rl.prompts import PromptSampler
+from rl.prompts import PromptSampler, SamplerState
 from rl.run_store import RunStore, SampleRecord
 from rl.scoring import RewardEndpoint, start_reward_service, stop_reward_service
 from rl.train_config import ConfigError, TrainConfig, load_config
@@ -128,7 +129,8 @@ class Trainer:
     def _open_run(self, resume: str | None) -> tuple[str, TrainerState]:
         if resume is None:
             run_id = self.store.create_run(self.config.name, self.config.model_dump(mode="json"))
-            return run_id, TrainerState(step=0, policy_version=self.config.learner.initial_version, run_id=run_id)
+            fresh = SamplerState(cursors=[0] * len(self.config.data.sources))
+            return run_id, TrainerState(0, self.config.learner.initial_version, run_id, fresh)
         run_id = resume if resume != "latest" else self._latest_run_id()
         checkpoint = CheckpointDir(Path(self.config.logging.runs_dir) / "checkpoints" / run_id).latest()
         if checkpoint is None:
@@ -264,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    ensure_model(config)
+    try:
+        ensure_model(config)
+        resolve_model_dir(config.model.path)  # a missing checkpoint is one clear line, before Ray starts
+    except CheckpointNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     init_ray(config)
     trainer = None
     try:

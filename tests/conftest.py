@@ -71,6 +71,6 @@ def vllm_rollout_worker(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_geneval_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """Tiny random Mask2Former (80 COCO labels, every query a confident dog) and tiny CLIP dirs."""
-    from tests.rewards_support import make_tiny_geneval_models
+    from rewards.tiny import make_tiny_geneval_models
 
     return make_tiny_geneval_models(tmp_path_factory.mktemp("tiny-geneval"))

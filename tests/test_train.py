@@ -1,0 +1,214 @@
+"""The GRPO run end to end on CPU: real vLLM, Ray (+ Serve), DeepSpeed, the glyph decoder, real OCR.
+
+Each test runs the driver as a user does (`python -m rl.train --config ...`) in a subprocess with
+its own local Ray cluster, and reads the results back from the run store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from rl.run_store import RunStore
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "deploy" / "configs" / "tiny-cpu-glyph-ocr.yaml"
+
+
+@pytest.fixture(scope="module")
+def glyph_model(tmp_path_factory) -> Path:
+    """One tiny glyph model for every run of this module (the config would build it itself)."""
+    from policy.tiny import PRESETS, make_tiny
+
+    directory = tmp_path_factory.mktemp("train-model") / "tiny-glyph"
+    make_tiny(directory, PRESETS["glyph"])
+    return directory
+
+
+def small_config(tmp_path: Path, model: Path, **changes) -> Path:
+    """The demo config, smaller: 2 prompts x 16 samples per step."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["model"] = {"path": str(model)}
+    raw["data"]["prompts_per_step"] = 2
+    raw["logging"]["runs_dir"] = str(tmp_path / "runs")
+    raw["logging"]["samples_per_step"] = 2
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def train(config: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "rl.train", "--config", str(config), *extra], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def only_run(runs_dir: Path):
+    store = RunStore(runs_dir)
+    runs = store.list_runs()
+    assert len(runs) == 1
+    return store, runs[0]
+
+
+def metric_table(store: RunStore, run_id: str) -> dict[int, dict[str, float]]:
+    table: dict[int, dict[str, float]] = {}
+    for step, key, value, _ in store.scalars(run_id):
+        table.setdefault(step, {})[key] = value
+    return table
+
+
+def test_glyph_ocr_run_learns(tmp_path, glyph_model):
+    steps = 24
+    config = small_config(tmp_path, glyph_model, steps=steps, **{"checkpoint.every": 100})
+    result = train(config)
+    store, run = only_run(tmp_path / "runs")
+    assert run.status == "finished"
+    table = metric_table(store, run.id)
+    assert sorted(table) == list(range(1, steps + 1))  # every step exactly once
+    rewards = [table[step]["reward/mean"] for step in range(1, steps + 1)]
+    first, last = float(np.mean(rewards[:6])), float(np.mean(rewards[-6:]))
+    print(f"mean reward first 6 steps {first:.3f}, last 6 steps {last:.3f}")
+    assert last > first + 0.05, rewards
+    # the sync schedule trains on fresh rollouts only; versions advance with every real update
+    assert all(table[s]["policy/staleness"] == 0 for s in table)
+    assert table[steps]["policy/version"] > 0
+    # progress lines a person can follow, and the samples behind the numbers
+    assert f"step {steps}/{steps} | reward" in result.stdout
+    samples = store.samples(run.id, steps)
+    assert len(samples) == 2 and all(s.prompt == 'an image with the text "cat"' for s in samples)
+    # the final checkpoint's policy is a Hugging Face dir vLLM and transformers load
+    policy = next((tmp_path / "runs" / "checkpoints" / run.id).glob("step-*")) / "policy"
+    assert (policy / "config.json").is_file() and (policy / "tokenizer.json").is_file()
+
+
+def test_async_schedule_learns_with_bounded_staleness(tmp_path, glyph_model):
+    steps = 24
+    config = small_config(tmp_path, glyph_model, steps=steps, **{"schedule.mode": "async", "checkpoint.every": 100})
+    train(config)
+    store, run = only_run(tmp_path / "runs")
+    table = metric_table(store, run.id)
+    staleness = [table[s]["policy/staleness"] for s in sorted(table)]
+    assert max(staleness) <= 1 and staleness.count(1) >= steps // 2, staleness
+    rewards = [table[s]["reward/mean"] for s in sorted(table)]
+    first, last = float(np.mean(rewards[:6])), float(np.mean(rewards[-6:]))
+    print(f"async: mean reward first 6 steps {first:.3f}, last 6 steps {last:.3f}")
+    assert last > first + 0.05, rewards
+
+
+def run_until_killed(config: Path, kill_after_step: int) -> None:
+    """Start a run and SIGKILL the driver as soon as it printed `kill_after_step`."""
+    process = subprocess.Popen([sys.executable, "-m", "rl.train", "--config", str(config)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        for line in process.stdout:
+            if line.startswith(f"step {kill_after_step}/"):
+                break
+            assert time.time() < deadline, "run did not reach the step in time"
+        else:
+            pytest.fail(f"run ended before step {kill_after_step}")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        process.wait()
+
+
+def test_killed_run_resumes_exactly(tmp_path, glyph_model):
+    steps = 5
+    changes = {"steps": steps, "checkpoint.every": 2, "data.group_size": 16}
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight_dir.mkdir(), killed_dir.mkdir()
+    train(small_config(straight_dir, glyph_model, **changes))
+    killed_config = small_config(killed_dir, glyph_model, **changes)
+    run_until_killed(killed_config, kill_after_step=3)  # the last checkpoint is step 2
+    resumed = train(killed_config, "--resume")
+    assert "steps 3..5" in resumed.stdout
+
+    straight_store, straight_run = only_run(straight_dir / "runs")
+    killed_store, killed_run = only_run(killed_dir / "runs")
+    assert killed_run.status == "finished"
+    straight, killed = metric_table(straight_store, straight_run.id), metric_table(killed_store, killed_run.id)
+    assert sorted(killed) == list(range(1, steps + 1))  # step 3 was logged twice, stored once
+    for step in range(1, steps + 1):
+        for key in ("reward/mean", "reward/std", "policy/version", "policy/loss"):
+            assert killed[step][key] == pytest.approx(straight[step][key], abs=1e-6), (step, key)
+    assert straight[steps]["policy/version"] >= 2  # the weights really changed along the way
+    for step in range(1, steps + 1):
+        assert [s.prompt for s in killed_store.samples(killed_run.id, step)] == \
+               [s.prompt for s in straight_store.samples(straight_run.id, step)]
+    events = [e.kind for e in killed_store.events(killed_run.id)]
+    assert "resume" in events
+    # same final weights
+    final = [load_file(str(d / "runs" / "checkpoints" / r.id / f"step-{steps:06d}" / "policy" / "model.safetensors"))
+             for d, r in ((straight_dir, straight_run), (killed_dir, killed_run))]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        assert (final[0][name] - final[1][name]).abs().max().item() < 1e-6, name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model):
+    """`ray start --head` + `ray job submit` (deploy/ray_job.sh's recipe) with Ray's token auth."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dashboard_port = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"rayjob{os.getpid()}"
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--temp-dir", str(temp_dir),
+         "--include-dashboard", "true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        config = small_config(tmp_path, glyph_model, steps=2, **{"checkpoint.every": 100})
+        deadline = time.time() + 180
+        while True:  # the job API answers once the dashboard is up
+            probe = subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            assert time.time() < deadline, probe.stderr[-2000:]
+            time.sleep(3)
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", '{"excludes": [".venv", ".git", "runs", "test-artifacts", "bench/results"]}',
+             "--", "python", "-m", "rl.train", "--config", str(config)],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        output = submitted.stdout + submitted.stderr
+        assert submitted.returncode == 0, output[-4000:]
+        assert "SUCCEEDED" in output, output[-4000:]
+        assert "step 2/2 | reward" in output
+        store, run = only_run(tmp_path / "runs")
+        assert run.status == "finished" and sorted(metric_table(store, run.id)) == [1, 2]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # stops the cluster this test started, and only it
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
