@@ -8,10 +8,13 @@ checked against the served model first and a bad update is refused whole.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 
 class WeightUpdateError(ValueError):
@@ -75,3 +78,22 @@ def validate_weights(
             problems.append(f"{name}: contains NaN or inf")
     if problems:
         raise WeightUpdateError("weight update refused: " + "; ".join(problems))
+
+
+def served_param_specs(ar_dir: Path, dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """HF parameter names and shapes of the checkpoint vLLM loaded (from the safetensors headers;
+    no second model in memory), with the dtype the engine serves them in."""
+    files = sorted(Path(ar_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {ar_dir}")
+    specs = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                specs[name] = ParamSpec(tuple(handle.get_slice(name).get_shape()), dtype)
+    return specs
+
+
+def tied_embeddings(ar_dir: Path) -> bool:
+    config = json.loads((Path(ar_dir) / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings", False))

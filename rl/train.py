@@ -97,12 +97,19 @@ def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
 
 
 def ensure_model(config: TrainConfig) -> None:
+    """Build the tiny random models a CPU config asks for, where they do not exist yet."""
     path = Path(config.model.path)
     if config.model.make_tiny and not path.exists():
         from policy.tiny import PRESETS, make_tiny
 
         print(f"building tiny '{config.model.make_tiny}' model at {path}", flush=True)
         make_tiny(path, PRESETS[config.model.make_tiny])
+    detector = Path(config.rewards.server.geneval.detector)
+    if config.rewards.make_tiny_geneval and not detector.exists():
+        from rewards.tiny import make_tiny_geneval_models
+
+        print(f"building tiny GenEval models in {detector.parent}", flush=True)
+        make_tiny_geneval_models(detector.parent)
 
 
 def init_ray(config: TrainConfig) -> None:

@@ -82,6 +82,9 @@ class RewardsSection(BaseModel):
     """Ray CPUs of the Serve replica."""
     server: RewardServerSettings = RewardServerSettings(scorers=["ocr"])
     """The reward app's settings (service "serve")."""
+    make_tiny_geneval: bool = False
+    """If the GenEval detector / CLIP folders do not exist, build tiny random ones there (CPU demos);
+    they must be `<dir>/mask2former` and `<dir>/clip` of one folder."""
     timeout_s: float = Field(120.0, gt=0)
     """Per request."""
     retries: int = Field(3, ge=0)
@@ -93,6 +96,11 @@ class RewardsSection(BaseModel):
     def _url_when_needed(self) -> "RewardsSection":
         if self.service == "url" and not self.url:
             raise ValueError("rewards.url is required when rewards.service is 'url'")
+        geneval = self.server.geneval
+        if self.make_tiny_geneval and (Path(geneval.detector).name, Path(geneval.clip).name, Path(geneval.detector).parent) != (
+            "mask2former", "clip", Path(geneval.clip).parent
+        ):
+            raise ValueError("make_tiny_geneval needs server.geneval.detector = DIR/mask2former and clip = DIR/clip")
         return self
 
 

@@ -22,40 +22,18 @@ Deviations from a plain vLLM setup, and why:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from pathlib import Path
 
 import ray
 import torch
-from safetensors import safe_open
 
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
-from policy.weights import ParamSpec, WeightUpdateError, validate_weights
+from policy.weights import WeightUpdateError, served_param_specs, tied_embeddings, validate_weights
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
-
-
-def served_param_specs(ar_dir: Path, dtype: torch.dtype) -> dict[str, ParamSpec]:
-    """HF parameter names and shapes of the checkpoint vLLM loaded (from the safetensors headers;
-    no second model in memory), with the dtype the engine serves them in."""
-    files = sorted(Path(ar_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {ar_dir}")
-    specs = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                specs[name] = ParamSpec(tuple(handle.get_slice(name).get_shape()), dtype)
-    return specs
-
-
-def tied_embeddings(ar_dir: Path) -> bool:
-    config = json.loads((Path(ar_dir) / "config.json").read_text())
-    return bool(config.get("tie_word_embeddings", False))
 
 
 class ARRolloutWorker:

@@ -23,8 +23,7 @@ import torch
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.vocab import ImageVocab
-from policy.weights import WeightUpdateError, validate_weights
-from rollout.ar_worker import served_param_specs, tied_embeddings
+from policy.weights import WeightUpdateError, served_param_specs, tied_embeddings, validate_weights
 from rollout.decoder_config import DecoderConfig
 from rollout.records import DecodedImages, RolloutBatch
 
