@@ -31,7 +31,7 @@ import torch
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
-from policy.weights import WeightUpdateError, served_param_specs, tied_embeddings, validate_weights
+from policy.weights import ParamSpec, WeightUpdateError, served_param_specs, tied_embeddings, validate_weights
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
 

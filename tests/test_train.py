@@ -182,10 +182,15 @@ def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model):
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayjob{os.getpid()}"
+    # every port of our own: another Ray on the machine (the session fixture, a run's local cluster)
+    # holds the defaults, and a head whose job agent cannot bind answers "No available agent"
+    own_ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "ray-client-server-port", "runtime-env-agent-port")]
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--temp-dir", str(temp_dir),
-         "--include-dashboard", "true"],
+         "--include-dashboard", "true", *own_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -215,7 +220,8 @@ def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model):
         assert job_ids, output[-4000:]
         status = subprocess.run(["ray", "job", "status", "--address", address, job_ids[-1]], env=env,
                                 capture_output=True, text=True, timeout=120)
-        assert "SUCCEEDED" in status.stdout + status.stderr, (status.stdout + status.stderr)[-2000:]
+        # `ray job status` renders JobStatus.SUCCEEDED as "Job '<id>' succeeded"
+        assert f"Job '{job_ids[-1]}' succeeded" in status.stdout, (status.stdout + status.stderr)[-2000:]
         assert "step 2/2 | reward" in output
         store, run = only_run(tmp_path / "runs")
         assert run.status == "finished" and sorted(metric_table(store, run.id)) == [1, 2]
