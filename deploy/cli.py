@@ -49,6 +49,27 @@ def _rewards_serve(args: argparse.Namespace) -> None:
     serve_from_args(args)
 
 
+def _rewards_loadtest(args: argparse.Namespace) -> None:
+    import httpx
+
+    from rewards.loadtest import LoadTestError, run_load_test
+
+    try:
+        report = run_load_test(
+            args.url, args.clients, args.seconds, token=args.token, server_pid=args.server_pid, seed=args.seed,
+            max_items=args.max_items,
+        )
+    except httpx.TransportError as error:
+        print(f"blip3o-rl: error: cannot reach {args.url}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except LoadTestError as error:
+        print(f"blip3o-rl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(report.to_json())
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o-rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(rewards_serve)
     rewards_serve.set_defaults(run=_rewards_serve)
+    loadtest = rewards_sub.add_parser("loadtest", help="load a running reward server; print the report as JSON")
+    loadtest.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    loadtest.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
+    loadtest.add_argument("--seconds", type=float, default=60.0, help="how long each client sends (default 60)")
+    loadtest.add_argument("--token", help="the server's bearer token, if it has one")
+    loadtest.add_argument("--server-pid", type=int, help="server process id, to sample its memory (RSS)")
+    loadtest.add_argument("--seed", type=int, default=0, help="seed of the items and of the request mix")
+    loadtest.add_argument("--max-items", type=int, default=64, help="the server's --max-items (default 64)")
+    loadtest.set_defaults(run=_rewards_loadtest)
     return parser
 
 

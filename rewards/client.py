@@ -2,6 +2,8 @@
 
 Retries with exponential backoff on connection errors, timeouts and 5xx only; a 4xx means the
 request itself is wrong, so it is raised at once as `RewardRequestError` with the server's message.
+Retries stop after `retries` attempts or, with `retry_budget_s`, once the service has been failing
+for that long (the trainer's outage budget: a replica restart is ridden out, an outage is not).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
+import time
 
 import httpx
 import numpy as np
@@ -48,12 +52,18 @@ class RewardClient:
         timeout_s: float = 120.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        retry_budget_s: float | None = None,
+        max_backoff_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, transport=transport)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.retry_budget_s = retry_budget_s
+        self.max_backoff_s = max_backoff_s
+        self.failures: list[str] = []
+        """Every failed attempt (retried or not), oldest first: what the caller logs."""
 
     async def __aenter__(self) -> "RewardClient":
         return self
@@ -85,7 +95,8 @@ class RewardClient:
     async def post(self, path: str, payload: dict) -> dict:
         """POST JSON; retry 5xx / connection failures with backoff, raise 4xx at once."""
         content = json.dumps(payload).encode()
-        for attempt in range(self.retries + 1):
+        first_failure_at = None
+        for attempt in itertools.count():
             try:
                 response = await self._http.post(path, content=content, headers={"Content-Type": "application/json"})
             except httpx.TransportError as error:  # connect, read, timeouts
@@ -96,9 +107,18 @@ class RewardClient:
                 if response.status_code < 500:
                     raise _request_error(response)
                 failure = f"HTTP {response.status_code}: {response.text[:200]}"
-            if attempt < self.retries:
-                await asyncio.sleep(self.backoff_s * 2**attempt)
-        raise RewardServerError(f"{path} failed after {self.retries + 1} attempts; last: {failure}")
+            self.failures.append(failure)
+            first_failure_at = first_failure_at or time.monotonic()
+            failing_for = time.monotonic() - first_failure_at
+            delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+            if self.retry_budget_s is not None and failing_for + delay > self.retry_budget_s:
+                raise RewardServerError(
+                    f"{path} at {self._http.base_url} kept failing for {failing_for:.0f} s ({attempt + 1} attempts, "
+                    f"retry budget {self.retry_budget_s:.0f} s); last: {failure}")
+            if self.retry_budget_s is None and attempt >= self.retries:
+                raise RewardServerError(f"{path} failed after {attempt + 1} attempts; last: {failure}")
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
 
 def _request_error(response: httpx.Response) -> RewardRequestError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,9 @@ class RewardEndpoint:
     url: str
     token: str | None
     timeout_s: float
-    retries: int
+    """Per request."""
+    outage_budget_s: float
+    """How long a failing service is retried before scoring gives up (RewardServerError)."""
     backoff_s: float
 
 
@@ -51,16 +54,28 @@ class SampleReward:
         return {"geneval": self.reward, "geneval_correct": float(bool(self.geneval_correct))}
 
 
-async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> list[SampleReward]:
+@dataclass(frozen=True)
+class ScoredImages:
+    """The rewards of a batch of images, and the failed attempts the client rode out on the way."""
+
+    rewards: list[SampleReward]
+    """Row for row."""
+    failures: list[str]
+    """Failed requests that were retried (5xx, connection errors): what the run's events record."""
+    seconds: float
+
+
+async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
     from rewards.client import RewardClient
     from rewards.geneval_rules import GenevalMetadata
 
+    start = time.perf_counter()
     results: list[SampleReward | None] = [None] * len(items)
     ocr_rows = [i for i, item in enumerate(items) if item.task == "ocr"]
     geneval_rows = [i for i, item in enumerate(items) if item.task == "geneval"]
     async with RewardClient(
-        endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s, retries=endpoint.retries,
-        backoff_s=endpoint.backoff_s,
+        endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s, backoff_s=endpoint.backoff_s,
+        retry_budget_s=endpoint.outage_budget_s,
     ) as client:
         if ocr_rows:
             scored = await client.ocr([images[i] for i in ocr_rows], prompts=[items[i].caption for i in ocr_rows])
@@ -72,11 +87,14 @@ async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
             for row, result in zip(geneval_rows, scored):
                 results[row] = SampleReward(result.reward, "geneval", geneval_correct=result.correct,
                                             geneval_tag=result.tag)
-    return [r for r in results if r is not None]
+    if any(r is None for r in results):
+        raise RuntimeError(f"the reward API answered {sum(r is not None for r in results)} of {len(items)} items")
+    return ScoredImages(rewards=results, failures=list(client.failures), seconds=time.perf_counter() - start)
 
 
-def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> list[SampleReward]:
-    """Rewards of `images` [R, H, W, 3], row r scored against `items[r]`."""
+def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
+    """Rewards of `images` [R, H, W, 3], row r scored against `items[r]`. Raises RewardServerError
+    once the service has been failing for longer than `endpoint.outage_budget_s`."""
     if len(images) != len(items):
         raise ValueError(f"{len(images)} images for {len(items)} prompt items")
     return asyncio.run(_score(endpoint, images, items))
@@ -98,13 +116,17 @@ def start_reward_service(config: RewardsSection) -> RewardEndpoint:
 
         from rewards.serve import build_serve_app
 
-        port = config.port or _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        from ray.serve.context import _get_global_client
+
+        serve.start(http_options={"host": "127.0.0.1", "port": config.port or _free_port()})
         settings = config.server.model_copy(update={"token": SecretStr(token)} if token else {})
         serve.run(build_serve_app(settings, num_cpus=config.num_cpus), name="rewards", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-    return RewardEndpoint(url=url, token=token, timeout_s=config.timeout_s, retries=config.retries,
-                          backoff_s=config.backoff_s)
+        # Serve outlives a job: a cluster that already runs it keeps its own HTTP port, whatever
+        # this call asked for, so the address comes from Serve itself
+        http = _get_global_client().http_config
+        url = f"http://127.0.0.1:{http.port}"
+    return RewardEndpoint(url=url, token=token, timeout_s=config.timeout_s,
+                          outage_budget_s=config.outage_budget_s, backoff_s=config.backoff_s)
 
 
 def stop_reward_service(config: RewardsSection) -> None:

@@ -9,12 +9,22 @@ sampling. The step after a checkpoint is launched only after the update (as in s
 checkpoint never has rollouts in flight and `--resume` replays exactly.
 
 Everything a step produced is recorded in the run store (rl/run_store.py); the dashboard reads it.
+
+Faults (see rl/pipeline.py): a rollout or decoder worker that dies is restarted by Ray, one that
+hangs is killed and restarted; before the chunk it held is redone, every worker is given the
+learner's current weights and must report serving that version. A reward service that stays down
+past `rewards.outage_budget_s`, SIGTERM (`ray job stop`) and Ctrl-C stop the run cleanly: the
+in-flight step is abandoned (its prompts go back to the sampler), the last finished step is
+checkpointed, the run is marked stopped, and `--resume` continues it. Every fault is an event in
+the run store.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,15 +35,28 @@ from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
 from rl.checkpoint import CheckpointDir, TrainerState
 from rl.grpo import group_advantages
 from rl.learner_config import LearnerConfig
-from rl.pipeline import PendingStep, ScoredStep, launch_step
+from rl.pipeline import ChunkFault, PendingStep, RewardOutageError, ScoredStep
 from rl.prompts import PromptSampler, SamplerState
 from rl.run_store import RunStore, SampleRecord
 from rl.scoring import RewardEndpoint, start_reward_service, stop_reward_service
 from rl.train_config import ConfigError, TrainConfig, load_config
 
 
-class StaleRolloutError(RuntimeError):
-    """Rollouts lag the learner by more than the configured staleness."""
+class StopRequested(Exception):
+    """SIGTERM / Ctrl-C asked the run to stop."""
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker could not be brought back, or one chunk kept failing: the run cannot go on."""
+
+
+class RunStopped(Exception):
+    """The run stopped before its last step, after checkpointing what it finished."""
+
+    def __init__(self, message: str, requested: bool):
+        super().__init__(message)
+        self.requested = requested
+        """True for SIGTERM / Ctrl-C (a stop someone asked for), False for an outage."""
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -66,6 +89,7 @@ def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str,
         "policy/version": float(learner.policy_version),
         "policy/staleness": float(staleness),
         "groups/zero_signal_share": learner.zero_signal_share,
+        "rollout/rows": float(len(rewards)),
     })
     metrics.update({f"time/{stage}": seconds for stage, seconds in timings.items()})
     metrics["throughput/images_per_s"] = len(rewards) / max(timings["step"], 1e-9)
@@ -132,6 +156,12 @@ class Trainer:
         self.checkpoints = CheckpointDir(Path(config.logging.runs_dir) / "checkpoints" / self.run_id,
                                          keep_last=config.checkpoint.keep_last)
         self.sampler = PromptSampler(config.data.sources, config.seed, self.state.sampler)
+        self.checkpointed_step = self.state.step
+        self.stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at the next safe point (a signal handler calls this)."""
+        self.stop_reason = reason
 
     def _open_run(self, resume: str | None) -> tuple[str, TrainerState]:
         if resume is None:
@@ -163,14 +193,18 @@ class Trainer:
         config = self.config
         t0 = time.perf_counter()
         self.endpoint: RewardEndpoint = start_reward_service(config.rewards)
+        restarts = config.faults.max_worker_restarts
         self.rollout_actors = [
-            ARRolloutActor.options(num_cpus=config.rollout.num_cpus_per_worker,
-                                   num_gpus=config.rollout.num_gpus_per_worker).remote(config.rollout.engine)
+            ARRolloutActor.options(num_cpus=config.rollout.num_cpus_per_worker, num_gpus=config.rollout.num_gpus_per_worker,
+                                   max_restarts=restarts, max_task_retries=0).remote(config.rollout.engine)
             for _ in range(config.rollout.workers)
         ]
-        self.decoder_actors = [decoder_actor(config.decoder.decoder) for _ in range(config.decoder.workers)]
+        self.decoder_actors = [decoder_actor(config.decoder.decoder, max_restarts=restarts)
+                               for _ in range(config.decoder.workers)]
+        self.worker_names = {a._actor_id.hex(): f"rollout-{i}" for i, a in enumerate(self.rollout_actors)}
+        self.worker_names.update({a._actor_id.hex(): f"decoder-{i}" for i, a in enumerate(self.decoder_actors)})
         learner_config: LearnerConfig = config.learner.model_copy(update={"initial_version": self.state.policy_version})
-        self.learner = LearnerGroup(learner_config)
+        self.learner = LearnerGroup(learner_config, timeout_s=config.faults.learner_timeout_s)
         workers = self.rollout_actors + self.decoder_actors
         self.learner.connect_workers(workers)
         if self.state.step > 0:
@@ -182,11 +216,88 @@ class Trainer:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
 
     def _check_versions(self, version: int) -> None:
-        import ray
-
-        served = ray.get([w.served_version.remote() for w in self.rollout_actors + self.decoder_actors])
+        served = self._served_versions(self.config.faults.call_timeout_s)
         if any(v != version for v in served):
             raise RuntimeError(f"workers serve versions {served}, expected {version} everywhere")
+
+    def _served_versions(self, timeout_s: float) -> list[int]:
+        """Every worker's served version. A restarting worker is waited for (up to `timeout_s`);
+        one Ray will not restart any more is an error."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        workers = self.rollout_actors + self.decoder_actors
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get([w.served_version.remote() for w in workers],
+                               timeout=max(deadline - time.monotonic(), 0.1))
+            except ActorUnavailableError:  # between its death and its restart
+                if time.monotonic() > deadline:
+                    raise WorkerFailedError(f"a worker did not come back within {timeout_s:.0f} s") from None
+                time.sleep(1.0)
+            except ActorDiedError as error:
+                raise WorkerFailedError(f"a worker is dead for good (faults.max_worker_restarts = "
+                                        f"{self.config.faults.max_worker_restarts} used up): {error}") from None
+            except GetTimeoutError:
+                raise WorkerFailedError(f"workers did not answer served_version within {timeout_s:.0f} s") from None
+
+    def _recover_workers(self, version: int, why: str) -> None:
+        """Bring every worker to the learner's `version` (a restarted one serves the weights on disk)
+        and prove it with the version each one reports; record the event."""
+        t0 = time.perf_counter()
+        workers = self.rollout_actors + self.decoder_actors
+        served = self._served_versions(self.config.faults.restart_timeout_s)
+        behind = [f"{self.worker_names[w._actor_id.hex()]} (v{v})" for w, v in zip(workers, served) if v != version]
+        if behind:
+            self.learner.connect_workers(workers)  # a new process must join the weight transport again
+            self.learner.publish_weights()
+            served = self._served_versions(self.config.faults.call_timeout_s)
+            if any(v != version for v in served):
+                raise WorkerFailedError(f"after recovery the workers serve {served}, expected v{version}")
+        message = (f"{why}: reloaded {', '.join(behind) or 'no worker'}; every worker serves v{version} "
+                   f"({time.perf_counter() - t0:.1f} s)")
+        self.store.log_event(self.run_id, "recovered", message)
+        print(f"recovered: {message}", flush=True)
+
+    def _handle_faults(self, pending: PendingStep, faults: list[ChunkFault]) -> None:
+        """Record the faults, restart hung workers, bring every worker to the current weights once,
+        then redo the chunks."""
+        import ray
+
+        step = self.state.step + 1
+        names = []
+        for fault in faults:
+            name = self.worker_names[fault.actor._actor_id.hex()] if fault.actor is not None else "reward task"
+            names.append(f"{name} {fault.kind}")
+            self.store.log_event(self.run_id, "worker_fault", f"step {step}: {name}: {fault.describe()}")
+            print(f"fault: {name}: {fault.describe()}", flush=True)
+            if fault.attempts >= self.config.faults.max_chunk_attempts:
+                raise WorkerFailedError(f"{fault.describe()}: giving up after faults.max_chunk_attempts = "
+                                        f"{self.config.faults.max_chunk_attempts}")
+        for actor in {f.actor._actor_id.hex(): f.actor for f in faults if f.kind == "hung" and f.actor}.values():
+            ray.kill(actor, no_restart=False)  # Ray restarts it like a dead one
+        self._recover_workers(self.state.policy_version, f"step {step}: {', '.join(sorted(set(names)))}")
+        pending.restart_stage_clocks()
+        for fault in faults:
+            pending.redo(fault)
+
+    def _publish(self, version: int):
+        """Publish the learner's weights; a worker lost on the way is recovered and the publish redone."""
+        from ray.exceptions import RayActorError
+
+        from rl.weight_sync import WeightSyncError
+
+        for attempt in range(1, self.config.faults.max_chunk_attempts + 1):
+            try:
+                return self.learner.publish_weights()
+            except (WeightSyncError, RayActorError, TimeoutError) as error:
+                if attempt == self.config.faults.max_chunk_attempts:
+                    raise
+                detail = str(error).splitlines()[0][:300]
+                self.store.log_event(self.run_id, "worker_fault", f"publishing v{version} failed: {detail}")
+                print(f"fault: publishing v{version} failed: {detail}", flush=True)
+                self._recover_workers(version, f"step {self.state.step + 1}: weight publish failed")
 
     def shutdown(self) -> None:
         import ray
@@ -200,46 +311,97 @@ class Trainer:
 
     # ----- the loop ---------------------------------------------------------------------------
 
-    def _launch(self, step: int) -> PendingStep:
+    def _launch(self, step: int, again: PendingStep | None = None) -> PendingStep:
+        """Submit a step's dataflow; `again`: resample that step's prompts with the current weights."""
         config = self.config
-        items = self.sampler.next_batch(config.data.prompts_per_step)
-        return launch_step(items, config.data.group_size, step_seed(config.seed, step), self.rollout_actors,
-                           self.decoder_actors, self.endpoint, config.schedule.chunk_prompts)
+        if again is None:
+            before = copy.deepcopy(self.sampler.state)
+            items = self.sampler.next_batch(config.data.prompts_per_step)
+        else:
+            before, items = again.sampler_state, again.items
+        return PendingStep(items, config.data.group_size, step_seed(config.seed, step), self.rollout_actors,
+                           self.decoder_actors, self.endpoint, config.schedule.chunk_prompts,
+                           self.state.policy_version, before)
+
+    def _collect(self, pending: PendingStep) -> ScoredStep:
+        """Wait for the step, redoing the chunks of dead, hung or stale workers."""
+        while not pending.done:
+            if self.stop_reason:
+                raise StopRequested(self.stop_reason)
+            faults = pending.poll(self.config.schedule.stage_timeout_s)
+            if faults:
+                self._handle_faults(pending, faults)
+        scored = pending.result()
+        if scored.retried_requests:
+            self.store.log_event(self.run_id, "reward_retry",
+                                 f"step {self.state.step + 1}: {len(scored.retried_requests)} reward requests failed "
+                                 f"and were retried; first: {scored.retried_requests[0][:200]}")
+        return scored
 
     def _is_checkpoint_step(self, step: int) -> bool:
         return step % self.config.checkpoint.every == 0 or step == self.config.steps
 
     def run(self) -> None:
+        """Train until `config.steps`. A stop request or a reward outage checkpoints the finished
+        steps, marks the run stopped and raises RunStopped."""
         config = self.config
         first = self.state.step + 1
         pending = self._launch(first) if first <= config.steps else None
-        for step in range(first, config.steps + 1):
-            t_step = time.perf_counter()
-            scored = pending.collect(config.schedule.stage_timeout_s)
-            staleness = self.state.policy_version - scored.batch.policy_version
-            if staleness > config.schedule.max_staleness:
-                raise StaleRolloutError(f"step {step}: rollouts of v{scored.batch.policy_version} are {staleness} "
-                                        f"versions behind the learner (max {config.schedule.max_staleness})")
-            overlap = config.schedule.mode == "async" and step < config.steps and not self._is_checkpoint_step(step)
-            pending = self._launch(step + 1) if overlap else None  # sampled with the current weights
-            advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
-            t_update = time.perf_counter()
-            learner_metrics = self.learner.train_step(scored.batch, advantages)
-            t_sync = time.perf_counter()
-            sync = self.learner.publish_weights()
-            t_done = time.perf_counter()
-            self.state.step, self.state.policy_version = step, learner_metrics.policy_version
-            timings = dict(scored.timings, update=t_sync - t_update, sync=t_done - t_sync, step=t_done - t_step)
-            metrics = step_metrics(scored, learner_metrics, staleness, timings)
-            metrics.update({"sync/seconds": sync.seconds, "sync/gb_per_s": sync.gb_per_s})
-            self.store.log_metrics(self.run_id, step, metrics)
-            self.store.log_samples(self.run_id, step, sample_records(scored, config.logging.samples_per_step,
-                                                                     config.data.group_size))
-            print(progress_line(step, config.steps, metrics), flush=True)
-            if self._is_checkpoint_step(step):
-                self.save_checkpoint()
-            if pending is None and step < config.steps:
-                pending = self._launch(step + 1)
+        try:
+            for step in range(first, config.steps + 1):
+                if self.stop_reason:
+                    raise StopRequested(self.stop_reason)
+                t_step = time.perf_counter()
+                scored = self._collect(pending)
+                staleness = self.state.policy_version - scored.batch.policy_version
+                while staleness > config.schedule.max_staleness:  # never train on it: sample again
+                    self.store.log_event(self.run_id, "stale_rollouts", f"step {step}: rollouts of "
+                                         f"v{scored.batch.policy_version} are {staleness} versions behind; resampled")
+                    pending = self._launch(step, again=pending)
+                    scored = self._collect(pending)
+                    staleness = self.state.policy_version - scored.batch.policy_version
+                overlap = config.schedule.mode == "async" and step < config.steps and not self._is_checkpoint_step(step)
+                pending = self._launch(step + 1) if overlap else None  # sampled with the current weights
+                advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
+                t_update = time.perf_counter()
+                learner_metrics = self.learner.train_step(scored.batch, advantages)
+                t_sync = time.perf_counter()
+                sync = self._publish(learner_metrics.policy_version)
+                t_done = time.perf_counter()
+                self.state.step, self.state.policy_version = step, learner_metrics.policy_version
+                timings = dict(scored.timings, update=t_sync - t_update, sync=t_done - t_sync, step=t_done - t_step)
+                metrics = step_metrics(scored, learner_metrics, staleness, timings)
+                metrics.update({"sync/seconds": sync.seconds, "sync/gb_per_s": sync.gb_per_s})
+                self.store.log_metrics(self.run_id, step, metrics)
+                self.store.log_samples(self.run_id, step, sample_records(scored, config.logging.samples_per_step,
+                                                                         config.data.group_size))
+                print(progress_line(step, config.steps, metrics), flush=True)
+                if self._is_checkpoint_step(step):
+                    self.save_checkpoint()
+                if pending is None and step < config.steps:
+                    pending = self._launch(step + 1)
+        except (StopRequested, RewardOutageError) as stop:
+            if isinstance(stop, RewardOutageError):
+                reason = f"reward service down for longer than rewards.outage_budget_s ({config.rewards.outage_budget_s:.0f} s): {stop}"
+            else:
+                reason = f"stop requested ({stop})"
+            raise self._stop(pending, reason, requested=isinstance(stop, StopRequested)) from None
+        self._check_versions(self.state.policy_version)  # a finished run leaves every worker on its last weights
+
+    def _stop(self, pending: PendingStep | None, reason: str, requested: bool) -> RunStopped:
+        """Abandon the in-flight step, checkpoint the finished ones, mark the run stopped."""
+        if pending is not None:  # its prompts were drawn but never trained on: give them back
+            self.sampler.state = self.state.sampler = pending.sampler_state
+        if self.state.step > self.checkpointed_step:
+            where = f"checkpoint {self.save_checkpoint()}"
+        elif self.state.step > 0:
+            where = f"checkpoint of step {self.state.step} already saved"
+        else:
+            where = "no step finished, nothing to checkpoint"
+        message = f"run {self.run_id} stopped after step {self.state.step}: {reason}; {where}"
+        self.store.log_event(self.run_id, "stopped", message)
+        self.store.finish_run(self.run_id, "stopped")
+        return RunStopped(message, requested)
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
@@ -247,6 +409,7 @@ class Trainer:
         self.learner.save_checkpoint(str(tmp / "learner"))
         self.learner.export_policy(str(tmp / "policy"))
         path = self.checkpoints.commit(tmp, self.state)
+        self.checkpointed_step = self.state.step
         print(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
         return path
 
@@ -283,12 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         trainer = Trainer(config, resume=args.resume)
+        install_stop_handlers(trainer)
         print(f"run {trainer.run_id}: steps {trainer.state.step + 1}..{config.steps} of '{config.name}'", flush=True)
         trainer.start()
         trainer.run()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"{stopped}\ncontinue it with: python -m rl.train --config {args.config} --resume {trainer.run_id}",
+              file=sys.stderr, flush=True)
+        return 0 if stopped.requested else 3
     except BaseException as error:
         if trainer is not None:
             status = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
@@ -301,6 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     trainer.store.finish_run(trainer.run_id, "finished")
     print(f"run {trainer.run_id} finished: {config.steps} steps; store {config.logging.runs_dir}", flush=True)
     return 0
+
+
+def install_stop_handlers(trainer: Trainer) -> None:
+    """SIGTERM (`ray job stop`, Kubernetes) and the first Ctrl-C stop the run cleanly at the next
+    safe point; a second Ctrl-C interrupts at once."""
+
+    def stop(signum, frame):
+        if trainer.stop_reason and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name}: stopping after a checkpoint (Ctrl-C again to abort)", flush=True)
+        trainer.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 if __name__ == "__main__":

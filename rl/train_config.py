@@ -87,10 +87,11 @@ class RewardsSection(BaseModel):
     they must be `<dir>/mask2former` and `<dir>/clip` of one folder."""
     timeout_s: float = Field(120.0, gt=0)
     """Per request."""
-    retries: int = Field(3, ge=0)
-    """Retries of a request that failed with 5xx or a connection error (never 4xx)."""
+    outage_budget_s: float = Field(300.0, gt=0)
+    """A request failing with 5xx or a connection error (never 4xx) is retried with backoff for this
+    long; past it the run checkpoints and stops with a message (resume with --resume)."""
     backoff_s: float = Field(0.5, ge=0)
-    """First retry delay; doubles each retry."""
+    """First retry delay; doubles each retry (at most 10 s)."""
 
     @model_validator(mode="after")
     def _url_when_needed(self) -> "RewardsSection":
@@ -115,13 +116,29 @@ class ScheduleSection(BaseModel):
     """Prompts per rollout -> decode -> score task: decoding and scoring of one chunk start while
     later chunks are still sampling."""
     stage_timeout_s: float = Field(600.0, gt=0)
-    """Longest wait for a step's rollouts, images and rewards before the run fails with a message."""
+    """Longest a chunk's rollout -> decode -> score may take; a worker still busy with it then is
+    treated as hung: killed, restarted by Ray and given the chunk again."""
 
     @model_validator(mode="after")
     def _async_needs_staleness(self) -> "ScheduleSection":
         if self.mode == "async" and self.max_staleness < 1:
             raise ValueError("schedule.mode 'async' trains on rollouts one version old: max_staleness must be >= 1")
         return self
+
+
+class FaultsSection(BaseModel):
+    model_config = STRICT
+
+    max_worker_restarts: int = Field(5, ge=0)
+    """Times Ray restarts a dead rollout or decoder worker (each comes back with the current weights)."""
+    max_chunk_attempts: int = Field(3, ge=1)
+    """Tries of one chunk of a step (a worker death or hang costs one) before the run fails."""
+    call_timeout_s: float = Field(120.0, gt=0)
+    """Longest wait for a worker's answer to a control call (served version, health)."""
+    restart_timeout_s: float = Field(600.0, gt=0)
+    """Longest wait for a restarted worker to come back (it reloads its model)."""
+    learner_timeout_s: float = Field(1800.0, gt=0)
+    """Longest wait for a learner call (setup, update, weight publish, checkpoint)."""
 
 
 class CheckpointSection(BaseModel):
@@ -167,6 +184,7 @@ class TrainConfig(BaseModel):
     rewards: RewardsSection = RewardsSection()
     learner: LearnerConfig
     schedule: ScheduleSection = ScheduleSection()
+    faults: FaultsSection = FaultsSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     ray: RaySection = RaySection()

@@ -104,6 +104,8 @@ class DiffusionDecoderWorker:
 DiffusionDecoderActor = ray.remote(DiffusionDecoderWorker)
 
 
-def decoder_actor(config: DecoderConfig):
-    """Start a `DiffusionDecoderActor` with the resources from `config` (Ray must be initialised)."""
-    return DiffusionDecoderActor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config)
+def decoder_actor(config: DecoderConfig, max_restarts: int = 0):
+    """Start a `DiffusionDecoderActor` with the resources from `config` (Ray must be initialised).
+    With `max_restarts`, Ray restarts a dead one (serving the weights on disk, version 0)."""
+    return DiffusionDecoderActor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                                         max_restarts=max_restarts, max_task_retries=0).remote(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -75,3 +76,28 @@ def test_token_is_sent_as_bearer():
     transport, calls = scripted((200, OK))
     run_ocr(transport, token="abc")
     assert calls[0].headers["Authorization"] == "Bearer abc"
+
+
+def test_retry_budget_rides_out_a_short_outage_and_records_each_failure():
+    transport, calls = scripted(*([(503, {})] * 5), (200, OK))
+
+    async def go():
+        async with RewardClient("http://rewards", transport=transport, backoff_s=0.01, retries=0,
+                                retry_budget_s=30) as client:
+            results = await client.ocr([IMAGE], targets=["open"])
+            return results, client.failures
+
+    results, failures = asyncio.run(go())
+    assert results[0].reward == 1.0 and len(calls) == 6  # 5 failures despite retries=0: the budget rules
+    assert failures == ["HTTP 503: {}"] * 5
+
+
+def test_retry_budget_gives_up_once_spent():
+    transport, calls = scripted((503, {}))
+    started = time.monotonic()
+    with pytest.raises(RewardServerError, match=r"kept failing for \d+ s \(\d+ attempts, retry budget 1 s\)"):
+        run_ocr(transport, retry_budget_s=1.0)
+    elapsed = time.monotonic() - started
+    # after 6 failures it has waited 0.01 + 0.02 + ... + 0.32 = 0.63 s; the 7th failure's delay (0.64)
+    # would overshoot the 1 s budget, so it gives up there instead of sleeping past it
+    assert len(calls) == 7 and elapsed < 1.0

@@ -20,66 +20,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from rl.run_store import RunStore
+from tests.train_support import REPO, metric_table, only_run, small_config, train
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "deploy" / "configs" / "tiny-cpu-glyph-ocr.yaml"
 
-
-@pytest.fixture(scope="module")
-def glyph_model(tmp_path_factory) -> Path:
-    """One tiny glyph model for every run of this module (the config would build it itself)."""
-    from policy.tiny import PRESETS, make_tiny
-
-    directory = tmp_path_factory.mktemp("train-model") / "tiny-glyph"
-    make_tiny(directory, PRESETS["glyph"])
-    return directory
-
-
-def small_config(tmp_path: Path, model: Path, **changes) -> Path:
-    """The demo config, smaller: 2 prompts x 16 samples per step."""
-    raw = yaml.safe_load(DEMO.read_text())
-    raw["model"] = {"path": str(model)}
-    raw["data"]["prompts_per_step"] = 2
-    raw["logging"]["runs_dir"] = str(tmp_path / "runs")
-    raw["logging"]["samples_per_step"] = 2
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def train(config: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "rl.train", "--config", str(config), *extra], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def only_run(runs_dir: Path):
-    store = RunStore(runs_dir)
-    runs = store.list_runs()
-    assert len(runs) == 1
-    return store, runs[0]
-
-
-def metric_table(store: RunStore, run_id: str) -> dict[int, dict[str, float]]:
-    table: dict[int, dict[str, float]] = {}
-    for step, key, value, _ in store.scalars(run_id):
-        table.setdefault(step, {})[key] = value
-    return table
-
-
-def test_glyph_ocr_run_learns(tmp_path, glyph_model):
+def test_glyph_ocr_run_learns(tmp_path, glyph_model_dir):
     steps = 24
-    config = small_config(tmp_path, glyph_model, steps=steps, **{"checkpoint.every": 100})
+    config = small_config(tmp_path, glyph_model_dir, steps=steps, **{"checkpoint.every": 100})
     result = train(config)
     store, run = only_run(tmp_path / "runs")
     assert run.status == "finished"
@@ -101,9 +49,9 @@ def test_glyph_ocr_run_learns(tmp_path, glyph_model):
     assert (policy / "config.json").is_file() and (policy / "tokenizer.json").is_file()
 
 
-def test_async_schedule_learns_with_bounded_staleness(tmp_path, glyph_model):
+def test_async_schedule_learns_with_bounded_staleness(tmp_path, glyph_model_dir):
     steps = 24
-    config = small_config(tmp_path, glyph_model, steps=steps, **{"schedule.mode": "async", "checkpoint.every": 100})
+    config = small_config(tmp_path, glyph_model_dir, steps=steps, **{"schedule.mode": "async", "checkpoint.every": 100})
     train(config)
     store, run = only_run(tmp_path / "runs")
     table = metric_table(store, run.id)
@@ -132,15 +80,15 @@ def run_until_killed(config: Path, kill_after_step: int) -> None:
         process.wait()
 
 
-def test_killed_run_resumes_exactly(tmp_path, glyph_model):
+def test_killed_run_resumes_exactly(tmp_path, glyph_model_dir):
     steps = 6
     # 4 prompts x 16 samples: with seed 0 the policy takes its first update before the step-3
     # checkpoint, so the resumed run must restore trained weights and optimizer state
     changes = {"steps": steps, "checkpoint.every": 3, "data.prompts_per_step": 4}
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight_dir.mkdir(), killed_dir.mkdir()
-    train(small_config(straight_dir, glyph_model, **changes))
-    killed_config = small_config(killed_dir, glyph_model, **changes)
+    train(small_config(straight_dir, glyph_model_dir, **changes))
+    killed_config = small_config(killed_dir, glyph_model_dir, **changes)
     run_until_killed(killed_config, kill_after_step=4)  # the last checkpoint is step 3
     resumed = train(killed_config, "--resume")
     assert "steps 4..6" in resumed.stdout
@@ -175,8 +123,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model):
-    """`ray start --head` + `ray job submit` (deploy/ray_job.sh's recipe) with Ray's token auth."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` on ports of its own, with Ray's token auth; yields (address, env)
+    once its job API and job agent answer."""
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
@@ -195,7 +145,6 @@ def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model):
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        config = small_config(tmp_path, glyph_model, steps=2, **{"checkpoint.every": 100})
         deadline = time.time() + 180
         while True:  # the job API answers once the dashboard is up
             probe = subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True, text=True)
@@ -203,34 +152,68 @@ def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model):
                 break
             assert time.time() < deadline, probe.stderr[-2000:]
             time.sleep(3)
-        for _ in range(20):  # the job agent comes up a little after the job API answers
-            submitted = subprocess.run(
-                ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-                 "--runtime-env-json", '{"excludes": [".venv", ".git", "runs", "test-artifacts", "bench/results"]}',
-                 "--", "python", "-m", "rl.train", "--config", str(config)],
-                env=env, capture_output=True, text=True, timeout=900,
-            )
-            output = submitted.stdout + submitted.stderr
-            if "No available agent to submit job" not in output:
-                break
-            time.sleep(3)
-        # the CLI's own exit code is not reliable here (it streams logs, then may exit 1 after the
-        # job ended); the job's status is what counts
-        job_ids = re.findall(r"Job '(raysubmit_\w+)' (?:submitted|succeeded)", output)
-        assert job_ids, output[-4000:]
-        status = subprocess.run(["ray", "job", "status", "--address", address, job_ids[-1]], env=env,
-                                capture_output=True, text=True, timeout=120)
-        # `ray job status` renders JobStatus.SUCCEEDED as "Job '<id>' succeeded"
-        assert f"Job '{job_ids[-1]}' succeeded" in status.stdout, (status.stdout + status.stderr)[-2000:]
-        assert "step 2/2 | reward" in output
-        store, run = only_run(tmp_path / "runs")
-        assert run.status == "finished" and sorted(metric_table(store, run.id)) == [1, 2]
+        yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stops the cluster this test started, and only it
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def submit_job(address: str, env: dict, config: Path, *flags: str) -> tuple[str, str]:
+    """deploy/ray_job.sh CONFIG [flags] against `address`: (submission id, output)."""
+    for _ in range(20):  # the job agent comes up a little after the job API answers
+        submitted = subprocess.run([str(REPO / "deploy" / "ray_job.sh"), str(config), *flags],
+                                   env=dict(env, RAY_ADDRESS=address), cwd=REPO, capture_output=True, text=True,
+                                   timeout=900)
+        output = submitted.stdout + submitted.stderr
+        if "No available agent to submit job" not in output:
+            break
+        time.sleep(3)
+    job_ids = re.findall(r"Job '(raysubmit_\w+)' (?:submitted|succeeded)", output)
+    assert job_ids, output[-4000:]
+    return job_ids[-1], output
+
+
+def job_status(address: str, env: dict, job_id: str) -> str:
+    status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return status.stdout + status.stderr
+
+
+def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model_dir, ray_head):
+    """deploy/ray_job.sh (`ray job submit` with Ray's token auth) to a `ray start --head` cluster."""
+    address, env = ray_head
+    config = small_config(tmp_path, glyph_model_dir, steps=2, **{"checkpoint.every": 100})
+    job_id, output = submit_job(address, env, config)
+    # the CLI's own exit code is not reliable here (it streams logs, then may exit 1 after the
+    # job ended); the job's status is what counts. `ray job status` renders SUCCEEDED as "succeeded"
+    assert f"Job '{job_id}' succeeded" in job_status(address, env, job_id)
+    assert "step 2/2 | reward" in output
+    store, run = only_run(tmp_path / "runs")
+    assert run.status == "finished" and sorted(metric_table(store, run.id)) == [1, 2]
+
+
+def test_ray_job_stop_checkpoints_and_marks_the_run_stopped(tmp_path, glyph_model_dir, ray_head):
+    address, env = ray_head
+    config = small_config(tmp_path, glyph_model_dir, steps=8, **{"checkpoint.every": 100})
+    job_id, _ = submit_job(address, env, config, "--no-wait")
+    deadline = time.time() + 600
+    while "step 2/" not in (logs := subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
+                                                   capture_output=True, text=True).stdout):
+        assert time.time() < deadline and "finished" not in logs, logs[-3000:]
+        time.sleep(2)
+    subprocess.run(["ray", "job", "stop", "--address", address, job_id], env=env, capture_output=True, timeout=700)
+    deadline = time.time() + 300
+    while "stopped" not in (status := job_status(address, env, job_id)).lower():
+        assert time.time() < deadline, status
+        time.sleep(2)
+    store, run = only_run(tmp_path / "runs")
+    assert run.status == "stopped", store.events(run.id)
+    done = sorted(metric_table(store, run.id))
+    checkpoints = sorted((tmp_path / "runs" / "checkpoints" / run.id).glob("step-*"))
+    assert checkpoints and checkpoints[-1].name == f"step-{done[-1]:06d}"  # saved before Ray's SIGKILL
 
 
 def test_tiny_sana_config_runs_the_full_real_path(tmp_path):

@@ -1,0 +1,169 @@
+"""Fault injection on CPU with the real thing: the driver (`python -m rl.train`) in a subprocess with
+its own Ray cluster, vLLM, DeepSpeed, Ray Serve and PaddleOCR; workers are SIGKILLed while busy,
+the reward server is taken away, the driver gets SIGTERM. Results are read back from the run store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rl.chaos import inject_fault
+from rl.prompts import PromptSampler, PromptSourceConfig
+from tests.train_support import REPO, RunningTrain, metric_table, only_run, small_config, train
+
+pytestmark = pytest.mark.slow
+
+
+def recovered_versions(store, run_id) -> list[tuple[int, str, int]]:
+    """(step, workers reloaded, version every worker served afterwards) of each recovery event."""
+    found = []
+    for event in store.events(run_id):
+        if event.kind == "recovered":
+            match = re.match(r"step (\d+): .*: reloaded (.+); every worker serves v(\d+)", event.message)
+            assert match, event.message
+            found.append((int(match[1]), match[2], int(match[3])))
+    return found
+
+
+def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_lost(tmp_path, glyph_model_dir):
+    steps, rows = 9, 4 * 16
+    config = small_config(tmp_path, glyph_model_dir, steps=steps,
+                          **{"data.prompts_per_step": 4, "checkpoint.every": 100, "schedule.stage_timeout_s": 30})
+    run = RunningTrain(config)
+    injected = []
+    try:
+        # the rollout worker late: by then the policy has trained (v > 0), so its reload is visible
+        for after_step, role, kind in ((2, "reward", "kill"), (4, "decoder", "kill"), (6, "rollout", "kill"),
+                                       (8, "decoder", "hang")):
+            run.wait_for(f"step {after_step}/")
+            injected.append(inject_fault(run.pid, role, kind, timeout_s=300))
+        code = run.finish()
+    finally:
+        run.kill()
+    print("\n".join(f"{f.kind} {f.role} pid {f.pid} ({f.title})" for f in injected))
+    assert code == 0, run.output[-4000:]
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "finished"
+    table = metric_table(store, record.id)
+    assert sorted(table) == list(range(1, steps + 1))  # every step exactly once
+    assert all(table[step]["rollout/rows"] == rows for step in table)  # no row lost
+    faults = [e.message for e in store.events(record.id) if e.kind == "worker_fault"]
+    assert any("rollout-0" in m and ("died" in m or "stale_weights" in m) for m in faults), faults
+    assert any("decoder-0" in m and ("died" in m or "stale_weights" in m) for m in faults), faults
+    assert any(m.startswith("step 9: decoder-0") and "hung" in m for m in faults), faults  # found by the timeout
+    # each restarted worker was reloaded before it served again, with the learner's version then:
+    # the one after the previous step's update
+    recoveries = recovered_versions(store, record.id)
+    assert any("rollout-0" in reloaded for _, reloaded, _ in recoveries), recoveries
+    assert sum("decoder-0" in reloaded for _, reloaded, _ in recoveries) == 2, recoveries  # dead, then hung
+    for step, _, version in recoveries:
+        assert version == table[step - 1]["policy/version"], (step, version)
+    assert any(version > 0 for _, _, version in recoveries), "a reload to trained weights was not exercised"
+    # the reward replica's death cost failed requests that were retried, not rewards
+    retried = [e.message for e in store.events(record.id) if e.kind == "reward_retry"]
+    assert retried, "killing the reward replica while it scored should have failed a request"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_reward_server(port: int) -> subprocess.Popen:
+    """`blip3o-rl rewards serve` with the tiny OCR model; returns once it answers."""
+    import httpx
+
+    server = subprocess.Popen([sys.executable, "-m", "deploy.cli", "rewards", "serve", "--port", str(port),
+                               "--scorers", "ocr", "--ocr-size", "tiny"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None, "reward server exited"
+        time.sleep(0.5)
+    server.kill()
+    raise AssertionError("reward server did not come up")
+
+
+def test_reward_outage_past_budget_checkpoints_stops_and_resumes(tmp_path, glyph_model_dir):
+    steps, port = 5, free_port()
+    rewards = {"service": "url", "url": f"http://127.0.0.1:{port}", "outage_budget_s": 8, "backoff_s": 0.5}
+    config = small_config(tmp_path, glyph_model_dir, steps=steps, rewards=rewards, **{"checkpoint.every": 100})
+    server = start_reward_server(port)
+    run = RunningTrain(config)
+    try:
+        run.wait_for("step 2/")
+        server.kill()
+        server.wait()
+        started = time.monotonic()
+        code = run.finish()
+        stopped_after = time.monotonic() - started
+    finally:
+        run.kill()
+        server.kill()
+    assert code == 3, run.output[-4000:]
+    assert stopped_after < 120  # the budget plus a checkpoint, not a hang
+    assert "reward service down for longer than rewards.outage_budget_s (8 s)" in run.output
+    store, record = only_run(tmp_path / "runs")
+    assert f"--resume {record.id}" in run.output
+    assert record.status == "stopped"
+    done = sorted(metric_table(store, record.id))
+    assert done and done == list(range(1, done[-1] + 1)) and done[-1] < steps
+    checkpoints = sorted((tmp_path / "runs" / "checkpoints" / record.id).glob("step-*"))
+    assert checkpoints[-1].name == f"step-{done[-1]:06d}"  # the last finished step, saved on the way out
+
+    server = start_reward_server(port)
+    try:
+        resumed = train(config, "--resume", record.id)
+    finally:
+        server.kill()
+    assert f"steps {done[-1] + 1}..{steps}" in resumed.stdout
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "finished"
+    assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
+
+
+def test_sigterm_abandons_the_step_checkpoints_and_resume_sees_every_prompt_once(tmp_path, glyph_model_dir):
+    steps, words = 5, ["cat", "dog", "sun", "sky", "red", "box"]
+    config = small_config(tmp_path, glyph_model_dir, steps=steps,
+                          **{"data.sources": [{"kind": "words", "words": words}], "checkpoint.every": 100})
+    run = RunningTrain(config)
+    try:
+        run.wait_for("step 2/")
+        os.kill(run.pid, signal.SIGTERM)  # what `ray job stop` sends
+        code = run.finish()
+    finally:
+        run.kill()
+    assert code == 0, run.output[-4000:]
+    assert "SIGTERM: stopping after a checkpoint" in run.output
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "stopped"
+    done = sorted(metric_table(store, record.id))
+    assert done and done[-1] < steps
+    assert [e.kind for e in store.events(record.id)][-1] == "stopped"
+
+    resumed = train(config, "--resume")
+    assert f"steps {done[-1] + 1}..{steps}" in resumed.stdout
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "finished"
+    assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
+    # the abandoned step's prompts went back to the sampler: every step saw the prompts an
+    # uninterrupted run draws (the sample records hold the first and the last group's prompt)
+    sampler = PromptSampler([PromptSourceConfig(kind="words", words=words)], seed=0)
+    for step in range(1, steps + 1):
+        batch = sampler.next_batch(2)
+        assert [s.prompt for s in store.samples(record.id, step)] == [batch[0].caption, batch[-1].caption], step
