@@ -24,6 +24,16 @@ def _make_tiny_geneval(args: argparse.Namespace) -> None:
     print(f"wrote tiny GenEval models: detector {detector}, clip {clip}")
 
 
+def _convert_blip3o_next(args: argparse.Namespace) -> None:
+    from policy.convert import ConversionError, convert_blip3o_next
+
+    try:
+        convert_blip3o_next(args.source, Path(args.out), sana=args.sana, tokens_per_image=args.tokens_per_image)
+    except ConversionError as error:
+        print(f"blip3o-rl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _dashboard(args: argparse.Namespace) -> None:
     from deploy.dashboard.app import serve
 
@@ -82,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_geneval = sub.add_parser("make-tiny-geneval", help="write tiny random Mask2Former + CLIP GenEval models")
     tiny_geneval.add_argument("directory")
     tiny_geneval.set_defaults(run=_make_tiny_geneval)
+
+    convert = sub.add_parser("convert-blip3o-next", help="convert a BLIP3o-NEXT hub checkpoint into a model directory")
+    convert.add_argument("source", help="checkpoint dir or hub id, e.g. BLIP3o/BLIP3o-NEXT-SFT-3B")
+    convert.add_argument("out", help="model directory to write (must not exist)")
+    convert.add_argument("--sana", help="SANA diffusers dir or hub id (default: the checkpoint's diffusion_name_or_path)")
+    convert.add_argument("--tokens-per-image", type=int, default=729, help="image tokens per image (default 729)")
+    convert.set_defaults(run=_convert_blip3o_next)
 
     # listed for --help; main() hands `train ...` to rl.train's own parser untouched
     sub.add_parser("train", help="run GRPO: blip3o-rl train --config FILE [--resume [RUN_ID]]")

@@ -119,6 +119,7 @@ def resolve_model_dir(spec: str, *, local_files_only: bool | None = None) -> Mod
     if not (root / LAYOUT_FILE).is_file():
         raise CheckpointNotFoundError(
             f"'{spec}' ({root}) is not a blip3o-rl model directory: {LAYOUT_FILE} is missing. "
-            "Write one with `blip3o-rl make-tiny DIR`, or convert a BLIP3o-NEXT checkpoint first."
+            "Write one with `blip3o-rl make-tiny DIR`, or convert a BLIP3o-NEXT checkpoint first with "
+            "`blip3o-rl convert-blip3o-next BLIP3o/BLIP3o-NEXT-SFT-3B DIR`."
         )
     return ModelPaths(root)
