@@ -211,12 +211,12 @@ class Trainer:
             self.learner.load_checkpoint(str(self.resume_from / "learner"))
             report = self.learner.publish_weights()  # workers start from the checkpoint's weights
             self.store.log_event(self.run_id, "resume", f"weights v{self.state.policy_version} published in {report.seconds:.2f} s")
-        self._check_versions(self.state.policy_version)
+        self._check_versions(self.state.policy_version, config.faults.restart_timeout_s)  # engines load first
         print(f"run {self.run_id}: workers, learner and reward API ({self.endpoint.url}) up in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
 
-    def _check_versions(self, version: int) -> None:
-        served = self._served_versions(self.config.faults.call_timeout_s)
+    def _check_versions(self, version: int, timeout_s: float) -> None:
+        served = self._served_versions(timeout_s)
         if any(v != version for v in served):
             raise RuntimeError(f"workers serve versions {served}, expected {version} everywhere")
 
@@ -386,7 +386,8 @@ class Trainer:
             else:
                 reason = f"stop requested ({stop})"
             raise self._stop(pending, reason, requested=isinstance(stop, StopRequested)) from None
-        self._check_versions(self.state.policy_version)  # a finished run leaves every worker on its last weights
+        # a finished run leaves every worker on its last weights
+        self._check_versions(self.state.policy_version, config.faults.call_timeout_s)
 
     def _stop(self, pending: PendingStep | None, reason: str, requested: bool) -> RunStopped:
         """Abandon the in-flight step, checkpoint the finished ones, mark the run stopped."""

@@ -136,7 +136,7 @@ class FaultsSection(BaseModel):
     call_timeout_s: float = Field(120.0, gt=0)
     """Longest wait for a worker's answer to a control call (served version, health)."""
     restart_timeout_s: float = Field(600.0, gt=0)
-    """Longest wait for a restarted worker to come back (it reloads its model)."""
+    """Longest wait for a worker to start, or to come back after a restart (it loads its model)."""
     learner_timeout_s: float = Field(1800.0, gt=0)
     """Longest wait for a learner call (setup, update, weight publish, checkpoint)."""
 

@@ -16,7 +16,7 @@ import pytest
 
 from rl.chaos import inject_fault
 from rl.prompts import PromptSampler, PromptSourceConfig
-from tests.train_support import REPO, RunningTrain, metric_table, only_run, small_config, train
+from tests.train_support import REPO, RunningTrain, free_port, metric_table, only_run, small_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -69,14 +69,6 @@ def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_los
     # the reward replica's death cost failed requests that were retried, not rewards
     retried = [e.message for e in store.events(record.id) if e.kind == "reward_retry"]
     assert retried, "killing the reward replica while it scored should have failed a request"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_reward_server(port: int) -> subprocess.Popen:

@@ -20,7 +20,15 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.train_support import REPO, metric_table, only_run, small_config, train
+from tests.train_support import (
+    REPO,
+    RunningTrain,
+    free_port,
+    metric_table,
+    only_run,
+    small_config,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -64,20 +72,12 @@ def test_async_schedule_learns_with_bounded_staleness(tmp_path, glyph_model_dir)
 
 
 def run_until_killed(config: Path, kill_after_step: int) -> None:
-    """Start a run and SIGKILL the driver as soon as it printed `kill_after_step`."""
-    process = subprocess.Popen([sys.executable, "-m", "rl.train", "--config", str(config)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 600
+    """Start a run and SIGKILL the driver (and its Ray cluster) as soon as it printed `kill_after_step`."""
+    run = RunningTrain(config)
     try:
-        for line in process.stdout:
-            if line.startswith(f"step {kill_after_step}/"):
-                break
-            assert time.time() < deadline, "run did not reach the step in time"
-        else:
-            pytest.fail(f"run ended before step {kill_after_step}")
+        run.wait_for(f"step {kill_after_step}/")
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-        process.wait()
+        run.kill()
 
 
 def test_killed_run_resumes_exactly(tmp_path, glyph_model_dir):
@@ -113,14 +113,6 @@ def test_killed_run_resumes_exactly(tmp_path, glyph_model_dir):
     assert final[0].keys() == final[1].keys()
     for name in final[0]:
         assert (final[0][name] - final[1][name]).abs().max().item() < 1e-6, name
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
