@@ -135,7 +135,8 @@ class PendingStep:
     def _submit(self, chunk: Chunk, stage: Stage) -> None:
         """(Re)submit `chunk` from `stage` on: later stages chain on the earlier refs."""
         if stage == "rollout":
-            chunk.rollout_ref = chunk.sampler.generate.remote([i.caption for i in chunk.items], self.group_size, chunk.seed)
+            captions = [item.caption for item in chunk.items]
+            chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed)
         if stage in ("rollout", "decode"):
             chunk.decode_ref = chunk.decoder.decode.remote(chunk.rollout_ref, chunk.seed)
         row_items = [item for item in chunk.items for _ in range(self.group_size)]
@@ -170,7 +171,8 @@ class PendingStep:
 
         busy_for = time.perf_counter() - chunk.stage_started_at
         values = []
-        for stage, ref, actor in (("rollout", chunk.rollout_ref, chunk.sampler), ("decode", chunk.decode_ref, chunk.decoder)):
+        stages = (("rollout", chunk.rollout_ref, chunk.sampler), ("decode", chunk.decode_ref, chunk.decoder))
+        for stage, ref, actor in stages:
             if not ray.wait([ref], timeout=0)[0]:
                 if busy_for > stage_timeout_s:
                     return fault(stage, "hung", f"no answer after {busy_for:.0f} s", actor)

@@ -53,10 +53,10 @@ class WorkerFailedError(RuntimeError):
 class RunStopped(Exception):
     """The run stopped before its last step, after checkpointing what it finished."""
 
-    def __init__(self, message: str, requested: bool):
+    def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.requested = requested
-        """True for SIGTERM / Ctrl-C (a stop someone asked for), False for an outage."""
+        self.exit_code = exit_code
+        """0: a stop someone asked for (SIGTERM / Ctrl-C); 3: reward outage; 4: a worker failure."""
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -157,6 +157,7 @@ class Trainer:
                                          keep_last=config.checkpoint.keep_last)
         self.sampler = PromptSampler(config.data.sources, config.seed, self.state.sampler)
         self.checkpointed_step = self.state.step
+        self.learner_ahead = False
         self.stop_reason: str | None = None
 
     def request_stop(self, reason: str) -> None:
@@ -195,7 +196,8 @@ class Trainer:
         self.endpoint: RewardEndpoint = start_reward_service(config.rewards)
         restarts = config.faults.max_worker_restarts
         self.rollout_actors = [
-            ARRolloutActor.options(num_cpus=config.rollout.num_cpus_per_worker, num_gpus=config.rollout.num_gpus_per_worker,
+            ARRolloutActor.options(num_cpus=config.rollout.num_cpus_per_worker,
+                                   num_gpus=config.rollout.num_gpus_per_worker,
                                    max_restarts=restarts, max_task_retries=0).remote(config.rollout.engine)
             for _ in range(config.rollout.workers)
         ]
@@ -364,11 +366,13 @@ class Trainer:
                 pending = self._launch(step + 1) if overlap else None  # sampled with the current weights
                 advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
                 t_update = time.perf_counter()
+                self.learner_ahead = True  # until the step is recorded, the learner is past self.state
                 learner_metrics = self.learner.train_step(scored.batch, advantages)
                 t_sync = time.perf_counter()
                 sync = self._publish(learner_metrics.policy_version)
                 t_done = time.perf_counter()
                 self.state.step, self.state.policy_version = step, learner_metrics.policy_version
+                self.learner_ahead = False
                 timings = dict(scored.timings, update=t_sync - t_update, sync=t_done - t_sync, step=t_done - t_step)
                 metrics = step_metrics(scored, learner_metrics, staleness, timings)
                 metrics.update({"sync/seconds": sync.seconds, "sync/gb_per_s": sync.gb_per_s})
@@ -380,29 +384,34 @@ class Trainer:
                     self.save_checkpoint()
                 if pending is None and step < config.steps:
                     pending = self._launch(step + 1)
-        except (StopRequested, RewardOutageError) as stop:
-            if isinstance(stop, RewardOutageError):
-                reason = f"reward service down for longer than rewards.outage_budget_s ({config.rewards.outage_budget_s:.0f} s): {stop}"
-            else:
-                reason = f"stop requested ({stop})"
-            raise self._stop(pending, reason, requested=isinstance(stop, StopRequested)) from None
+        except StopRequested as stop:
+            raise self._stop(pending, f"stop requested ({stop})", "stopped", exit_code=0) from None
+        except RewardOutageError as outage:
+            budget = config.rewards.outage_budget_s
+            raise self._stop(pending, f"reward service down for longer than rewards.outage_budget_s ({budget:.0f} s): "
+                                      f"{outage}", "stopped", exit_code=3) from None
+        except WorkerFailedError as failure:
+            raise self._stop(pending, f"worker failure: {failure}", "failed", exit_code=4) from None
         # a finished run leaves every worker on its last weights
         self._check_versions(self.state.policy_version, config.faults.call_timeout_s)
 
-    def _stop(self, pending: PendingStep | None, reason: str, requested: bool) -> RunStopped:
-        """Abandon the in-flight step, checkpoint the finished ones, mark the run stopped."""
+    def _stop(self, pending: PendingStep | None, reason: str, status: str, exit_code: int) -> RunStopped:
+        """Abandon the in-flight step, checkpoint the finished ones, mark the run stopped / failed."""
         if pending is not None:  # its prompts were drawn but never trained on: give them back
             self.sampler.state = self.state.sampler = pending.sampler_state
-        if self.state.step > self.checkpointed_step:
+        if self.learner_ahead:  # its weights are past the last recorded step: not a consistent checkpoint
+            where = (f"no new checkpoint (it came during step {self.state.step + 1}'s update), "
+                     f"the last one is step {self.checkpointed_step}")
+        elif self.state.step > self.checkpointed_step:
             where = f"checkpoint {self.save_checkpoint()}"
         elif self.state.step > 0:
             where = f"checkpoint of step {self.state.step} already saved"
         else:
             where = "no step finished, nothing to checkpoint"
-        message = f"run {self.run_id} stopped after step {self.state.step}: {reason}; {where}"
-        self.store.log_event(self.run_id, "stopped", message)
-        self.store.finish_run(self.run_id, "stopped")
-        return RunStopped(message, requested)
+        message = f"run {self.run_id} {status} after step {self.state.step}: {reason}; {where}"
+        self.store.log_event(self.run_id, status, message)
+        self.store.finish_run(self.run_id, status)
+        return RunStopped(message, exit_code)
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
@@ -457,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stopped:
         print(f"{stopped}\ncontinue it with: python -m rl.train --config {args.config} --resume {trainer.run_id}",
               file=sys.stderr, flush=True)
-        return 0 if stopped.requested else 3
+        return stopped.exit_code
     except BaseException as error:
         if trainer is not None:
             status = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"

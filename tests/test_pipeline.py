@@ -103,7 +103,8 @@ def test_a_worker_serving_older_weights_than_launched_is_a_fault_and_the_redo_us
     sampler, decoder = ray_cluster.remote(StandInSampler).remote(0), ray_cluster.remote(StandInDecoder).remote(3)
     pending = launch(ray_cluster, sampler, decoder, reward_url, version=3)
     faults = poll_until_settled(pending)
-    assert {(f.chunk, f.stage, f.kind) for f in faults} == {(0, "rollout", "stale_weights"), (1, "rollout", "stale_weights")}
+    assert {(f.chunk, f.stage, f.kind) for f in faults} == {(0, "rollout", "stale_weights"),
+                                                            (1, "rollout", "stale_weights")}
     assert "served v0, launched at v3" in faults[0].detail
     ray_cluster.get(sampler.set.remote(3))  # what a recovery does: publish the current weights
     for fault in faults:
