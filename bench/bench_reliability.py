@@ -98,37 +98,15 @@ def fault_drill(steps: int, every: int, workdir: Path) -> dict:
 
 
 def load_drill(clients: int, seconds: float, workdir: Path) -> dict:
-    import socket
-
+    from rewards.local_server import start_reward_server
     from rewards.loadtest import run_load_test
     from rewards.tiny import make_tiny_geneval_models
 
     detector, clip = make_tiny_geneval_models(workdir / "geneval")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, BLIP3O_RL_REWARDS_OCR__CACHE_SIZE="0")
-    server = subprocess.Popen([sys.executable, "-m", "deploy.cli", "rewards", "serve", "--port", str(port),
-                               "--scorers", "ocr,geneval", "--ocr-size", "tiny", "--detector", str(detector),
-                               "--clip", str(clip)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("reward server did not come up")
-            time.sleep(0.5)
-        report = run_load_test(f"http://127.0.0.1:{port}", clients, seconds, server_pid=server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    args = ["--scorers", "ocr,geneval", "--ocr-size", "tiny", "--detector", str(detector), "--clip", str(clip)]
+    with start_reward_server(args, env=env, log=workdir / "reward-server.log") as server:
+        report = run_load_test(server.url, clients, seconds, server_pid=server.process.pid)
     return report.to_dict()
 
 

@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rewards.client import encode_png  # noqa: E402
+from rewards.local_server import start_reward_server  # noqa: E402
 from rewards.ocr import OcrConfig, OcrScorer, extract_target  # noqa: E402
 from tests.rewards_support import ocr_prompts, render_text  # noqa: E402
 
@@ -38,23 +37,6 @@ def in_process(scorer: OcrScorer, images, targets, batch: int) -> float:
     for i in range(0, len(images), batch):
         scorer.score(images[i : i + batch], targets[i : i + batch])
     return len(images) / (time.perf_counter() - started)
-
-
-def start_server(size: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "deploy.cli", "rewards", "serve", "--port", str(port), "--scorers", "ocr",
-               "--ocr-size", size, "--batch-size", "16"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not come up")
 
 
 async def through_server(
@@ -92,7 +74,8 @@ def main() -> None:
     scorer = OcrScorer(OcrConfig(size=args.size))
     scorer.score(images[:2], targets[:2])  # warm-up
     mean_reward = float(np.mean([r.reward for r in scorer.score(images[:16], targets[:16])]))
-    process, url = start_server(args.size)
+    reward_server = start_reward_server(["--scorers", "ocr", "--ocr-size", args.size, "--batch-size", "16"])
+    url = reward_server.url
     runs: dict[str, list[float]] = {key: [] for key in ("in1", "in16", "srv1", "srv16", "srv_clients")}
     latencies: list[float] = []
     try:
@@ -111,8 +94,7 @@ def main() -> None:
             for key in (list(steps) if round_ % 2 == 0 else list(steps)[::-1]):
                 runs[key].append(steps[key]())
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        reward_server.stop(timeout_s=60)
     median = {key: float(np.median(values)) for key, values in runs.items()}
     inproc = {1: median["in1"], 16: median["in16"]}
     server = {1: median["srv1"], 16: median["srv16"]}

@@ -8,17 +8,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
+from rewards.local_server import free_port, start_reward_server
 from rl.chaos import inject_fault, worker_processes
 from rl.prompts import PromptSampler, PromptSourceConfig
-from tests.train_support import REPO, RunningTrain, free_port, metric_table, only_run, small_config, train
+from tests.train_support import RunningTrain, metric_table, only_run, small_config, train
 
 pytestmark = pytest.mark.slow
+OCR_TINY = ["--scorers", "ocr", "--ocr-size", "tiny"]
 
 
 def recovered_versions(store, run_id) -> list[tuple[int, str, int]]:
@@ -86,42 +86,22 @@ def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_los
     assert all(re.match(r"step \d+: \d+ reward requests failed and were retried", m) for m in retried), retried
 
 
-def start_reward_server(port: int) -> subprocess.Popen:
-    """`blip3o-rl rewards serve` with the tiny OCR model; returns once it answers."""
-    import httpx
-
-    server = subprocess.Popen([sys.executable, "-m", "deploy.cli", "rewards", "serve", "--port", str(port),
-                               "--scorers", "ocr", "--ocr-size", "tiny"], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        assert server.poll() is None, "reward server exited"
-        time.sleep(0.5)
-    server.kill()
-    raise AssertionError("reward server did not come up")
-
-
 def test_reward_outage_past_budget_checkpoints_stops_and_resumes(tmp_path, glyph_model_dir):
     steps, port = 5, free_port()
     rewards = {"service": "url", "url": f"http://127.0.0.1:{port}", "outage_budget_s": 8, "backoff_s": 0.5}
     config = small_config(tmp_path, glyph_model_dir, steps=steps, rewards=rewards, **{"checkpoint.every": 100})
-    server = start_reward_server(port)
+    server = start_reward_server(OCR_TINY, port=port)
     run = RunningTrain(config)
     try:
         run.wait_for("step 2/")
-        server.kill()
-        server.wait()
+        server.process.kill()
+        server.process.wait()
         started = time.monotonic()
         code = run.finish()
         stopped_after = time.monotonic() - started
     finally:
         run.kill()
-        server.kill()
+        server.stop()
     assert code == 3, run.output[-4000:]
     assert stopped_after < 120  # the budget plus a checkpoint, not a hang
     assert "reward service down for longer than rewards.outage_budget_s (8 s)" in run.output
@@ -133,11 +113,8 @@ def test_reward_outage_past_budget_checkpoints_stops_and_resumes(tmp_path, glyph
     checkpoints = sorted((tmp_path / "runs" / "checkpoints" / record.id).glob("step-*"))
     assert checkpoints[-1].name == f"step-{done[-1]:06d}"  # the last finished step, saved on the way out
 
-    server = start_reward_server(port)
-    try:
+    with start_reward_server(OCR_TINY, port=port):
         resumed = train(config, "--resume", record.id)
-    finally:
-        server.kill()
     assert f"steps {done[-1] + 1}..{steps}" in resumed.stdout
     store, record = only_run(tmp_path / "runs")
     assert record.status == "finished"

@@ -7,11 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,10 +14,10 @@ import pytest
 from rewards.app.deps import get_ocr_scorer
 from rewards.app.main import create_app
 from rewards.app.settings import Settings
+from rewards.local_server import start_reward_server
 from rewards.loadtest import OCR, build_workload, drive, measure_references, run_load_test, same_answer
 from tests.rewards_support import StubOcr, serve_in_thread
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "load-token"
 
 
@@ -64,48 +59,23 @@ def test_checker_catches_a_wrong_reference_and_a_wrong_refusal():
     assert any("differ from their item's reference" in p for p in tampered.problems())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def real_server(tiny_geneval_dirs, tmp_path_factory):
     """`blip3o-rl rewards serve` with OCR (PP-OCRv6 tiny, cache off) and tiny GenEval, in its own process."""
     detector_dir, clip_dir = tiny_geneval_dirs
-    port = _free_port()
     env = {**os.environ, "BLIP3O_RL_REWARDS_TOKEN": TOKEN, "BLIP3O_RL_REWARDS_OCR__CACHE_SIZE": "0"}
-    command = [
-        sys.executable, "-m", "deploy.cli", "rewards", "serve", "--port", str(port), "--scorers", "ocr,geneval",
-        "--ocr-size", "tiny", "--detector", str(detector_dir), "--clip", str(clip_dir), "--max-items", "16",
-    ]
-    log = tmp_path_factory.mktemp("reward-load") / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sink)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
-        yield url, process, log
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    args = ["--scorers", "ocr,geneval", "--ocr-size", "tiny", "--detector", str(detector_dir), "--clip", str(clip_dir),
+            "--max-items", "16"]
+    with start_reward_server(args, env=env, log=tmp_path_factory.mktemp("reward-load") / "server.log") as server:
+        yield server
 
 
 @pytest.mark.slow
 def test_32_clients_for_60_s_no_5xx_no_lost_or_mixed_answers_memory_stable(real_server):
-    url, process, log = real_server
-    report = run_load_test(url, 32, 60.0, token=TOKEN, server_pid=process.pid, max_items=16, seed=0)
+    report = run_load_test(real_server.url, 32, 60.0, token=TOKEN, server_pid=real_server.process.pid, max_items=16,
+                           seed=0)
     print(report.to_json())
-    assert process.poll() is None, log.read_text()[-2000:]
+    assert real_server.process.poll() is None, real_server.log_tail()
     assert report.http_5xx == 0 and report.transport_errors == 0, report.examples
     assert report.lost == 0 and report.mismatched == 0, report.examples
     assert report.bad_unexpected == 0, report.examples  # every bad request got its own 4xx and code

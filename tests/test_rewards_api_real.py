@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +18,7 @@ from rewards.app.settings import Settings
 from rewards.client import RewardClient, RewardRequestError
 from rewards.geneval import GenevalConfig, GenevalScorer
 from rewards.geneval_rules import GenevalMetadata
+from rewards.local_server import start_reward_server
 from rewards.ocr import OcrConfig, OcrScorer, extract_target
 from tests.rewards_support import ocr_prompts, render_text, serve_in_thread
 
@@ -79,12 +78,6 @@ def test_real_geneval_through_server_matches_in_process(real):
     assert served.details.include[0].found == 4
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_cli_refuses_bad_flags_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "rewards", "serve", "--scorers", "ocr,speech"],
@@ -94,31 +87,21 @@ def test_cli_refuses_bad_flags_in_one_line():
     assert "invalid setting scorers" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_local_server_that_exits_is_an_error_quoting_its_log(tmp_path):
+    with pytest.raises(RuntimeError, match=r"exited with code 2: .*invalid setting scorers"):
+        start_reward_server(["--scorers", "ocr,speech"], log=tmp_path / "server.log")
+
+
 @pytest.mark.slow
-def test_cli_serves_ocr_with_token_from_env():
-    port = _free_port()
+def test_cli_serves_ocr_with_token_from_env(tmp_path):
     env = {**os.environ, "BLIP3O_RL_REWARDS_TOKEN": "tok"}
-    command = [sys.executable, "-m", "deploy.cli", "rewards", "serve", "--port", str(port), "--scorers", "ocr", "--ocr-size", "tiny"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.5)
+    with start_reward_server(["--scorers", "ocr", "--ocr-size", "tiny"], env=env, log=tmp_path / "server.log") as server:
         image = render_text("OPEN")
 
         async def run(token):
-            async with RewardClient(f"http://127.0.0.1:{port}", token=token) as client:
+            async with RewardClient(server.url, token=token) as client:
                 return await client.ocr([image], targets=["open"])
 
         assert asyncio.run(run("tok"))[0].reward == 1.0
         with pytest.raises(RewardRequestError, match="401 unauthorized"):
             asyncio.run(run("wrong"))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

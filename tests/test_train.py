@@ -20,10 +20,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from rewards.local_server import free_port
 from tests.train_support import (
     REPO,
     RunningTrain,
-    free_port,
     metric_table,
     only_run,
     small_config,

@@ -15,14 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "deploy" / "configs" / "tiny-cpu-glyph-ocr.yaml"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def small_config(tmp_path: Path, model: Path, **changes) -> Path:
     """The demo config, smaller: 2 prompts x 16 samples per step."""
     raw = yaml.safe_load(DEMO.read_text())
