@@ -8,7 +8,6 @@ chunk, so it starts as soon as that chunk's images exist (see rl/pipeline.py).
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from dataclasses import dataclass
 
@@ -100,12 +99,6 @@ def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
     return asyncio.run(_score(endpoint, images, items))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_reward_service(config: RewardsSection) -> RewardEndpoint:
     """The reward API for this run: a Ray Serve application started here, or the configured URL."""
     token = config.token
@@ -114,11 +107,12 @@ def start_reward_service(config: RewardsSection) -> RewardEndpoint:
     else:
         from ray import serve
 
+        from rewards.local_server import free_port
         from rewards.serve import build_serve_app
 
         from ray.serve.context import _get_global_client
 
-        serve.start(http_options={"host": "127.0.0.1", "port": config.port or _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": config.port or free_port()})
         settings = config.server.model_copy(update={"token": SecretStr(token)} if token else {})
         serve.run(build_serve_app(settings, num_cpus=config.num_cpus), name="rewards", route_prefix="/")
         # Serve outlives a job: a cluster that already runs it keeps its own HTTP port, whatever

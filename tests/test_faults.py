@@ -151,3 +151,33 @@ def test_sigterm_abandons_the_step_checkpoints_and_resume_sees_every_prompt_once
     for step in range(1, steps + 1):
         batch = sampler.next_batch(2)
         assert [s.prompt for s in store.samples(record.id, step)] == [batch[0].caption, batch[-1].caption], step
+
+
+def test_a_worker_that_cannot_come_back_fails_the_run_after_a_checkpoint_and_resume_finishes(
+        tmp_path, glyph_model_dir):
+    steps = 5
+    config = small_config(tmp_path, glyph_model_dir, steps=steps,
+                          **{"faults.max_worker_restarts": 0, "checkpoint.every": 100})
+    run = RunningTrain(config)
+    try:
+        run.wait_for("step 2/")
+        inject_fault(run.pid, "decoder", "kill", timeout_s=300)  # Ray may not restart it
+        code = run.finish()
+    finally:
+        run.kill()
+    assert code == 4, run.output[-4000:]
+    assert "worker failure: a worker is dead for good (faults.max_worker_restarts = 0 used up)" in run.output
+    store, record = only_run(tmp_path / "runs")
+    assert f"--resume {record.id}" in run.output
+    assert record.status == "failed"
+    assert any(e.kind == "worker_fault" and "decoder-0" in e.message for e in store.events(record.id))
+    done = sorted(metric_table(store, record.id))
+    assert done and done == list(range(1, done[-1] + 1)) and done[-1] < steps
+    checkpoints = sorted((tmp_path / "runs" / "checkpoints" / record.id).glob("step-*"))
+    assert checkpoints[-1].name == f"step-{done[-1]:06d}"  # nothing finished was lost
+
+    resumed = train(config, "--resume", record.id)  # new workers
+    assert f"steps {done[-1] + 1}..{steps}" in resumed.stdout
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "finished"
+    assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
