@@ -251,12 +251,14 @@ class Trainer:
         workers = self.rollout_actors + self.decoder_actors
         served = self._served_versions(self.config.faults.restart_timeout_s)
         behind = [f"{self.worker_names[w._actor_id.hex()]} (v{v})" for w, v in zip(workers, served) if v != version]
-        if behind:
-            self.learner.connect_workers(workers)  # a new process must join the weight transport again
-            self.learner.publish_weights()
-            served = self._served_versions(self.config.faults.call_timeout_s)
-            if any(v != version for v in served):
-                raise WorkerFailedError(f"after recovery the workers serve {served}, expected v{version}")
+        # Always, even when no worker is behind (a restarted one may load the current weights from
+        # disk): a restarted worker is a new process, which must join the weight transport again
+        # (a broadcast group holds processes, not actors); a same-version publish is accepted.
+        self.learner.connect_workers(workers)
+        self.learner.publish_weights()
+        served = self._served_versions(self.config.faults.call_timeout_s)
+        if any(v != version for v in served):
+            raise WorkerFailedError(f"after recovery the workers serve {served}, expected v{version}")
         message = (f"{why}: reloaded {', '.join(behind) or 'no worker'}; every worker serves v{version} "
                    f"({time.perf_counter() - t0:.1f} s)")
         self.store.log_event(self.run_id, "recovered", message)

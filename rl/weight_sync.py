@@ -354,17 +354,26 @@ class BroadcastSender:
         ray.get(joins, timeout=config.timeout_s)
 
     def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+        if self.group is None:
+            raise WeightSyncError(f"weight-sync group '{self.name}' is closed or broken: connect the workers again")
         start = time.perf_counter()
         manifest = make_manifest(weights, self.config.bucket_mb * 2**20)
         refs = [w.__ray_call__.remote(receive_broadcast, self.name, manifest, self.config.broadcast_device, version)
                 for w in self.workers]
         buffer = torch.empty(max(manifest.bucket_bytes), dtype=torch.uint8, device=self.config.broadcast_device)
         pack_seconds = 0.0
-        for bucket, size in enumerate(manifest.bucket_bytes):
-            pack_start = time.perf_counter()
-            pack_bucket(weights, manifest, bucket, buffer[:size])
-            pack_seconds += time.perf_counter() - pack_start
-            _broadcast(self.group, buffer[:size])
+        try:
+            for bucket, size in enumerate(manifest.bucket_bytes):
+                pack_start = time.perf_counter()
+                pack_bucket(weights, manifest, bucket, buffer[:size])
+                pack_seconds += time.perf_counter() - pack_start
+                _broadcast(self.group, buffer[:size])
+        except RuntimeError as error:  # c10d: a member process died ("Connection closed by peer") or timed out
+            # A process group cannot lose a member: drop ours at once, which also fails the receives
+            # the other workers are blocked in, so they answer again.
+            self.group = self.store = None
+            raise WeightSyncError(f"broadcasting weight version {version} failed (a worker process died?): "
+                                  f"{str(error).splitlines()[0][:300]}") from error
         _confirm(self.workers, refs, version, self.config.timeout_s)
         return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, pack_seconds,
                           len(self.workers))
@@ -373,13 +382,13 @@ class BroadcastSender:
         """Best effort: workers that died have no group left to leave."""
         import ray
 
+        self.group = self.store = None  # first: a worker still blocked in a receive of this group fails now
         refs = [w.__ray_call__.remote(leave_broadcast_group, self.name) for w in self.workers]
         for ref in refs:
             try:
                 ray.get(ref, timeout=self.config.timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
-        self.group = self.store = None
 
 
 SENDERS = {"object_store": ObjectStoreSender, "shared_memory": SharedMemorySender, "broadcast": BroadcastSender}

@@ -181,3 +181,31 @@ def test_a_worker_that_cannot_come_back_fails_the_run_after_a_checkpoint_and_res
     store, record = only_run(tmp_path / "runs")
     assert record.status == "finished"
     assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
+
+
+def test_a_restarted_worker_rejoins_the_broadcast_weight_group(tmp_path, glyph_model_dir):
+    """The GPU configs publish over a process group (NCCL there, gloo here): a restarted worker is a
+    new process that must join a new group with the others before the current weights reach it."""
+    steps = 4
+    config = small_config(tmp_path, glyph_model_dir, steps=steps,
+                          **{"learner.sync.transport": "broadcast", "checkpoint.every": 100})
+    run = RunningTrain(config)
+    try:
+        run.wait_for("step 2/")
+        inject_fault(run.pid, "rollout", "kill", timeout_s=300)
+        code = run.finish()
+    finally:
+        run.kill()
+    assert code == 0, run.output[-4000:]
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "finished"
+    table = metric_table(store, record.id)
+    assert sorted(table) == list(range(1, steps + 1))
+    faults = [e.message for e in store.events(record.id) if e.kind == "worker_fault"]
+    assert any("rollout-0" in m and "died" in m for m in faults), faults
+    recoveries = recovered_versions(store, record.id)
+    assert recoveries, "no recovery recorded"
+    for step, _, version in recoveries:
+        assert version == table[step - 1]["policy/version"], (step, version)
+    # every publish after the restart went through the new group
+    assert all(table[step]["sync/seconds"] > 0 for step in table)

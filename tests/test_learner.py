@@ -7,6 +7,7 @@ for the sync tests (its weights must be gathered from both ranks' shards before 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -202,6 +203,43 @@ def test_a_refused_update_names_the_worker(zero_runs, tiny_model_dir, glyph_mode
     finally:
         ray_cluster.kill(good)
         ray_cluster.kill(wrong_model)
+
+
+def test_a_restarted_worker_breaks_the_broadcast_group_until_it_is_connected_again(
+    zero_runs, tiny_model_dir, ray_cluster
+):
+    """A process group holds processes: after a worker's restart a publish must fail at once (not at
+    the timeout, and without leaving the other worker blocked), and connecting again must mend it."""
+    _, group = zero_runs
+    config = WeightSyncConfig(transport="broadcast", bucket_mb=1, timeout_s=600)
+    survivor = start_receiver(ray_cluster, tiny_model_dir)
+    restartable = ray_cluster.remote(TransformersReceiver).options(num_cpus=0, max_restarts=1)
+    restarted = restartable.remote(str(tiny_model_dir))
+    try:
+        group.connect_workers([survivor, restarted], config)
+        version = group.publish_weights().version
+        ray_cluster.kill(restarted, no_restart=False)
+        deadline = time.monotonic() + 120
+        while True:  # the kill is asynchronous; the new process serves the weights on disk (version 0)
+            try:
+                if ray_cluster.get(restarted.served_version.remote(), timeout=30) == 0:
+                    break
+            except ray_cluster.exceptions.RayActorError:
+                pass
+            assert time.monotonic() < deadline, "the receiver did not come back"
+            time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(WeightSyncError):
+            group.publish_weights()
+        assert time.monotonic() - started < 120  # sync.timeout_s is 600: it was not waited out
+        assert ray_cluster.get(survivor.served_version.remote(), timeout=60) == version  # not stuck in a receive
+        group.connect_workers([survivor, restarted], config)
+        report = group.publish_weights()
+        assert report.version == version
+        assert ray_cluster.get([survivor.served_version.remote(), restarted.served_version.remote()]) == [version] * 2
+    finally:
+        ray_cluster.kill(survivor)
+        ray_cluster.kill(restarted)
 
 
 def test_vllm_rollout_worker_serves_the_learners_new_weights_after_the_sync(zero_runs, rollout, tiny, tiny_model_dir,
