@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from rl.prompts import PromptSampler, SamplerState
 from rl.run_store import RunStore, SampleRecord
 from rl.scoring import RewardEndpoint, start_reward_service, stop_reward_service
 from rl.train_config import ConfigError, TrainConfig, load_config
+
+if TYPE_CHECKING:
+    from rl.weight_sync import SyncReport
 
 
 class StopRequested(Exception):
@@ -244,7 +248,7 @@ class Trainer:
             except GetTimeoutError:
                 raise WorkerFailedError(f"workers did not answer served_version within {timeout_s:.0f} s") from None
 
-    def _recover_workers(self, version: int, why: str) -> None:
+    def _recover_workers(self, version: int, why: str) -> SyncReport:
         """Bring every worker to the learner's `version` (a restarted one serves the weights on disk)
         and prove it with the version each one reports; record the event."""
         t0 = time.perf_counter()
@@ -255,7 +259,7 @@ class Trainer:
         # disk): a restarted worker is a new process, which must join the weight transport again
         # (a broadcast group holds processes, not actors); a same-version publish is accepted.
         self.learner.connect_workers(workers)
-        self.learner.publish_weights()
+        report = self.learner.publish_weights()
         served = self._served_versions(self.config.faults.call_timeout_s)
         if any(v != version for v in served):
             raise WorkerFailedError(f"after recovery the workers serve {served}, expected v{version}")
@@ -263,6 +267,7 @@ class Trainer:
                    f"({time.perf_counter() - t0:.1f} s)")
         self.store.log_event(self.run_id, "recovered", message)
         print(f"recovered: {message}", flush=True)
+        return report
 
     def _handle_faults(self, pending: PendingStep, faults: list[ChunkFault]) -> None:
         """Record the faults, restart hung workers, bring every worker to the current weights once,
@@ -286,22 +291,19 @@ class Trainer:
         for fault in faults:
             pending.redo(fault)
 
-    def _publish(self, version: int):
-        """Publish the learner's weights; a worker lost on the way is recovered and the publish redone."""
+    def _publish(self, version: int) -> SyncReport:
+        """Publish the learner's weights; a worker lost on the way is recovered, which publishes again."""
         from ray.exceptions import RayActorError
 
         from rl.weight_sync import WeightSyncError
 
-        for attempt in range(1, self.config.faults.max_chunk_attempts + 1):
-            try:
-                return self.learner.publish_weights()
-            except (WeightSyncError, RayActorError, TimeoutError) as error:
-                if attempt == self.config.faults.max_chunk_attempts:
-                    raise
-                detail = str(error).splitlines()[0][:300]
-                self.store.log_event(self.run_id, "worker_fault", f"publishing v{version} failed: {detail}")
-                print(f"fault: publishing v{version} failed: {detail}", flush=True)
-                self._recover_workers(version, f"step {self.state.step + 1}: weight publish failed")
+        try:
+            return self.learner.publish_weights()
+        except (WeightSyncError, RayActorError, TimeoutError) as error:
+            detail = str(error).splitlines()[0][:300]
+            self.store.log_event(self.run_id, "worker_fault", f"publishing v{version} failed: {detail}")
+            print(f"fault: publishing v{version} failed: {detail}", flush=True)
+            return self._recover_workers(version, f"step {self.state.step + 1}: weight publish failed")
 
     def shutdown(self) -> None:
         import ray
