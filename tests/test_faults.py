@@ -43,6 +43,30 @@ def wait_for_replacement(root_pid: int, role: str, dead_pid: int, timeout_s: flo
     raise AssertionError(f"no new {role} process within {timeout_s:.0f} s of killing pid {dead_pid}")
 
 
+def assert_stopped_with_a_checkpoint(tmp_path, output: str, status: str, steps: int) -> str:
+    """The run ended before its last step with `status` and said how to resume; its finished steps
+    are contiguous and the last one was checkpointed on the way out. Returns the run id."""
+    store, record = only_run(tmp_path / "runs")
+    assert f"--resume {record.id}" in output
+    assert record.status == status
+    done = sorted(metric_table(store, record.id))
+    assert done and done == list(range(1, done[-1] + 1)) and done[-1] < steps
+    checkpoints = sorted((tmp_path / "runs" / "checkpoints" / record.id).glob("step-*"))
+    assert checkpoints[-1].name == f"step-{done[-1]:06d}"
+    return record.id
+
+
+def assert_resume_finishes(tmp_path, config, run_id: str, steps: int) -> None:
+    """`--resume run_id` runs exactly the steps left, and the run ends finished with every step."""
+    store, record = only_run(tmp_path / "runs")
+    last_done = max(metric_table(store, record.id))
+    resumed = train(config, "--resume", run_id)
+    assert f"steps {last_done + 1}..{steps}" in resumed.stdout
+    store, record = only_run(tmp_path / "runs")
+    assert record.status == "finished"
+    assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
+
+
 def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_lost(tmp_path, glyph_model_dir):
     steps, rows = 9, 4 * 16
     config = small_config(tmp_path, glyph_model_dir, steps=steps,
@@ -105,20 +129,9 @@ def test_reward_outage_past_budget_checkpoints_stops_and_resumes(tmp_path, glyph
     assert code == 3, run.output[-4000:]
     assert stopped_after < 120  # the budget plus a checkpoint, not a hang
     assert "reward service down for longer than rewards.outage_budget_s (8 s)" in run.output
-    store, record = only_run(tmp_path / "runs")
-    assert f"--resume {record.id}" in run.output
-    assert record.status == "stopped"
-    done = sorted(metric_table(store, record.id))
-    assert done and done == list(range(1, done[-1] + 1)) and done[-1] < steps
-    checkpoints = sorted((tmp_path / "runs" / "checkpoints" / record.id).glob("step-*"))
-    assert checkpoints[-1].name == f"step-{done[-1]:06d}"  # the last finished step, saved on the way out
-
+    run_id = assert_stopped_with_a_checkpoint(tmp_path, run.output, "stopped", steps)
     with start_reward_server(OCR_TINY, port=port):
-        resumed = train(config, "--resume", record.id)
-    assert f"steps {done[-1] + 1}..{steps}" in resumed.stdout
-    store, record = only_run(tmp_path / "runs")
-    assert record.status == "finished"
-    assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
+        assert_resume_finishes(tmp_path, config, run_id, steps)
 
 
 def test_sigterm_abandons_the_step_checkpoints_and_resume_sees_every_prompt_once(tmp_path, glyph_model_dir):
@@ -167,20 +180,10 @@ def test_a_worker_that_cannot_come_back_fails_the_run_after_a_checkpoint_and_res
         run.kill()
     assert code == 4, run.output[-4000:]
     assert "worker failure: a worker is dead for good (faults.max_worker_restarts = 0 used up)" in run.output
-    store, record = only_run(tmp_path / "runs")
-    assert f"--resume {record.id}" in run.output
-    assert record.status == "failed"
-    assert any(e.kind == "worker_fault" and "decoder-0" in e.message for e in store.events(record.id))
-    done = sorted(metric_table(store, record.id))
-    assert done and done == list(range(1, done[-1] + 1)) and done[-1] < steps
-    checkpoints = sorted((tmp_path / "runs" / "checkpoints" / record.id).glob("step-*"))
-    assert checkpoints[-1].name == f"step-{done[-1]:06d}"  # nothing finished was lost
-
-    resumed = train(config, "--resume", record.id)  # new workers
-    assert f"steps {done[-1] + 1}..{steps}" in resumed.stdout
-    store, record = only_run(tmp_path / "runs")
-    assert record.status == "finished"
-    assert sorted(metric_table(store, record.id)) == list(range(1, steps + 1))
+    run_id = assert_stopped_with_a_checkpoint(tmp_path, run.output, "failed", steps)
+    store, _ = only_run(tmp_path / "runs")
+    assert any(e.kind == "worker_fault" and "decoder-0" in e.message for e in store.events(run_id))
+    assert_resume_finishes(tmp_path, config, run_id, steps)  # on new workers
 
 
 def test_a_restarted_worker_rejoins_the_broadcast_weight_group(tmp_path, glyph_model_dir):
