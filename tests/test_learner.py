@@ -233,6 +233,8 @@ def test_a_restarted_worker_breaks_the_broadcast_group_until_it_is_connected_aga
             group.publish_weights()
         assert time.monotonic() - started < 120  # sync.timeout_s is 600: it was not waited out
         assert ray_cluster.get(survivor.served_version.remote(), timeout=60) == version  # not stuck in a receive
+        with pytest.raises(WeightSyncError, match="closed or broken: connect the workers again"):
+            group.publish_weights()  # the broken group is not used again
         group.connect_workers([survivor, restarted], config)
         report = group.publish_weights()
         assert report.version == version
