@@ -3,20 +3,42 @@
 The published checkpoints (BLIP3o/BLIP3o-NEXT-{Pretrain,SFT,GRPO-Geneval,GRPO-TexT}-3B) are one
 transformers save of BLIP3o-NEXT's `blip3oQwenForCausalLM` (a Qwen3ForCausalLM whose inner model
 also owns the vision tower, SANA, DC-AE and the connector). Tensor names, from their code
-(JiuhaiChen/BLIP3o `blip3o/model/language_model/blip3o_qwen_{inference,grpo}.py`; `blip3oMetaModel`
-in `blip3o/model/blip3o_arch.py` as carried by BLIP3o-NEXT forks, e.g. AMAP-ML/EMF):
+(JiuhaiChen/BLIP3o, branch BLIP3o-NEXT: `blip3oMetaModel.__init__` in `blip3o/model/blip3o_arch.py`
+lines 26-44; the TA-Tok wrapper in `blip3o/model/multimodal_encoder/ta_tok_encoder.py` line 41):
 
     model.embed_tokens / model.layers.* / model.norm / lm_head   Qwen3 causal LM   -> ar/
     model.diffusion_connector.{0,2,3}.*   Linear -> GELU(tanh) -> Linear -> RMSNorm -> connector/
     model.sana.*                          SanaTransformer2DModel                   -> sana/transformer/
     model.sana_vae.*                      AutoencoderDC (DC-AE)                    -> sana/vae/
-    model.vision_tower.*                  TA-Tok image tokenizer (understanding)   dropped
+    model.vision_tower.vision_tower.*     TA-Tok image tokenizer (understanding)   dropped
 
-SANA's configs and the scheduler config are not in the checkpoint: BLIP3o-NEXT builds SANA from
-`config.diffusion_name_or_path` (a SANA diffusers repo) and then loads the checkpoint's weights
-over it. So the SANA repo (`sana=`, default: that config field) gives the configs, and also the
-weights when the checkpoint does not carry them. The checkpoint's own SANA weights win when present
-(their training leaves SANA's `caption_projection` trainable, so they may differ from the repo's).
+BLIP3o-NEXT has no other parts (no LLaVA `mm_projector` / `vision_resampler`: it feeds TA-Tok's
+discrete codes through `embed_tokens`, blip3o_arch.py lines 155-165), so any other tensor is refused.
+The two layouts on the hub differ by the vision tower: SFT and Pretrain (~5B on the hub) carry it
+(their training loads TA-Tok: blip3o/train/train.py line 164, blip3o_arch.py line 91); the GRPO checkpoints (~4B) do not (the
+sizes are the hub's; upstream's code does not say how the tower was left out). Both convert the same
+way; a checkpoint without SANA or DC-AE weights takes them from the SANA repo.
+
+What a real checkpoint needs beyond its tensors:
+- SANA's configs and the scheduler config are not in the checkpoint: BLIP3o-NEXT builds SANA from
+  `config.diffusion_name_or_path` (a SANA diffusers repo) and loads the checkpoint's weights over it.
+  Its public training scripts pass the literal string `DIFFUSION` there (scripts/run.sh and
+  scripts/sft.sh line 34: the shell variable is never expanded), so that value is often unusable: then
+  `sana=` (`--sana`) is required and its absence is a one-line error naming the repo to pass. The
+  checkpoint's own SANA weights win when present (their training leaves SANA's `caption_projection`
+  trainable, blip3o/train/train.py lines 207-214, so they may differ from the repo's).
+- The tokenizer may hold more entries than the embedding has rows: upstream's SFT data code adds
+  `<image>` to the tokenizer after the embedding was resized (blip3o/data/dataset.py lines 84-87).
+  Only the ids the policy emits (the image-token block) and the ids of the rollout prompt, its markers
+  and its padding must have rows.
+- The token ids BLIP3o-NEXT wrote into config.json (`initialize_vision_tokenizer`, blip3o_arch.py lines
+  356-383) must be the tokenizer's: its code reads them (image_start_tag_id to find the image,
+  blip3o_qwen_grpo.py line 186; image_start_token_id / scale_start_token_id, blip3o_arch.py 162, 284).
+- Sampling defaults: upstream's GRPO rollout calls `generate(do_sample=True, temperature=1.0)`
+  (blip3o_qwen_grpo.py lines 168-174, called from trl/trl/trainer/grpo_trainer.py line 1655), so
+  top-k / top-p come from the checkpoint's generation_config.json, or transformers' defaults without
+  one. They go into our layout file (`ModelLayout.sampling`), never into ar/generation_config.json,
+  which vLLM would apply on its own.
 
 Everything streams tensor by tensor from the safetensors shards into new shards (at most a few
 shards' worth of tensors in memory), into a temporary directory renamed into place at the end:
@@ -37,23 +59,35 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from policy.connector import Connector
-from policy.model_dir import ModelLayout, ModelPaths, resolve_checkpoint
-from policy.vocab import ImageVocab
+from policy.model_dir import CheckpointNotFoundError, ModelLayout, ModelPaths, SamplingDefaults, resolve_checkpoint
+from policy.prompt import rollout_prompt_ids
+from policy.vocab import IM_END, IM_START, SCALE_TOKENS, ImageVocab, image_token
 
 CONNECTOR_PREFIX = "model.diffusion_connector."
 SANA_PREFIX = "model.sana."
 VAE_PREFIX = "model.sana_vae."
 DROPPED_PREFIXES = ("model.vision_tower.",)
-"""Understanding-side parts the image-generation policy never runs."""
+"""Understanding-side parts the image-generation policy never runs (the TA-Tok tower of SFT saves)."""
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
 # generation_config.json is deliberately not copied: vLLM would apply its sampling defaults
-# (Qwen3 ships top_k=20, top_p=0.95) to rollouts and break the log-prob agreement with the learner.
+# (Qwen3 ships top_k=20, top_p=0.95) behind our back. Its values go into ModelLayout.sampling.
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 TOKENS_PER_IMAGE = 729
 """27 x 27 image tokens at scale <S0> (BLIP3o-NEXT's inference: seq_len 729)."""
+SANA_HUB_ID = "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers"
+"""The SANA repo BLIP3o-NEXT is trained on (upstream scripts/run.sh and scripts/sft.sh, line 15)."""
+HUB_IDS = ("BLIP3o/BLIP3o-NEXT-SFT-3B", "BLIP3o/BLIP3o-NEXT-GRPO-Geneval-3B",
+           "BLIP3o/BLIP3o-NEXT-GRPO-TexT-3B", "BLIP3o/BLIP3o-NEXT-Pretrain-3B")
+"""The published checkpoints, spelled as on the hub (note `TexT`)."""
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "temperature": 1.0}
+"""What transformers' `generate()` samples with where the model's generation config sets nothing:
+`GenerationConfig.__init__` defaults in 4.5x (upstream pins 4.51.3 / 4.54.1), filled in from
+`GenerationConfig._get_default_generation_params()` in 5.x (tests check the installed version)."""
+PROBE_CAPTION = "a red bus next to a green bench"
+"""Caption of the rollout prompt rendered to check that every prompt id has an embedding row."""
 
 
 class ConversionError(ValueError):
@@ -101,6 +135,11 @@ class SafetensorsCheckpoint:
                 for name in handle.keys():  # noqa: SIM118 (not a dict)
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         return shapes
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name`; only those rows are read."""
+        with safe_open(str(self.directory / self.files[name]), framework="pt") as handle:
+            return handle.get_slice(name)[start:stop]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one at a time, file by file (each read is one tensor's copy)."""
@@ -250,7 +289,7 @@ def _strip(parts: set[str], prefix: str, shapes: dict) -> dict[str, tuple[int, .
     return {name[len(prefix):]: shapes[name] for name in parts}
 
 
-def _check_tokenizer(root: Path, tokens_per_image: int, vocab_rows: int) -> ImageVocab:
+def _check_tokenizer(root: Path, tokens_per_image: int, vocab_rows: int, hub_config: dict, log) -> ImageVocab:
     from transformers import AutoTokenizer
 
     if not (root / "tokenizer_config.json").is_file():
@@ -260,11 +299,82 @@ def _check_tokenizer(root: Path, tokens_per_image: int, vocab_rows: int) -> Imag
         vocab = ImageVocab.from_tokenizer(tokenizer, tokens_per_image)
     except ValueError as error:
         raise ConversionError(f"tokenizer in {root}: {error}") from None
-    if vocab.image_token_end > vocab_rows or len(tokenizer) > vocab_rows:
-        raise ConversionError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {vocab_rows} rows")
     if not tokenizer.chat_template:
         raise ConversionError(f"tokenizer in {root} has no chat template (rollout prompts need one)")
+    table = tokenizer.get_vocab()
+    check_config_token_ids(hub_config, table, vocab)
+    unused = check_ids_fit(tokenizer, table, vocab, vocab_rows)
+    if unused:
+        log(f"[convert] tokenizer: {len(unused)} {'entry' if len(unused) == 1 else 'entries'} past the embedding's "
+            f"{vocab_rows} rows, never emitted nor in the prompt, kept: {_listing(unused, 4)}")
     return vocab
+
+
+def config_token_fields(hub_config: dict, vocab: ImageVocab) -> dict[str, str]:
+    """config.json field -> the token whose id it holds. BLIP3o-NEXT writes these when it extends
+    the vocabulary (`initialize_vision_tokenizer`, blip3o_arch.py lines 356-383). `image_token_index`
+    is not one of BLIP3o-NEXT's (it marks images with the constant -200, blip3o/constants.py line 3)
+    but LLaVA-lineage configs store `<image>`'s id there; it is checked when it is an id (>= 0)."""
+    scales = hub_config.get("num_scale_tokens") or len(SCALE_TOKENS)
+    fields = {
+        "image_start_tag_id": IM_START,
+        "image_end_tag_id": IM_END,
+        "scale_start_token_id": "<S0>",
+        "scale_end_token_id": f"<S{scales - 1}>",
+        "image_start_token_id": image_token(0),
+        "image_end_token_id": image_token(vocab.codebook_size - 1),
+    }
+    if isinstance(hub_config.get("image_token_index"), int) and hub_config["image_token_index"] >= 0:
+        fields["image_token_index"] = "<image>"
+    return {name: token for name, token in fields.items() if hub_config.get(name) is not None}
+
+
+def check_config_token_ids(hub_config: dict, table: dict[str, int], vocab: ImageVocab) -> None:
+    """The ids and counts the checkpoint was trained with (its config) must be the tokenizer's."""
+    problems = []
+    for name, token in config_token_fields(hub_config, vocab).items():
+        if token not in table:
+            problems.append(f"{name} is {hub_config[name]} but the tokenizer has no {token}")
+        elif hub_config[name] != table[token]:
+            problems.append(f"{name} is {hub_config[name]} but the tokenizer has {token} at id {table[token]}")
+    counts = {"num_image_tokens": (vocab.codebook_size, "image tokens <I0>, <I1>, ..."),
+              "num_scale_tokens": (_count(table, "<S{}>"), "scale tokens <S0>, <S1>, ...")}
+    for name, (found, what) in counts.items():
+        if hub_config.get(name) is not None and hub_config[name] != found:
+            problems.append(f"{name} is {hub_config[name]} but the tokenizer has {found} {what}")
+    if problems:
+        raise ConversionError("config.json and the tokenizer disagree (the config holds the ids the checkpoint was "
+                              "trained with): " + "; ".join(problems))
+
+
+def _count(table: dict[str, int], pattern: str) -> int:
+    """How many of pattern.format(0), pattern.format(1), ... the tokenizer has, in a row."""
+    n = 0
+    while pattern.format(n) in table:
+        n += 1
+    return n
+
+
+def check_ids_fit(tokenizer, table: dict[str, int], vocab: ImageVocab, rows: int) -> list[str]:
+    """Every id the policy emits (the image-token block: vLLM's `allowed_token_ids`) or feeds (the
+    rollout prompt, the image markers, the padding) needs an embedding row; other tokenizer entries
+    may lie beyond the rows. Returns those, sorted by id."""
+    beyond = []
+    if vocab.image_token_end > rows:
+        first = max(vocab.image_token_start, rows)
+        beyond.append(f"image tokens {image_token(first - vocab.image_token_start)}.."
+                      f"{image_token(vocab.codebook_size - 1)} (ids {first}..{vocab.image_token_end - 1})")
+    markers = zip((IM_START, IM_END, *SCALE_TOKENS), (vocab.im_start_id, vocab.im_end_id, *vocab.scale_ids))
+    used = {token_id: token for token, token_id in markers}  # id -> what uses it
+    if tokenizer.pad_token_id is not None:
+        used.setdefault(tokenizer.pad_token_id, f"{tokenizer.pad_token} (padding)")
+    for token_id in rollout_prompt_ids(tokenizer, PROBE_CAPTION):
+        used.setdefault(token_id, f"{tokenizer.convert_ids_to_tokens(token_id)} (in the rollout prompt)")
+    beyond += [f"{token} id {token_id}" for token_id, token in sorted(used.items()) if token_id >= rows]
+    if beyond:
+        raise ConversionError(f"the embedding has {rows} rows but the policy emits or its prompt uses ids beyond them: "
+                              f"{', '.join(beyond)}")
+    return [token for token, token_id in sorted(table.items(), key=lambda kv: kv[1]) if token_id >= rows]
 
 
 def _check_connector(names: set[str], shapes: dict, hidden: int, source: str) -> int:
@@ -294,6 +404,68 @@ def _sana_sources(parts: dict, shapes: dict, repo: SanaRepo, sana_spec: str) -> 
     return sources
 
 
+def open_sana(sana: str | None, hub_config: dict, *, local_files_only: bool | None, log) -> tuple[SanaRepo, str]:
+    """The SANA diffusers repo and its spec: `sana` when given, else the checkpoint's
+    diffusion_name_or_path. When that is unusable (the public scripts' literal `DIFFUSION`, a path on
+    the authors' cluster, a hub id that cannot be fetched here) the error asks for `--sana`."""
+    named = hub_config.get("diffusion_name_or_path")
+    if sana:
+        if named != sana:
+            log(f"[convert] SANA repo from --sana {sana} (the checkpoint's diffusion_name_or_path is {named!r})")
+        return SanaRepo.open(resolve_checkpoint(sana, local_files_only=local_files_only)), sana
+    ask = f"pass --sana {SANA_HUB_ID} (the hub id, or a local copy of that repo)"
+    if not isinstance(named, str) or not named:
+        raise ConversionError(f"the checkpoint's config.json names no SANA repo (diffusion_name_or_path is {named!r}): {ask}")
+    try:
+        root = resolve_checkpoint(named, local_files_only=local_files_only)
+    except CheckpointNotFoundError:
+        raise ConversionError(f"the checkpoint's diffusion_name_or_path {named!r} is neither a local directory nor a hub "
+                              f"id that can be fetched here: {ask}") from None
+    try:
+        return SanaRepo.open(root), named
+    except ConversionError as error:
+        raise ConversionError(f"the checkpoint's diffusion_name_or_path {named!r} is not a SANA diffusers repo "
+                              f"({error}): {ask}") from None
+
+
+def hub_sampling(root: Path, source: str) -> SamplingDefaults:
+    """top-k / top-p / temperature as upstream's `model.generate(do_sample=True)` would take them from
+    the checkpoint: its generation_config.json, each field it leaves out at transformers' default, or
+    all defaults without the file. A field set to null turns that processor off, as in 4.5x."""
+    path = root / "generation_config.json"
+    if not path.is_file():
+        return SamplingDefaults(**HF_SAMPLING_DEFAULTS, source=(
+            f"no generation_config.json in {source}: transformers' generate() defaults, "
+            "which upstream's generate(do_sample=True) then samples with"))
+    raw = json.loads(path.read_text())
+    off = {"top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    values = {name: (raw[name] if raw[name] is not None else off[name]) if name in raw else default
+              for name, default in HF_SAMPLING_DEFAULTS.items()}
+    valid = {"top_k": lambda v: isinstance(v, int) and v >= 0, "top_p": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+             "temperature": lambda v: isinstance(v, (int, float)) and v > 0}
+    bad = [f"{name} {values[name]!r}" for name, ok in valid.items() if not ok(values[name])]
+    if bad:
+        raise ConversionError(f"{path}: invalid sampling values: {', '.join(bad)}")
+    return SamplingDefaults(top_k=values["top_k"], top_p=float(values["top_p"]), temperature=float(values["temperature"]),
+                            source=f"generation_config.json of {source}")
+
+
+def lm_head_differs(checkpoint: SafetensorsCheckpoint, shapes: dict, rows_per_read: int = 8192) -> str | None:
+    """How a stored lm_head.weight differs from model.embed_tokens.weight (None: it does not),
+    compared a block of rows at a time so a 3B checkpoint's two matrices are never both in memory."""
+    head, embed = shapes["lm_head.weight"], shapes["model.embed_tokens.weight"]
+    if head != embed:
+        return f"shape {head} vs {embed}"
+    differs, worst = False, 0.0
+    for start in range(0, embed[0], rows_per_read):
+        stop = min(start + rows_per_read, embed[0])
+        a = checkpoint.rows("lm_head.weight", start, stop)  # [rows, hidden]
+        b = checkpoint.rows("model.embed_tokens.weight", start, stop)  # [rows, hidden]
+        if not torch.equal(a, b):
+            differs, worst = True, max(worst, (a.float() - b.float()).abs().max().item())
+    return f"max |difference| {worst:.3g}" if differs else None
+
+
 def convert_blip3o_next(
     source: str,
     out_dir: Path,
@@ -318,19 +490,26 @@ def convert_blip3o_next(
 
     # -- validate everything from headers and configs before writing a byte ------------------
     if "model.embed_tokens.weight" not in shapes:
-        raise ConversionError(f"checkpoint {source} has no model.embed_tokens.weight: not a BLIP3o-NEXT checkpoint")
+        raise ConversionError(f"checkpoint {source} has no model.embed_tokens.weight: not a BLIP3o-NEXT checkpoint "
+                              f"(those are {', '.join(HUB_IDS)})")
     vocab_rows, hidden = shapes["model.embed_tokens.weight"]
     config = qwen3_config(hub_config, vocab_rows)
     if config.tie_word_embeddings and "lm_head.weight" in parts["ar"]:
-        parts["dropped"].add("lm_head.weight")  # tied: the original model uses the embedding, not this
+        # Tied: upstream's loader (transformers 4.5x re-ties after loading) and vLLM (skips a tied
+        # lm_head.weight) both use the embedding as the output layer. transformers 5.x would instead
+        # keep two different matrices, so the stored one is dropped and learner and vLLM agree.
+        difference = lm_head_differs(checkpoint, shapes)
+        if difference:
+            log(f"[convert] warning: config.json ties the embeddings but the stored lm_head.weight differs from "
+                f"model.embed_tokens.weight ({difference}); keeping the embedding as the output layer, as upstream's "
+                "transformers (re-ties after loading) and vLLM (skips a tied lm_head.weight) do")
+        parts["dropped"].add("lm_head.weight")
         parts["ar"].discard("lm_head.weight")
-    _check_shapes("AR model (Qwen3ForCausalLM)", expected_ar_shapes(config), {n: shapes[n] for n in parts["ar"]})
+    _check_shapes("AR model (Qwen3ForCausalLM; BLIP3o-NEXT's other parts are model.diffusion_connector, model.sana, "
+                  "model.sana_vae, model.vision_tower)", expected_ar_shapes(config), {n: shapes[n] for n in parts["ar"]})
 
     out_dim = _check_connector(parts["connector"], shapes, hidden, source)
-    sana_spec = sana or hub_config.get("diffusion_name_or_path")
-    if not sana_spec:
-        raise ConversionError("the checkpoint names no SANA repo (diffusion_name_or_path): pass --sana")
-    repo = SanaRepo.open(resolve_checkpoint(sana_spec, local_files_only=local_files_only))
+    repo, sana_spec = open_sana(sana, hub_config, local_files_only=local_files_only, log=log)
     log(f"[convert] SANA configs from {sana_spec} -> {repo.root}")
     sources = _sana_sources(parts, shapes, repo, sana_spec)
     if repo.transformer_config["caption_channels"] != out_dim:
@@ -340,6 +519,12 @@ def convert_blip3o_next(
     log(f"[convert] AR: {len(parts['ar'])} tensors, vocab {vocab_rows}; dropping {len(parts['dropped'])} tensors "
         f"({_listing(parts['dropped'], 3) or 'none'}); SANA transformer from {sources['transformer']}, "
         f"DC-AE from {sources['vae']}")
+    sampling = hub_sampling(root, source)
+    log(f"[convert] sampling defaults: top_k {sampling.top_k}, top_p {sampling.top_p}, temperature "
+        f"{sampling.temperature} ({sampling.source})")
+    if sampling.temperature != 1.0:
+        log(f"[convert] note: recorded temperature {sampling.temperature} as the generation config gives it; upstream's "
+            "GRPO rollouts pass temperature=1.0 instead (blip3o_qwen_grpo.py line 172), its inference takes this one")
 
     # -- write into a temporary sibling directory, rename at the end ---------------------------
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -352,10 +537,11 @@ def convert_blip3o_next(
             if (root / name).is_file():
                 shutil.copy2(root / name, paths.ar / name)
         # checked from ar/ (a plain qwen3 config), before the long part
-        vocab = _check_tokenizer(paths.ar, tokens_per_image, vocab_rows)
+        vocab = _check_tokenizer(paths.ar, tokens_per_image, vocab_rows, hub_config, log)
         log(f"[convert] tokenizer: {vocab.codebook_size} image tokens from id {vocab.image_token_start}")
         _write_weights(checkpoint, parts, repo, sources, paths, max_shard_bytes, log)
-        ModelLayout(tokens_per_image=tokens_per_image, image_size=repo.image_size(), decoder="sana").save(staging)
+        ModelLayout(tokens_per_image=tokens_per_image, image_size=repo.image_size(), decoder="sana",
+                    sampling=sampling).save(staging)
         provenance = {"source": source, "sana": sana_spec, "sana_transformer_from": sources["transformer"],
                       "sana_vae_from": sources["vae"], "dropped": sorted(parts["dropped"])}
         (staging / "converted_from.json").write_text(json.dumps(provenance, indent=2))

@@ -1,11 +1,20 @@
-"""Converting a BLIP3o-NEXT hub checkpoint: a tiny checkpoint written in the hub's layout (one
-blip3o_qwen save holding Qwen3 + model.diffusion_connector + model.sana + model.sana_vae +
-model.vision_tower, sharded, with BLIP3o's config fields) converts back into our model directory
-bit for bit, decodes the same images, and bad input fails cleanly with nothing left on disk."""
+"""Converting a BLIP3o-NEXT hub checkpoint: tiny checkpoints written in the hub's two layouts (one
+blip3o_qwen save holding Qwen3 + model.diffusion_connector + model.sana + model.sana_vae, sharded,
+with BLIP3o's config fields and token ids) convert back into our model directory bit for bit and
+decode the same images:
+
+- SFT layout (BLIP3o/BLIP3o-NEXT-SFT-3B, ~5B): also the TA-Tok tower (model.vision_tower.vision_tower.*),
+  a tokenizer holding `<image>` beyond the embedding rows, `diffusion_name_or_path: DIFFUSION` (the
+  public training scripts' literal), so `--sana` is needed.
+- GRPO layout (BLIP3o/BLIP3o-NEXT-GRPO-Geneval-3B, ~4B): no tower, no extra token, a usable SANA path
+  and a generation_config.json whose top-k / top-p become our sampling defaults.
+
+Bad input fails cleanly, in one line, with nothing left on disk."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,13 +24,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deploy.cli import main as cli_main
-from policy.convert import ConversionError, convert_blip3o_next
-from policy.model_dir import CheckpointNotFoundError, ModelPaths, resolve_model_dir
+from policy.convert import HF_SAMPLING_DEFAULTS, SANA_HUB_ID, ConversionError, convert_blip3o_next, hub_sampling
+from policy.model_dir import CheckpointNotFoundError, ModelPaths, SamplingDefaults, resolve_model_dir
 from rollout.decoder_config import DecoderConfig
 from rollout.decoder_worker import DiffusionDecoderWorker
 from tests.test_decoder import random_codes, rollout_batch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+VISION_TOWER = ("model.vision_tower.vision_tower.encoder.patch_embed.weight",
+                "model.vision_tower.vision_tower.bottleneck.regularizer.embedding.weight")
+"""TATokVisionTower keeps TA-Tok as its `.vision_tower` (upstream ta_tok_encoder.py line 41)."""
+QWEN3_GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                           "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+"""Qwen3's own generation_config.json (Qwen/Qwen3-1.7B): what a checkpoint trained from Qwen3 may carry."""
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -32,28 +47,51 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def hub_tensors(tiny: ModelPaths, with_sana: bool = True) -> dict[str, torch.Tensor]:
+def hub_tensors(tiny: ModelPaths, with_sana: bool = True, vision_tower: bool = True) -> dict[str, torch.Tensor]:
     """Our tiny model's tensors under BLIP3o-NEXT's names (blip3oQwenForCausalLM.state_dict())."""
     tensors = dict(read_tensors(tiny.ar))  # Qwen3ForCausalLM names are the same in both
     tensors.update({f"model.diffusion_connector.{k.removeprefix('layers.')}": v for k, v in read_tensors(tiny.connector).items()})
     if with_sana:
         tensors.update({f"model.sana.{k}": v for k, v in read_tensors(tiny.sana_transformer).items()})
         tensors.update({f"model.sana_vae.{k}": v for k, v in read_tensors(tiny.sana_vae).items()})
-    generator = torch.Generator().manual_seed(1)
-    tensors["model.vision_tower.encoder.patch_embed.weight"] = torch.randn(8, 3, 2, 2, generator=generator)
-    tensors["model.vision_tower.quantizer.codebook"] = torch.randn(16, 8, generator=generator)
+    if vision_tower:
+        generator = torch.Generator().manual_seed(1)
+        tensors[VISION_TOWER[0]] = torch.randn(8, 3, 2, 2, generator=generator)
+        tensors[VISION_TOWER[1]] = torch.randn(16, 8, generator=generator)
     return tensors
 
 
-def write_hub_checkpoint(tiny: ModelPaths, directory: Path, tensors: dict[str, torch.Tensor], sana_repo: Path, **config_changes) -> Path:
+def tiny_tokenizer(tiny: ModelPaths):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny.ar)
+
+
+def token_id_fields(tokenizer) -> dict[str, int]:
+    """The token-id fields BLIP3o-NEXT writes into config.json (`initialize_vision_tokenizer`,
+    blip3o_arch.py lines 356-383), with the ids of our tiny tokenizer."""
+    table = tokenizer.get_vocab()
+    codebook = sum(1 for token in table if re.fullmatch(r"<I\d+>", token))
+    return {"image_start_tag_id": table["<im_start>"], "image_end_tag_id": table["<im_end>"],
+            "scale_start_token_id": table["<S0>"], "scale_end_token_id": table["<S2>"], "num_scale_tokens": 3,
+            "image_start_token_id": table["<I0>"], "image_end_token_id": table[f"<I{codebook - 1}>"],
+            "num_image_tokens": codebook, "num_new_tokens": codebook}
+
+
+def write_hub_checkpoint(tiny: ModelPaths, directory: Path, tensors: dict[str, torch.Tensor], sana_repo: Path | str, *,
+                         extra_tokens: tuple[str, ...] = (), generation_config: dict | None = None,
+                         chat_template: str | None = None, **config_changes) -> Path:
     """A checkpoint laid out like the hub's: config.json (model_type blip3o_qwen + BLIP3o fields),
-    two model-0000i-of-00002.safetensors shards with model.safetensors.index.json, the tokenizer."""
+    two model-0000i-of-00002.safetensors shards with model.safetensors.index.json, the tokenizer
+    (with `extra_tokens` appended past the embedding rows, as upstream's SFT data code appends
+    `<image>`; `chat_template` replacing the tiny one), and generation_config.json when given."""
     directory.mkdir(parents=True)
     ar_config = json.loads((tiny.ar / "config.json").read_text())
+    tokenizer = tiny_tokenizer(tiny)
     config = {**ar_config, "model_type": "blip3o_qwen", "architectures": ["blip3oQwenForCausalLM"],
-              "mm_vision_tower": "TA-Tok", "vision_tower_pretrained": "/ckpt/ta_tok.pth",
-              "diffusion_name_or_path": str(sana_repo), "image_start_tag_id": 1, "image_end_tag_id": 2,
-              "num_image_tokens": 1024, "use_tar_siglip_features": False, **config_changes}
+              "mm_vision_tower": "TA-Tok", "vision_tower_pretrained": "/ckpt/ta_tok.pth", "mm_use_im_start_end": True,
+              "diffusion_name_or_path": str(sana_repo), **token_id_fields(tokenizer),
+              "tokenizer_padding_side": "right", "mm_tunable_parts": "mm_language_model", **config_changes}
     (directory / "config.json").write_text(json.dumps(config))
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
@@ -61,10 +99,29 @@ def write_hub_checkpoint(tiny: ModelPaths, directory: Path, tensors: dict[str, t
         save_file({n: tensors[n].contiguous() for n in shard_names}, str(directory / file), metadata={"format": "pt"})
     weight_map = {n: f for f, shard_names in shards.items() for n in shard_names}
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for name in TOKENIZER_FILES:
-        if (tiny.ar / name).is_file():
-            shutil.copy2(tiny.ar / name, directory / name)
+    if extra_tokens or chat_template:
+        tokenizer.add_tokens(list(extra_tokens), special_tokens=True)
+        tokenizer.chat_template = chat_template or tokenizer.chat_template
+        tokenizer.save_pretrained(directory)
+    else:
+        for name in TOKENIZER_FILES:
+            if (tiny.ar / name).is_file():
+                shutil.copy2(tiny.ar / name, directory / name)
+    if generation_config is not None:
+        (directory / "generation_config.json").write_text(json.dumps(generation_config))
     return directory
+
+
+def sft_checkpoint(tiny: ModelPaths, directory: Path, tensors: dict | None = None, **changes) -> Path:
+    """BLIP3o-NEXT-SFT-3B's layout: TA-Tok tower, `<image>` past the rows, `DIFFUSION` as the SANA repo."""
+    return write_hub_checkpoint(tiny, directory, tensors if tensors is not None else hub_tensors(tiny), "DIFFUSION",
+                                extra_tokens=("<image>",), **changes)
+
+
+def grpo_checkpoint(tiny: ModelPaths, directory: Path, sana_repo: Path, **changes) -> Path:
+    """BLIP3o-NEXT-GRPO-*-3B's layout: no tower, no extra token, Qwen3's generation config."""
+    changes.setdefault("generation_config", QWEN3_GENERATION_CONFIG)
+    return write_hub_checkpoint(tiny, directory, hub_tensors(tiny, vision_tower=False), sana_repo, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +145,13 @@ def sana_repo(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(tiny, sana_repo, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The SFT layout converted with --sana (its config says DIFFUSION)."""
     work = tmp_path_factory.mktemp("convert")
-    source = write_hub_checkpoint(tiny, work / "hub", hub_tensors(tiny), sana_repo)
+    source = sft_checkpoint(tiny, work / "hub")
     lines: list[str] = []
     # a small shard size makes the AR part come out in several shards, as a real 3B one does
-    convert_blip3o_next(str(source), work / "out", tokens_per_image=16, max_shard_bytes=200_000, log=lines.append)
+    convert_blip3o_next(str(source), work / "out", sana=str(sana_repo), tokens_per_image=16, max_shard_bytes=200_000,
+                        log=lines.append)
     return work / "out", lines
 
 
@@ -116,7 +175,7 @@ def test_every_tensor_round_trips_bit_for_bit(tiny, sana_repo, converted):
     assert (paths.ar / "model.safetensors.index.json").is_file()
 
 
-def test_converted_directory_is_a_plain_qwen3_model_dir(tiny, converted):
+def test_converted_directory_is_a_plain_qwen3_model_dir(tiny, sana_repo, converted):
     out, lines = converted
     paths = resolve_model_dir(str(out))
     layout = paths.layout()
@@ -128,9 +187,10 @@ def test_converted_directory_is_a_plain_qwen3_model_dir(tiny, converted):
     assert not (paths.ar / "generation_config.json").exists()
     assert json.loads((paths.connector / "connector.json").read_text()) == {"ar_hidden_size": 128, "out_dim": 64}
     provenance = json.loads((out / "converted_from.json").read_text())
-    assert provenance["sana_transformer_from"] == "checkpoint"
-    assert provenance["dropped"] == ["model.vision_tower.encoder.patch_embed.weight", "model.vision_tower.quantizer.codebook"]
+    assert provenance["sana_transformer_from"] == "checkpoint" and provenance["sana"] == str(sana_repo)
+    assert provenance["dropped"] == sorted(VISION_TOWER)
     assert any("dropping 2 tensors" in line for line in lines) and lines[-1].startswith("[convert] done")
+    assert any("SANA repo from --sana" in line and "'DIFFUSION'" in line for line in lines)
 
 
 def test_converted_dir_decodes_the_same_images(tiny_model_dir, converted):
@@ -144,6 +204,76 @@ def test_converted_dir_decodes_the_same_images(tiny_model_dir, converted):
     assert np.array_equal(images["original"], images["converted"])
 
 
+def test_sft_tokenizer_keeps_image_past_the_rows(tiny, converted):
+    """Upstream's SFT data code adds `<image>` after the embedding was resized: its id is the row
+    count, one past the last row. The converted tokenizer keeps it; every id the policy uses fits."""
+    from transformers import AutoTokenizer
+
+    out, lines = converted
+    paths = resolve_model_dir(str(out))
+    rows = read_tensors(paths.ar)["model.embed_tokens.weight"].shape[0]
+    tokenizer = AutoTokenizer.from_pretrained(paths.ar)
+    assert len(tokenizer) == rows + 1 == len(tiny_tokenizer(tiny)) + 1
+    assert tokenizer.convert_tokens_to_ids("<image>") == rows
+    assert f"[convert] tokenizer: 1 entry past the embedding's {rows} rows, never emitted nor in the prompt, kept: <image>" in lines
+
+
+def test_sampling_defaults_without_generation_config_are_transformers_defaults(converted):
+    out, _ = converted
+    sampling = resolve_model_dir(str(out)).layout().sampling
+    assert (sampling.top_k, sampling.top_p, sampling.temperature) == (50, 1.0, 1.0)
+    assert sampling.source == (f"no generation_config.json in {out.parent / 'hub'}: transformers' generate() defaults, "
+                               "which upstream's generate(do_sample=True) then samples with")
+    assert not (out / "ar" / "generation_config.json").exists()
+
+
+def test_transformers_defaults_are_the_installed_ones():
+    """The values generate() falls back to for a field the model's generation config leaves unset."""
+    from transformers import GenerationConfig
+
+    if hasattr(GenerationConfig, "_get_default_generation_params"):  # transformers >= 5
+        defaults = GenerationConfig._get_default_generation_params()
+    else:  # 4.x (upstream's): the constructor's defaults
+        defaults = GenerationConfig().to_dict()
+    assert {name: defaults[name] for name in HF_SAMPLING_DEFAULTS} == {"top_k": 50, "top_p": 1.0, "temperature": 1.0}
+    assert HF_SAMPLING_DEFAULTS == {"top_k": 50, "top_p": 1.0, "temperature": 1.0}
+
+
+def test_grpo_layout_converts_and_carries_its_generation_config(tiny, sana_repo, tmp_path):
+    source = grpo_checkpoint(tiny, tmp_path / "hub", sana_repo)
+    lines: list[str] = []
+    paths = convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, log=lines.append)
+    assert_same_tensors(read_tensors(tiny.ar), read_tensors(paths.ar))
+    assert_same_tensors(read_tensors(tiny.sana_transformer), read_tensors(paths.sana_transformer))
+    assert json.loads((paths.root / "converted_from.json").read_text())["dropped"] == []
+    assert paths.layout().sampling == SamplingDefaults(top_k=20, top_p=0.95, temperature=0.6,
+                                                       source=f"generation_config.json of {source}")
+    assert not (paths.ar / "generation_config.json").exists()  # vLLM would apply it on its own
+    assert sum(line.startswith("[convert] note: recorded temperature 0.6") for line in lines) == 1
+    assert not any("past the embedding" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "expected"),
+    [
+        ({"top_p": 0.9, "bos_token_id": 1}, (50, 0.9, 1.0)),  # unset fields take transformers' defaults
+        ({"top_k": None, "top_p": None, "temperature": None}, (0, 1.0, 1.0)),  # null turns the processor off
+        ({"top_k": 1200, "top_p": 0.95, "temperature": 1}, (1200, 0.95, 1.0)),  # upstream inference.py's values
+    ],
+)
+def test_generation_config_fields(tmp_path, generation_config, expected):
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    sampling = hub_sampling(tmp_path, "BLIP3o/BLIP3o-NEXT-SFT-3B")
+    assert (sampling.top_k, sampling.top_p, sampling.temperature) == expected
+    assert sampling.source == "generation_config.json of BLIP3o/BLIP3o-NEXT-SFT-3B"
+
+
+def test_invalid_generation_config_is_refused(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": -1, "top_p": 1.5}))
+    with pytest.raises(ConversionError, match=r"invalid sampling values: top_k -1, top_p 1\.5"):
+        hub_sampling(tmp_path, "x")
+
+
 def test_sana_comes_from_the_repo_when_the_checkpoint_has_none(tiny, sana_repo, tmp_path):
     source = write_hub_checkpoint(tiny, tmp_path / "hub", hub_tensors(tiny, with_sana=False), sana_repo)
     # no --sana: the checkpoint's diffusion_name_or_path names the repo
@@ -153,16 +283,29 @@ def test_sana_comes_from_the_repo_when_the_checkpoint_has_none(tiny, sana_repo, 
     assert (paths.ar / "model.safetensors").is_file()  # under the default shard size: one file
 
 
-def test_tied_embeddings_keep_no_lm_head(tiny, sana_repo, tmp_path):
+@pytest.mark.parametrize(("stored", "warned"), [("zeros", True), ("embedding", False)])
+def test_tied_embeddings_keep_the_embedding_and_warn_when_lm_head_differs(tiny, sana_repo, tmp_path, stored, warned):
     from transformers import AutoModelForCausalLM
 
     tensors = hub_tensors(tiny)
-    tensors["lm_head.weight"] = torch.zeros_like(tensors["lm_head.weight"])  # ignored when tied
+    embedding = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = torch.zeros_like(embedding) if stored == "zeros" else embedding.clone()
     source = write_hub_checkpoint(tiny, tmp_path / "hub", tensors, sana_repo, tie_word_embeddings=True)
-    paths = convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, log=lambda _: None)
+    lines: list[str] = []
+    paths = convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, log=lines.append)
     assert "lm_head.weight" not in read_tensors(paths.ar)
     model = AutoModelForCausalLM.from_pretrained(paths.ar)
-    assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
+    assert torch.equal(model.lm_head.weight, embedding)
+    warnings = [line for line in lines if "warning" in line]
+    if warned:
+        max_difference = embedding.abs().max().item()
+        assert warnings == [
+            "[convert] warning: config.json ties the embeddings but the stored lm_head.weight differs from "
+            f"model.embed_tokens.weight (max |difference| {max_difference:.3g}); keeping the embedding as the output "
+            "layer, as upstream's transformers (re-ties after loading) and vLLM (skips a tied lm_head.weight) do"
+        ]
+    else:
+        assert warnings == []
 
 
 def assert_nothing_written(parent: Path) -> None:
@@ -188,6 +331,107 @@ def test_bad_checkpoint_fails_clearly_and_writes_nothing(tiny, sana_repo, tmp_pa
     assert_nothing_written(tmp_path)
 
 
+def shrink_vocab(tensors: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """The same checkpoint with an embedding (and lm_head) of only `rows` rows."""
+    return {**tensors, "model.embed_tokens.weight": tensors["model.embed_tokens.weight"][:rows],
+            "lm_head.weight": tensors["lm_head.weight"][:rows]}
+
+
+def test_a_marker_beyond_the_rows_is_refused(tiny, sana_repo, tmp_path):
+    """Tiny vocabulary: text, then <I0>..<I1023>, then <im_start> <im_end> <S0> <S1> <S2> (the last ids).
+    Upstream puts the markers first; either way each used id needs a row."""
+    s2 = tiny_tokenizer(tiny).get_vocab()["<S2>"]
+    # one row short: only <S2> falls off
+    source = sft_checkpoint(tiny, tmp_path / "hub", shrink_vocab(hub_tensors(tiny), s2), vocab_size=s2)
+    with pytest.raises(ConversionError) as info:
+        convert_blip3o_next(str(source), tmp_path / "out", sana=str(sana_repo), tokens_per_image=16, log=lambda _: None)
+    assert str(info.value) == (f"the embedding has {s2} rows but the policy emits or its prompt uses ids beyond them: "
+                               f"<S2> id {s2}")
+    assert_nothing_written(tmp_path)
+
+
+def test_a_prompt_token_beyond_the_rows_is_refused(tiny, sana_repo, tmp_path):
+    """`<image>` may lie past the rows only while nothing uses it: a chat template that puts it in
+    every prompt would feed the model an id without an embedding row."""
+    tokenizer = tiny_tokenizer(tiny)
+    rows = len(tokenizer)
+    source = sft_checkpoint(tiny, tmp_path / "hub", chat_template="<image>" + tokenizer.chat_template)
+    with pytest.raises(ConversionError) as info:
+        convert_blip3o_next(str(source), tmp_path / "out", sana=str(sana_repo), tokens_per_image=16, log=lambda _: None)
+    assert str(info.value) == (f"the embedding has {rows} rows but the policy emits or its prompt uses ids beyond them: "
+                               f"<image> (in the rollout prompt) id {rows}")
+    assert_nothing_written(tmp_path)
+
+
+def test_image_tokens_beyond_the_rows_are_refused(tiny, sana_repo, tmp_path):
+    table = tiny_tokenizer(tiny).get_vocab()
+    rows = table["<I1000>"]
+    source = write_hub_checkpoint(tiny, tmp_path / "hub", shrink_vocab(hub_tensors(tiny), rows), sana_repo, vocab_size=rows)
+    with pytest.raises(ConversionError) as info:
+        convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, log=lambda _: None)
+    message = str(info.value)
+    assert message.startswith(f"the embedding has {rows} rows but the policy emits or its prompt uses ids beyond them: "
+                              f"image tokens <I1000>..<I1023> (ids {rows}..{table['<I1023>']}), <im_start> id {table['<im_start>']}")
+    assert "<im_end>" in message and "<S0>" in message and "\n" not in message
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"image_start_tag_id": 7}, "image_start_tag_id is 7 but the tokenizer has <im_start> at id {<im_start>}"),
+        ({"image_end_token_id": 9}, "image_end_token_id is 9 but the tokenizer has <I1023> at id {<I1023>}"),
+        ({"scale_start_token_id": 3}, "scale_start_token_id is 3 but the tokenizer has <S0> at id {<S0>}"),
+        ({"num_image_tokens": 65536}, "num_image_tokens is 65536 but the tokenizer has 1024 image tokens <I0>, <I1>, ..."),
+        ({"image_token_index": 5}, "image_token_index is 5 but the tokenizer has <image> at id {<image>}"),
+    ],
+)
+def test_config_token_ids_must_match_the_tokenizer(tiny, sana_repo, tmp_path, changes, expected):
+    source = sft_checkpoint(tiny, tmp_path / "hub", **changes)
+    table = {**tiny_tokenizer(tiny).get_vocab(), "<image>": len(tiny_tokenizer(tiny))}
+    expected = re.sub(r"\{(<[^>]+>)\}", lambda m: str(table[m.group(1)]), expected)
+    with pytest.raises(ConversionError) as info:
+        convert_blip3o_next(str(source), tmp_path / "out", sana=str(sana_repo), tokens_per_image=16, log=lambda _: None)
+    assert str(info.value) == ("config.json and the tokenizer disagree (the config holds the ids the checkpoint was "
+                               f"trained with): {expected}")
+    assert_nothing_written(tmp_path)
+
+
+def test_upstream_image_token_index_sentinel_is_not_an_id(tiny, sana_repo, tmp_path):
+    """BLIP3o-NEXT marks images with the constant -200 (blip3o/constants.py), not a token id."""
+    source = sft_checkpoint(tiny, tmp_path / "hub", image_token_index=-200)
+    paths = convert_blip3o_next(str(source), tmp_path / "out", sana=str(sana_repo), tokens_per_image=16, log=lambda _: None)
+    assert paths.layout().tokens_per_image == 16
+
+
+@pytest.mark.parametrize(
+    ("diffusion", "why"),
+    [
+        ("DIFFUSION", "is neither a local directory nor a hub id that can be fetched here"),  # the public scripts'
+        (SANA_HUB_ID, "is neither a local directory nor a hub id that can be fetched here"),  # offline, not cached
+        ("/fsx/home/sana", "is neither a local directory nor a hub id that can be fetched here"),  # their cluster
+        (None, "names no SANA repo"),
+    ],
+)
+def test_unusable_sana_without_flag_is_one_clear_line(tiny, tmp_path, monkeypatch, diffusion, why):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing resolves offline
+    source = sft_checkpoint(tiny, tmp_path / "work" / "hub", diffusion_name_or_path=diffusion)
+    with pytest.raises(ConversionError) as info:
+        convert_blip3o_next(str(source), tmp_path / "work" / "out", tokens_per_image=16, local_files_only=True,
+                            log=lambda _: None)
+    message = str(info.value)
+    assert why in message and repr(diffusion) in message and "\n" not in message
+    assert message.endswith(f"pass --sana {SANA_HUB_ID} (the hub id, or a local copy of that repo)")
+    assert_nothing_written(tmp_path / "work")
+
+
+def test_diffusion_path_that_is_not_a_sana_repo_asks_for_sana(tiny, tmp_path):
+    source = sft_checkpoint(tiny, tmp_path / "hub", diffusion_name_or_path=str(tmp_path))
+    missing = r"is not a SANA diffusers repo \(SANA diffusers repo .*scheduler_config\.json is missing\): pass --sana"
+    with pytest.raises(ConversionError, match=missing):
+        convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, log=lambda _: None)
+
+
 def test_failure_while_writing_leaves_no_output(tiny, sana_repo, tmp_path, monkeypatch):
     source = write_hub_checkpoint(tiny, tmp_path / "hub", hub_tensors(tiny), sana_repo)
 
@@ -211,14 +455,27 @@ def test_missing_hub_ids_offline_raise_checkpoint_not_found(tiny, sana_repo, tmp
 
 
 def test_cli_converts_and_reports_errors_in_one_line(tiny, sana_repo, tmp_path, capsys):
-    source = write_hub_checkpoint(tiny, tmp_path / "hub", hub_tensors(tiny), sana_repo)
+    source = sft_checkpoint(tiny, tmp_path / "hub")
     cli_main(["convert-blip3o-next", str(source), str(tmp_path / "out"), "--sana", str(sana_repo), "--tokens-per-image", "16"])
     assert resolve_model_dir(str(tmp_path / "out")).layout().tokens_per_image == 16
-    for argv in (["convert-blip3o-next", str(source), str(tmp_path / "out")],  # exists
-                 ["convert-blip3o-next", str(tmp_path / "nowhere"), str(tmp_path / "out2")]):
+    for argv, says in (([str(source), str(tmp_path / "out")], "already exists"),
+                       ([str(tmp_path / "nowhere"), str(tmp_path / "out2")], "not found"),
+                       ([str(source), str(tmp_path / "out3")], f"'DIFFUSION' is neither a local directory nor a hub id "
+                                                               f"that can be fetched here: pass --sana {SANA_HUB_ID}")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            cli_main(argv)
+            cli_main(["convert-blip3o-next", *argv])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("blip3o-rl: error: ") and "\n" not in err
+        assert err.startswith("blip3o-rl: error: ") and "\n" not in err and says in err
+
+
+def test_hub_id_hints_carry_the_3b_suffix():
+    """Every hub id our code names for BLIP3o-NEXT is a published one (`-3B`, GRPO-TexT spelled as on the hub)."""
+    root = Path(__file__).resolve().parents[1]
+    texts = {path: path.read_text() for path in [*sorted((root / "policy").glob("*.py")), root / "deploy" / "cli.py"]}
+    named = {(path.name, m.group(0)) for path, text in texts.items() for m in re.finditer(r"BLIP3o/BLIP3o-NEXT-[\w-]+", text)}
+    assert named, "no hub id named at all"
+    published = {"BLIP3o/BLIP3o-NEXT-SFT-3B", "BLIP3o/BLIP3o-NEXT-GRPO-Geneval-3B", "BLIP3o/BLIP3o-NEXT-GRPO-TexT-3B",
+                 "BLIP3o/BLIP3o-NEXT-Pretrain-3B"}
+    assert {(file, hub_id) for file, hub_id in named if hub_id not in published} == set()
