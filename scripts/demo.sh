@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-deploy/configs/tiny-cpu-glyph-ocr.yaml}
-RUNS=${RUNS_DIR:-runs}
+RUNS=${RUNS_DIR:-$PWD/runs}  # absolute: the dashboard and the trainer read the same store
 PORT=${DASHBOARD_PORT:-8266}
 mkdir -p "$RUNS"
 .venv/bin/blip3o-rl dashboard --runs-dir "$RUNS" --host 127.0.0.1 --port "$PORT" > "$RUNS/dashboard.log" 2>&1 &
