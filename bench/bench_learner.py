@@ -35,7 +35,7 @@ from policy.tiny import TinySpec, make_tiny  # noqa: E402
 from rl.grpo import group_advantages  # noqa: E402
 from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig  # noqa: E402
 from rl.learner_group import LearnerGroup  # noqa: E402
-from rl.weight_sync import TransformersReceiver  # noqa: E402
+from tests.support.receivers import TransformersReceiver  # noqa: E402
 from rollout.records import RolloutBatch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learner.json"

@@ -30,7 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rl.chaos import inject_fault  # noqa: E402
+from tests.support.chaos import inject_fault  # noqa: E402
 from rl.run_store import RunStore  # noqa: E402
 
 FAULTS = (("rollout", "kill"), ("decoder", "kill"), ("reward", "kill"), ("decoder", "hang"))

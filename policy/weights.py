@@ -4,12 +4,15 @@ Every worker that serves the AR policy (vLLM rollout workers, decoder workers) r
 weights as `{hf_parameter_name: tensor}` with a version number. A partial load is worse than none
 (vLLM is left half-loaded and the next generate crashes), so all names, shapes and dtypes are
 checked against the served model first and a bad update is refused whole.
+
+`VersionedWeights` is that contract, written once: every worker keeps one and hands it the load
+function of its own model (vLLM's reload, the decoder's AR model, a plain transformers model).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +100,35 @@ def served_param_specs(ar_dir: Path, dtype: torch.dtype) -> dict[str, ParamSpec]
 def tied_embeddings(ar_dir: Path) -> bool:
     config = json.loads((Path(ar_dir) / "config.json").read_text())
     return bool(config.get("tie_word_embeddings", False))
+
+
+class VersionedWeights:
+    """The version a worker serves and the checks every update passes before the worker's own
+    `load` sees a tensor: a non-negative version not older than the served one, a tied lm_head
+    dropped (it is the embedding; no checkpoint stores it), then `validate_weights` on the whole
+    update. A refused update raises WeightUpdateError and the served version is unchanged."""
+
+    def __init__(self, specs: Mapping[str, ParamSpec], tied: bool = False, version: int = 0):
+        self.specs = dict(specs)
+        """What an update must contain: HF name -> shape and served dtype."""
+        self.tied = tied
+        self.version = version
+
+    @classmethod
+    def from_checkpoint(cls, ar_dir: Path, dtype: torch.dtype) -> VersionedWeights:
+        """The contract of the AR checkpoint in `ar_dir` served in `dtype`, at version 0."""
+        return cls(served_param_specs(ar_dir, dtype), tied_embeddings(ar_dir))
+
+    def update(self, version: int, weights: Mapping[str, torch.Tensor],
+               load: Callable[[dict[str, torch.Tensor]], None]) -> int:
+        """Check `weights` as `version`, call `load` with them, and return the version now served."""
+        if not isinstance(version, int) or version < 0:
+            raise WeightUpdateError(f"weight update refused: version must be a non-negative int, got {version!r}")
+        if version < self.version:
+            raise WeightUpdateError(f"weight update refused: version {version} is older than the served {self.version}")
+        if self.tied:
+            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+        validate_weights(self.specs, weights, allow_cast=True)
+        load(dict(weights))
+        self.version = version  # only after the load returned: a failed load keeps the old version
+        return version

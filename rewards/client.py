@@ -4,6 +4,12 @@ Retries with exponential backoff on connection errors, timeouts and 5xx only; a 
 request itself is wrong, so it is raised at once as `RewardRequestError` with the server's message.
 Retries stop after `retries` attempts or, with `retry_budget_s`, once the service has been failing
 for that long (the trainer's outage budget: a replica restart is ridden out, an outage is not).
+
+Work bigger than one request may hold is split: the client learns the server's limits (`/readyz`,
+or given by the caller), packs items into requests of at most `max_items` items and
+`max_body_bytes` bytes, sends them one after the other and returns the results in item order. An
+item that can never fit (an image over `max_image_pixels`, or bigger than a whole request) is a
+`RewardRequestError` (413) raised before anything is sent.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from rewards.app.schemas import GenevalItemResult, GenevalResponse, OcrItemResult, OcrResponse
+from rewards.app.schemas import GenevalItemResult, Limits, OcrItemResult, Readiness
 from rewards.geneval_rules import GenevalMetadata
 
 
@@ -33,6 +39,42 @@ class RewardRequestError(Exception):
 
 class RewardServerError(Exception):
     """The server kept failing (5xx or unreachable) after every retry."""
+
+
+_BODY_START, _BODY_SEP, _BODY_END = b'{"items": [', b", ", b"]}"
+
+
+def pack_items(items: list[dict], limits: Limits) -> list[tuple[int, bytes]]:
+    """JSON bodies `{"items": [...]}` holding every item once, in order, each within the limits;
+    returns (index of the body's first item, body). Raises RewardRequestError for an item that
+    does not fit in a request on its own."""
+    bodies: list[tuple[int, bytes]] = []
+    first, encoded = 0, []
+    empty = len(_BODY_START) + len(_BODY_END)
+    size = empty
+    for index, item in enumerate(items):
+        raw = json.dumps(item).encode()
+        if empty + len(raw) > limits.max_body_bytes:
+            raise RewardRequestError(413, "item_too_large", f"item is {empty + len(raw)} bytes as a request; the "
+                                     f"server takes at most {limits.max_body_bytes} (max_body_bytes)", index)
+        grown = size + len(raw) + (len(_BODY_SEP) if encoded else 0)
+        if encoded and (len(encoded) == limits.max_items or grown > limits.max_body_bytes):
+            bodies.append((first, _BODY_START + _BODY_SEP.join(encoded) + _BODY_END))
+            first, encoded, grown = index, [], empty + len(raw)
+        encoded.append(raw)
+        size = grown
+    if encoded:
+        bodies.append((first, _BODY_START + _BODY_SEP.join(encoded) + _BODY_END))
+    return bodies
+
+
+def check_pixels(images: list[np.ndarray], limits: Limits) -> None:
+    """The server refuses an image over `max_image_pixels`: say so before encoding anything."""
+    for index, image in enumerate(images):
+        height, width = image.shape[:2]
+        if height * width > limits.max_image_pixels:
+            raise RewardRequestError(413, "image_too_large", f"image is {width}x{height}, more than the server's "
+                                     f"max_image_pixels ({limits.max_image_pixels})", index)
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -55,6 +97,7 @@ class RewardClient:
         retry_budget_s: float | None = None,
         max_backoff_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        limits: Limits | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, transport=transport)
@@ -62,6 +105,8 @@ class RewardClient:
         self.backoff_s = backoff_s
         self.retry_budget_s = retry_budget_s
         self.max_backoff_s = max_backoff_s
+        self._limits = limits
+        """The server's request limits; None: asked from /readyz before the first request."""
         self.failures: list[str] = []
         """Every failed attempt (retried or not), oldest first: what the caller logs."""
 
@@ -74,6 +119,15 @@ class RewardClient:
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def readiness(self) -> Readiness:
+        """The server's /readyz: its scorers and limits (waits, retrying, while it loads)."""
+        return Readiness.model_validate(await self._send("GET", "/readyz"))
+
+    async def limits(self) -> Limits:
+        if self._limits is None:
+            self._limits = (await self.readiness()).limits
+        return self._limits
+
     async def ocr(
         self, images: list[np.ndarray], *, prompts: list[str] | None = None, targets: list[str] | None = None
     ) -> list[OcrItemResult]:
@@ -81,24 +135,44 @@ class RewardClient:
         if (prompts is None) == (targets is None):
             raise ValueError("give exactly one of prompts or targets")
         key, texts = ("prompt", prompts) if prompts is not None else ("target", targets)
+        check_pixels(images, await self.limits())
         items = [{"image": encode_png(image), key: text} for image, text in zip(images, texts, strict=True)]
-        return OcrResponse.model_validate(await self.post("/v1/rewards/ocr", {"items": items})).results
+        return [OcrItemResult.model_validate(r) for r in await self.post_items("/v1/rewards/ocr", items)]
 
     async def geneval(self, images: list[np.ndarray], metadatas: list[GenevalMetadata]) -> list[GenevalItemResult]:
         """GenEval correctness and graded reward of each image for its metadata line."""
+        check_pixels(images, await self.limits())
         items = [
             {"image": encode_png(image), "metadata": m.model_dump(by_alias=True, exclude_none=True)}
             for image, m in zip(images, metadatas, strict=True)
         ]
-        return GenevalResponse.model_validate(await self.post("/v1/rewards/geneval", {"items": items})).results
+        return [GenevalItemResult.model_validate(r) for r in await self.post_items("/v1/rewards/geneval", items)]
+
+    async def post_items(self, path: str, items: list[dict]) -> list[dict]:
+        """POST `{"items": items}` as requests that fit the server's limits; the results in item order."""
+        results: list[dict] = []
+        for first, body in pack_items(items, await self.limits()):
+            try:
+                answer = await self._send("POST", path, body)
+            except RewardRequestError as error:  # name the item in the caller's list, not in the part
+                item = error.item + first if error.item is not None else None
+                raise RewardRequestError(error.status, error.code, error.message, item) from None
+            results += answer["results"]
+        if len(results) != len(items):
+            raise RewardServerError(f"{path} answered {len(results)} results for {len(items)} items")
+        return results
 
     async def post(self, path: str, payload: dict) -> dict:
-        """POST JSON; retry 5xx / connection failures with backoff, raise 4xx at once."""
-        content = json.dumps(payload).encode()
+        """POST one JSON payload as it is (no splitting)."""
+        return await self._send("POST", path, json.dumps(payload).encode())
+
+    async def _send(self, method: str, path: str, content: bytes | None = None) -> dict:
+        """One request; retry 5xx / connection failures with backoff, raise 4xx at once."""
+        headers = {"Content-Type": "application/json"} if content is not None else {}
         first_failure_at = None
         for attempt in itertools.count():
             try:
-                response = await self._http.post(path, content=content, headers={"Content-Type": "application/json"})
+                response = await self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as error:  # connect, read, timeouts
                 failure = f"{type(error).__name__}: {error}"
             else:

@@ -4,11 +4,19 @@
         step-000010/
             trainer.json     TrainerState: step, policy version, prompt-sampler cursors, run id
             learner/         the learner's own files (DeepSpeed engine, optimizer, scheduler, RNG)
+              parts/rank-K.json   rank K's commit: the files it wrote, with their sizes
             policy/          the AR policy as a Hugging Face directory: vLLM and transformers load it
+            manifest.json    every file of the checkpoint and its size, written by the driver last
         latest               name of the newest COMPLETE checkpoint
 
 A checkpoint is written into a temp folder and renamed into place, and `latest` is replaced
 atomically after that, so a run killed mid-save resumes from the previous complete checkpoint.
+
+Several nodes: every learner rank writes its own ZeRO shards and then commits its part (fsync,
+then `parts/rank-K.json`). The driver commits the checkpoint only once it sees every rank's part
+and every file a part lists, at its size: the folder must be on a filesystem shared by the learner
+nodes and the driver, which the run proves at start (`write_probe` on each rank, `check_probes` on
+the driver) or refuses. A resume takes a checkpoint only if every file of its manifest is there.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +32,82 @@ from rl.prompts import SamplerState
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.json"
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "parts"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be committed: a rank's part is missing or differs from what it wrote."""
+
+
+def rank_files(directory: Path, rank: int) -> dict[str, int]:
+    """The files of DeepSpeed's checkpoint in `directory` that `rank` wrote, with their sizes:
+    its own ZeRO shards (`zero_pp_rank_<rank>_...`); rank 0 also the shared ones (model states,
+    DeepSpeed's `latest`)."""
+    mine = f"zero_pp_rank_{rank}_"
+    files = {}
+    for path in sorted(Path(directory).rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if not path.is_file() or relative.startswith(PARTS_DIR + "/"):
+            continue
+        if mine in path.name or (rank == 0 and "zero_pp_rank_" not in path.name):
+            files[relative] = path.stat().st_size
+    return files
+
+
+def commit_rank_part(directory: Path, rank: int) -> dict[str, int]:
+    """Rank `rank`'s commit of its part of a checkpoint in `directory`: its files are flushed to
+    disk, then `parts/rank-<rank>.json` lists them (written last, so it never names a missing file)."""
+    files = rank_files(directory, rank)
+    for relative in files:
+        with open(Path(directory) / relative, "rb") as handle:
+            os.fsync(handle.fileno())
+    parts = Path(directory) / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = parts / f".rank-{rank}.json.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "files": files}))
+    os.replace(tmp, parts / f"rank-{rank}.json")
+    return files
+
+
+def check_rank_parts(directory: Path, world_size: int) -> None:
+    """CheckpointError unless the driver sees every rank's part and every file it lists, at its size."""
+    problems = []
+    for rank in range(world_size):
+        part = Path(directory) / PARTS_DIR / f"rank-{rank}.json"
+        if not part.is_file():
+            problems.append(f"rank {rank} committed no part ({part} not visible here)")
+            continue
+        for relative, size in json.loads(part.read_text())["files"].items():
+            path = Path(directory) / relative
+            if not path.is_file() or path.stat().st_size != size:
+                problems.append(f"rank {rank}: {relative} is {'missing' if not path.is_file() else 'a different size'}")
+    if problems:
+        raise CheckpointError(f"checkpoint in {directory} is incomplete: " + "; ".join(problems[:5]))
+
+
+def write_probe(root: Path, rank: int, nonce: str) -> str:
+    """Run on a learner rank: write `<root>/.probe-<nonce>-rank-<rank>` holding its host name."""
+    host = socket.gethostname()
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / f".probe-{nonce}-rank-{rank}").write_text(host)
+    return host
+
+
+def check_probes(root: Path, hosts: list[str], nonce: str) -> None:
+    """Run on the driver after every rank's `write_probe`: CheckpointError naming
+    the ranks whose file it cannot read (the checkpoint folder is not shared with their node)."""
+    unseen = []
+    for rank, host in enumerate(hosts):
+        probe = Path(root) / f".probe-{nonce}-rank-{rank}"
+        if not probe.is_file() or probe.read_text() != host:
+            unseen.append(f"rank {rank} on {host}")
+        probe.unlink(missing_ok=True)
+    if unseen:
+        raise CheckpointError(f"checkpoints need {root} on a filesystem shared by the driver "
+                              f"({socket.gethostname()}) and every learner node, but the driver cannot see the "
+                              f"files written there by {', '.join(unseen)}; mount one shared volume at that path "
+                              "(deploy/README.md, \"Where a run's files go\")")
 
 
 @dataclass
@@ -61,8 +146,15 @@ class CheckpointDir:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, tmp: Path, state: TrainerState) -> Path:
+    def commit(self, tmp: Path, state: TrainerState, learner_ranks: int = 0) -> Path:
+        """Make `tmp` step `state.step`'s checkpoint, once each of `learner_ranks` ranks committed its
+        part of `tmp/learner` (CheckpointError otherwise); the manifest lists every file."""
+        if learner_ranks:
+            check_rank_parts(tmp / "learner", learner_ranks)
         (tmp / TRAINER_FILE).write_text(state.to_json())
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"step": state.step, "learner_ranks": learner_ranks,
+                                                     "files": files}, indent=1))
         final = self.path_for(state.step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -73,11 +165,27 @@ class CheckpointDir:
         return final
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint; None if there is none. CheckpointError if the newest one
+        lost files since its manifest was written (a resume from it would not be exact)."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        return path if (path / TRAINER_FILE).is_file() else None
+        if not (path / TRAINER_FILE).is_file():
+            return None
+        self.verify(path)
+        return path
+
+    def verify(self, path: Path) -> None:
+        """CheckpointError unless every file of the manifest at `path` is there, at its size."""
+        manifest = path / MANIFEST_FILE
+        if not manifest.is_file():
+            raise CheckpointError(f"checkpoint {path} has no {MANIFEST_FILE}: it was not committed completely")
+        wrong = [relative for relative, size in json.loads(manifest.read_text())["files"].items()
+                 if not (path / relative).is_file() or (path / relative).stat().st_size != size]
+        if wrong:
+            raise CheckpointError(f"checkpoint {path} is damaged: {len(wrong)} files missing or changed since it "
+                                  f"was committed, e.g. {wrong[:3]}")
 
     def load_state(self, path: Path) -> TrainerState:
         return TrainerState.from_json((path / TRAINER_FILE).read_text())

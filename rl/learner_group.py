@@ -11,6 +11,8 @@ fail-fast: the first error is raised at once, and nothing waits longer than `tim
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from rl.grpo import GroupAdvantages
@@ -39,13 +41,16 @@ def _get_all(refs: list, timeout_s: float, what: str) -> list:
 class LearnerGroup:
     """The learner as one object: `train_step`, `connect_workers`, `publish_weights`, `gather_weights`."""
 
-    def __init__(self, config: LearnerConfig, timeout_s: float = 1800.0):
+    def __init__(self, config: LearnerConfig, timeout_s: float = 1800.0, resources: dict[str, float] | None = None):
+        """`resources`: custom Ray resources of each rank (the learner role's, rl/placement.py), in
+        its bundle and its actor options."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.config, self.timeout_s = config, timeout_s
-        bundle = {"CPU": config.num_cpus_per_rank}
+        resources = resources or {}
+        bundle = {"CPU": config.num_cpus_per_rank, **resources}
         if config.num_gpus_per_rank > 0:
             bundle["GPU"] = config.num_gpus_per_rank
         self.placement = placement_group([dict(bundle) for _ in range(config.world_size)], strategy="PACK")
@@ -55,6 +60,7 @@ class LearnerGroup:
             actor_class.options(
                 num_cpus=config.num_cpus_per_rank,
                 num_gpus=config.num_gpus_per_rank,
+                resources=resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
             ).remote(config)
             for rank in range(config.world_size)
@@ -83,8 +89,20 @@ class LearnerGroup:
         return _get_all([r.gather_weights.remote() for r in self.ranks], self.timeout_s, "gather_weights")[0]
 
     def save_checkpoint(self, directory: str) -> None:
-        """Engine state of every rank (ZeRO shards, optimizer, lr schedule) and the version."""
+        """Engine state of every rank (ZeRO shards, optimizer, lr schedule) and the version; returns
+        once every rank committed its part (`CheckpointDir.commit` then checks them)."""
         _get_all([r.save_checkpoint.remote(directory) for r in self.ranks], self.timeout_s, "save_checkpoint")
+
+    def prove_shared_directory(self, root: str) -> None:
+        """CheckpointError unless this process (the driver) reads the probe file each rank writes
+        under `root`: checkpoints need that folder shared by the driver and every learner node."""
+        import uuid
+
+        from rl.checkpoint import check_probes
+
+        nonce = uuid.uuid4().hex[:8]
+        hosts = _get_all([r.write_probe.remote(root, nonce) for r in self.ranks], self.timeout_s, "write_probe")
+        check_probes(Path(root), hosts, nonce)
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore a `save_checkpoint`; returns the restored version."""

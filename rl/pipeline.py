@@ -10,11 +10,18 @@ request, whatever the chunking or the number of workers.
 
 Faults are found per chunk by `PendingStep.poll`:
   died          the worker's process is gone (Ray restarts it, with the weights on disk);
-  hung          the chunk has been at one stage for longer than the stage timeout;
-  stale_weights a worker answered with weights older than those the chunk was launched with
-                (a restarted worker that has not been given the current weights yet).
-The caller brings the workers back to the current weights and calls `redo`, which submits the chunk
-again from the failed stage. Same seed, same weights: redone work is the same work, nothing is lost.
+  hung          a stage has been RUNNING for longer than the stage timeout. Time spent queued does
+                not count: each worker (and the reward service) is a `Lane` that runs one task at
+                a time, and only the task at its head has a clock;
+  stale_weights a worker answered with weights older than those the chunk was launched with, or a
+                decoder with weights older than the tokens' (a restarted worker not reloaded yet);
+  resample      the decoder already serves newer weights than the tokens were sampled with (a
+                publish landed between the two stages): images are only ever rendered with the
+                tokens' own version, so the chunk is sampled again with the current weights.
+The caller brings the workers back to the current weights (not needed for a resample) and calls
+`redo`, which submits the chunk again from that stage. Same seed, same weights: redone work is the
+same work, nothing is lost. Any other error of a stage is its own (a bug, bad input, out of memory,
+a 4xx from the reward API): `poll` raises it as StageError, and the run stops.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,11 +37,53 @@ import torch
 from rl.prompts import PromptItem, SamplerState
 from rl.scoring import RewardEndpoint, SampleReward, ScoredImages, score_images
 from rollout.pool import concat_batches
-from rollout.records import DecodedImages, RolloutBatch
+from rollout.records import RolloutBatch
+
+if TYPE_CHECKING:
+    from rollout.decoder_worker import DecodeInfo
 
 
 class RewardOutageError(RuntimeError):
     """The reward service stayed down for longer than the outage budget."""
+
+
+@dataclass(frozen=True)
+class ChunkImages:
+    """A chunk's images, left in the object store: rows [first, first + rows) of the step."""
+
+    first: int
+    rows: int
+    ref: Any
+    """ObjectRef of the decoder's [rows, H, W, 3] uint8 array."""
+
+
+def _take_rows(images: np.ndarray, rows: list[int]) -> np.ndarray:
+    return images[rows]  # [len(rows), H, W, 3]
+
+
+_REMOTE_TAKE = None
+
+
+def fetch_rows(chunks: list[ChunkImages], rows: list[int]) -> list[np.ndarray]:
+    """The images [H, W, 3] of the step's `rows`, in that order. Only those rows reach the driver:
+    a task placed by Ray next to each chunk's images (data locality) cuts them out."""
+    global _REMOTE_TAKE
+    import ray
+
+    if _REMOTE_TAKE is None:
+        _REMOTE_TAKE = ray.remote(num_cpus=0)(_take_rows)
+    wanted = sorted(set(rows))
+    refs, order = [], []
+    for chunk in chunks:
+        local = [row - chunk.first for row in wanted if chunk.first <= row < chunk.first + chunk.rows]
+        if local:
+            refs.append(_REMOTE_TAKE.remote(chunk.ref, local))
+            order.extend(chunk.first + r for r in local)
+    if len(order) != len(wanted):
+        raise IndexError(f"rows {sorted(set(wanted) - set(order))} are in no chunk of the step")
+    fetched = [image for part in ray.get(refs) for image in part]
+    by_row = dict(zip(order, fetched))
+    return [by_row[row] for row in rows]
 
 
 @dataclass
@@ -44,8 +93,8 @@ class ScoredStep:
     items: list[PromptItem]
     """One per group (prompt)."""
     batch: RolloutBatch
-    images: np.ndarray
-    """[R, H, W, 3] uint8."""
+    images: list[ChunkImages]
+    """Where the images are (the object store, chunk by chunk): `sample_images` fetches a few rows."""
     rewards: list[SampleReward]
     timings: dict[str, float]
     """Busy seconds per stage summed over chunks (rollout, decode, reward) and the wall time (collect)."""
@@ -54,6 +103,10 @@ class ScoredStep:
 
     def reward_tensor(self) -> torch.Tensor:
         return torch.tensor([r.reward for r in self.rewards], dtype=torch.float32)  # [R]
+
+    def sample_images(self, rows: list[int]) -> list[np.ndarray]:
+        """The images [H, W, 3] uint8 of these rows of the step (only they travel to the driver)."""
+        return fetch_rows(self.images, rows)
 
 
 _REMOTE_SCORE = None
@@ -65,14 +118,37 @@ def _remote_score_task():
     if _REMOTE_SCORE is None:
         import ray
 
-        def score(endpoint: RewardEndpoint, decoded: DecodedImages, items: list[PromptItem]) -> ScoredImages:
-            return score_images(endpoint, decoded.images, items)
+        def score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
+            return score_images(endpoint, images, items)
 
         _REMOTE_SCORE = ray.remote(num_cpus=0, max_retries=3)(score)  # retried if its process crashes
     return _REMOTE_SCORE
 
 
 Stage = Literal["rollout", "decode", "reward"]
+FaultKind = Literal["died", "hung", "stale_weights", "resample"]
+STAGES: tuple[Stage, ...] = ("rollout", "decode", "reward")
+
+
+class StageError(RuntimeError):
+    """A stage's own error (a bug, bad input, out of memory, a 4xx from the reward API): trying
+    again would fail the same way, so the run stops (with a checkpoint)."""
+
+    def __init__(self, chunk: int, stage: Stage, cause: BaseException):
+        first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+        super().__init__(f"chunk {chunk} {stage}: {type(cause).__name__}: {first_line}")
+        self.chunk, self.stage, self.cause = chunk, stage, cause
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A finished chunk: its tokens, their images (rendered with the tokens' version) and rewards."""
+
+    batch: RolloutBatch
+    decoded: DecodeInfo
+    images_ref: Any
+    """The images themselves stay in the object store."""
+    scored: ScoredImages
 
 
 @dataclass
@@ -92,25 +168,86 @@ class Chunk:
     """The policy version every worker served when the chunk was submitted."""
     rollout_ref: Any = None
     decode_ref: Any = None
+    """The decode's `DecodeInfo` (small: what the driver reads)."""
+    images_ref: Any = None
+    """The decode's images (read by the scoring task only)."""
     score_ref: Any = None
-    stage_started_at: float = 0.0
     attempts: int = 0
-    result: tuple[RolloutBatch, DecodedImages, ScoredImages] | None = None
+    """Tries that count against `faults.max_chunk_attempts` (a resample is not a failure)."""
+    result: ChunkResult | None = None
+
+    def ref(self, stage: Stage):
+        return {"rollout": self.rollout_ref, "decode": self.decode_ref, "reward": self.score_ref}[stage]
 
 
 @dataclass(frozen=True)
 class ChunkFault:
     chunk: int
     stage: Stage
-    kind: Literal["died", "hung", "stale_weights"]
+    """The stage to redo the chunk from."""
+    kind: FaultKind
     detail: str
     actor: Any
-    """The worker at fault (None for the reward stage)."""
+    """The worker at fault (None for the reward stage and for a resample)."""
     attempts: int
-    """Tries of this chunk so far."""
+    """Tries of this chunk so far (resamples not counted)."""
 
     def describe(self) -> str:
+        if self.kind == "resample":
+            return f"chunk {self.chunk}: {self.detail}; sampling it again with the current weights"
         return f"chunk {self.chunk} {self.stage}: worker {self.kind} ({self.detail}); try {self.attempts} failed"
+
+
+@dataclass
+class StageTask:
+    """One submitted stage of one chunk."""
+
+    chunk: int
+    stage: Stage
+    ref: Any
+    after: Any = None
+    """The upstream result it cannot start without (None: nothing)."""
+
+
+class Lane:
+    """Work that runs one task at a time, in order: a synchronous worker (Ray runs one caller's
+    tasks on an actor in submission order, and one waiting for its input holds back the later ones),
+    or the reward service, modelled the same way with chunks in the order their images appeared.
+
+    Only the task at the head is running, so only it has a clock: it starts when the driver first
+    sees that task able to run (every earlier task done, its input there). A chunk queued behind
+    others, or behind a slow reward service, is therefore never timed; and because the driver only
+    sees progress when it polls, a clock starts late rather than early (a hang is found a little
+    later, never one that is not there)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+        """The worker (None: the reward service)."""
+        self.tasks: list[StageTask] = []
+        self.head_since: float | None = None
+
+    def running(self, ready: set, now: float) -> StageTask | None:
+        """Drop the finished tasks at the front; the head if it can run (its clock started)."""
+        while self.tasks and self.tasks[0].ref in ready:
+            self.tasks.pop(0)
+            self.head_since = None
+        if not self.tasks or (self.tasks[0].after is not None and self.tasks[0].after not in ready):
+            return None
+        if self.head_since is None:
+            self.head_since = now
+        return self.tasks[0]
+
+    def refs(self) -> list:
+        return [ref for task in self.tasks for ref in (task.ref, task.after) if ref is not None]
+
+
+def _actor_key(actor: Any) -> str:
+    return actor._actor_id.hex()
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's RayTaskError."""
+    return getattr(error, "cause", None) or error
 
 
 class PendingStep:
@@ -129,20 +266,24 @@ class PendingStep:
                   launched_version=policy_version)
             for c, start in enumerate(range(0, len(items), chunk_prompts))
         ]
+        self.lanes = {_actor_key(a): Lane(a) for a in [*rollout_actors, *decoder_actors]}
+        self.reward_lane = Lane(None)
         for chunk in self.chunks:
             self._submit(chunk, "rollout")
 
-    def _submit(self, chunk: Chunk, stage: Stage) -> None:
+    def _submit(self, chunk: Chunk, stage: Stage, counts: bool = True) -> None:
         """(Re)submit `chunk` from `stage` on: later stages chain on the earlier refs."""
         if stage == "rollout":
             captions = [item.caption for item in chunk.items]
             chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed)
+            self.lanes[_actor_key(chunk.sampler)].tasks.append(StageTask(chunk.index, "rollout", chunk.rollout_ref))
         if stage in ("rollout", "decode"):
-            chunk.decode_ref = chunk.decoder.decode.remote(chunk.rollout_ref, chunk.seed)
+            chunk.decode_ref, chunk.images_ref = chunk.decoder.decode_split.remote(chunk.rollout_ref, chunk.seed)
+            self.lanes[_actor_key(chunk.decoder)].tasks.append(
+                StageTask(chunk.index, "decode", chunk.decode_ref, after=chunk.rollout_ref))
         row_items = [item for item in chunk.items for _ in range(self.group_size)]
-        chunk.score_ref = _remote_score_task().remote(self.endpoint, chunk.decode_ref, row_items)
-        chunk.stage_started_at = time.perf_counter()
-        chunk.attempts += 1
+        chunk.score_ref = _remote_score_task().remote(self.endpoint, chunk.images_ref, row_items)
+        chunk.attempts += int(counts)
 
     @property
     def done(self) -> bool:
@@ -150,82 +291,139 @@ class PendingStep:
 
     def poll(self, stage_timeout_s: float, wait_s: float = 1.0) -> list[ChunkFault]:
         """Wait up to `wait_s` for progress; returns the faults found (each chunk at most one).
-        Raises RewardOutageError when the reward service stayed down past its budget, and a worker's
-        own error (bad input, a bug) as it is: those are not fixed by trying again."""
+        Raises RewardOutageError when the reward service stayed down past its budget, and
+        StageError for a stage's own error (not fixed by trying again)."""
         import ray
 
         open_chunks = [chunk for chunk in self.chunks if chunk.result is None]
-        if open_chunks:
-            ray.wait([chunk.score_ref for chunk in open_chunks], num_returns=len(open_chunks), timeout=wait_s)
-        faults = [self._check(chunk, stage_timeout_s) for chunk in open_chunks]
-        return [fault for fault in faults if fault is not None]
+        if not open_chunks:
+            return []
+        ray.wait([chunk.score_ref for chunk in open_chunks], num_returns=len(open_chunks), timeout=wait_s)
+        now = time.perf_counter()
+        ready = self._ready()
+        faults: dict[int, ChunkFault] = {}
+        for chunk in open_chunks:
+            fault = self._check(chunk, ready)
+            if fault is not None:
+                faults[chunk.index] = fault
+        for chunk in open_chunks:  # the reward service takes a chunk once its images exist
+            queued = {task.ref for task in self.reward_lane.tasks}
+            if chunk.result is None and chunk.decode_ref in ready and chunk.score_ref not in queued:
+                self.reward_lane.tasks.append(StageTask(chunk.index, "reward", chunk.score_ref))
+        for lane in [*self.lanes.values(), self.reward_lane]:
+            head = lane.running(ready, now)
+            if head is None or now - lane.head_since <= stage_timeout_s or head.chunk in faults:
+                continue
+            busy_for = now - lane.head_since
+            if lane.actor is None:
+                ray.cancel(head.ref, force=True)
+                faults[head.chunk] = ChunkFault(head.chunk, "reward", "hung", f"no rewards after {busy_for:.0f} s",
+                                                None, self.chunks[head.chunk].attempts)
+            else:
+                faults[head.chunk] = ChunkFault(head.chunk, head.stage, "hung", f"no answer after {busy_for:.0f} s",
+                                                lane.actor, self.chunks[head.chunk].attempts)
+        return list(faults.values())
 
-    def _check(self, chunk: Chunk, stage_timeout_s: float) -> ChunkFault | None:
+    def _ready(self) -> set:
+        """Every ref of the step that has a value or an error now (one call for all of them)."""
+        import ray
+
+        refs = [chunk.ref(stage) for chunk in self.chunks if chunk.result is None for stage in STAGES]
+        refs += [ref for lane in [*self.lanes.values(), self.reward_lane] for ref in lane.refs()]
+        refs = list(dict.fromkeys(ref for ref in refs if ref is not None))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        return set(ready)
+
+    def _check(self, chunk: Chunk, ready: set) -> ChunkFault | None:
+        """The chunk's finished stages, in order: a fault, its result, or None while it runs."""
         import ray
         from ray.exceptions import RayActorError
 
         from rewards.client import RewardServerError
+        from rollout.decoder_worker import DecoderVersionError
 
-        def fault(stage: Stage, kind, detail: str, actor) -> ChunkFault:
+        def fault(stage: Stage, kind: FaultKind, detail: str, actor) -> ChunkFault:
             return ChunkFault(chunk.index, stage, kind, detail, actor, chunk.attempts)
 
-        busy_for = time.perf_counter() - chunk.stage_started_at
-        values = []
-        stages = (("rollout", chunk.rollout_ref, chunk.sampler), ("decode", chunk.decode_ref, chunk.decoder))
-        for stage, ref, actor in stages:
-            if not ray.wait([ref], timeout=0)[0]:
-                if busy_for > stage_timeout_s:
-                    return fault(stage, "hung", f"no answer after {busy_for:.0f} s", actor)
-                return None
-            try:
-                value = ray.get(ref)
-            except RayActorError as error:
-                return fault(stage, "died", str(error).splitlines()[0][:200], actor)
-            if value.policy_version < chunk.launched_version:
-                return fault(stage, "stale_weights", f"served v{value.policy_version}, launched at "
-                                                     f"v{chunk.launched_version}", actor)
-            values.append(value)
-        if not ray.wait([chunk.score_ref], timeout=0)[0]:
-            if busy_for > stage_timeout_s:
-                ray.cancel(chunk.score_ref, force=True)
-                return fault("reward", "hung", f"no rewards after {busy_for:.0f} s", None)
+        if chunk.rollout_ref not in ready:
+            return None
+        try:
+            batch: RolloutBatch = ray.get(chunk.rollout_ref)
+        except RayActorError as error:
+            return fault("rollout", "died", str(error).splitlines()[0][:200], chunk.sampler)
+        except Exception as error:
+            raise StageError(chunk.index, "rollout", _cause(error)) from None
+        if batch.policy_version < chunk.launched_version:
+            return fault("rollout", "stale_weights", f"served v{batch.policy_version}, launched at "
+                                                     f"v{chunk.launched_version}", chunk.sampler)
+        if chunk.decode_ref not in ready:
+            return None
+        try:
+            decoded: DecodeInfo = ray.get(chunk.decode_ref)
+            served = decoded.policy_version
+        except RayActorError as error:
+            return fault("decode", "died", str(error).splitlines()[0][:200], chunk.decoder)
+        except Exception as error:
+            if not isinstance(_cause(error), DecoderVersionError):
+                raise StageError(chunk.index, "decode", _cause(error)) from None
+            served = _cause(error).served
+        # The images must come from the weights the tokens were sampled with (the decoder's
+        # hidden states condition SANA): a publish between the two stages breaks that.
+        if served < batch.policy_version:  # a restarted decoder that was not reloaded yet
+            return fault("decode", "stale_weights", f"decoder serves v{served}, tokens are "
+                                                    f"v{batch.policy_version}", chunk.decoder)
+        if served > batch.policy_version:  # new weights landed on the decoder after sampling
+            return fault("rollout", "resample", f"tokens sampled at v{batch.policy_version}, decoder serves "
+                                                f"v{served}", None)
+        if chunk.score_ref not in ready:
             return None
         try:
             scored: ScoredImages = ray.get(chunk.score_ref)
-        except RewardServerError as error:  # Ray re-raises the task's error as a subclass of it
-            raise RewardOutageError(str(getattr(error, "cause", None) or error).strip().splitlines()[-1]) from None
-        chunk.result = (values[0], values[1], scored)
+        except Exception as error:
+            if isinstance(error, RewardServerError) or isinstance(_cause(error), RewardServerError):
+                raise RewardOutageError(str(_cause(error)).strip().splitlines()[-1]) from None
+            raise StageError(chunk.index, "reward", _cause(error)) from None
+        chunk.result = ChunkResult(batch, decoded, chunk.images_ref, scored)
         return None
 
     def restart_stage_clocks(self) -> None:
         """After a recovery the driver waited on: time spent waiting for it is not a hang."""
-        now = time.perf_counter()
-        for chunk in self.chunks:
-            chunk.stage_started_at = now
+        for lane in [*self.lanes.values(), self.reward_lane]:
+            lane.head_since = None
 
     def redo(self, fault: ChunkFault) -> None:
-        """Submit the faulty chunk again from the failed stage (the workers must serve current weights)."""
+        """Submit the faulty chunk again from the failed stage (the workers must serve current
+        weights). Its superseded tasks that have not started are cancelled; a resample samples
+        with whatever the sampler serves now, and does not count as a failed try."""
+        import ray
+
         chunk = self.chunks[fault.chunk]
         chunk.result = None
-        self._submit(chunk, fault.stage)
+        for stage in STAGES[STAGES.index(fault.stage):]:
+            if chunk.ref(stage) is not None:
+                ray.cancel(chunk.ref(stage))
+        self._submit(chunk, fault.stage, counts=fault.kind != "resample")
 
     def result(self) -> ScoredStep:
         """The step, row for row in prompt order; every row of every chunk, or an error."""
         if not self.done:
             raise RuntimeError("result() before every chunk finished")
-        parts = [chunk.result[0] for chunk in self.chunks]
-        decoded = [chunk.result[1] for chunk in self.chunks]
-        scored = [chunk.result[2] for chunk in self.chunks]
+        parts = [chunk.result.batch for chunk in self.chunks]
+        decoded = [chunk.result.decoded for chunk in self.chunks]
+        scored = [chunk.result.scored for chunk in self.chunks]
         batch = concat_batches(parts, [chunk.start for chunk in self.chunks], self.seed)
-        images = np.concatenate([d.images for d in decoded])  # [R, H, W, 3]
+        images, first = [], 0
+        for chunk in self.chunks:
+            images.append(ChunkImages(first, chunk.result.decoded.rows, chunk.result.images_ref))
+            first += chunk.result.decoded.rows
         rewards = [r for s in scored for r in s.rewards]
         rows = len(self.items) * self.group_size
-        if not (len(batch.prompt_ids) == len(images) == len(rewards) == rows):
-            raise RuntimeError(f"step lost rows: {len(batch.prompt_ids)} rollouts, {len(images)} images, "
+        if not (len(batch.prompt_ids) == first == len(rewards) == rows):
+            raise RuntimeError(f"step lost rows: {len(batch.prompt_ids)} rollouts, {first} images, "
                                f"{len(rewards)} rewards for {rows} rows")
         timings = {
             "rollout": sum(p.timings.get("generate", 0.0) for p in parts),
-            "decode": sum(sum(d.timings.values()) for d in decoded),
+            "decode": sum(d.timings.get("decode_total", sum(d.timings.values())) for d in decoded),  # not total + stages
             "reward": sum(s.seconds for s in scored),
             "collect": time.perf_counter() - self.launched_at,
         }

@@ -3,19 +3,27 @@
 The trainer talks to the reward service over the same REST API outside users call, whether the
 service is a Ray Serve application it started or an external URL. Scoring runs as a Ray task per
 chunk, so it starts as soon as that chunk's images exist (see rl/pipeline.py).
+
+Before the first step the run checks the service against what it will send: every reward its
+prompts need must be served, and its images must fit the service's request limits (a chunk bigger
+than one request is split by the client). With service "serve" the limits are in the config, so
+this is checked when the config loads; with "url" when the service first answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import SecretStr
 
+from rewards.app.schemas import Limits
 from rl.prompts import PromptItem
-from rl.train_config import RewardsSection
+from rl.train_config import ConfigError, RewardsSection, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,8 @@ class RewardEndpoint:
     outage_budget_s: float
     """How long a failing service is retried before scoring gives up (RewardServerError)."""
     backoff_s: float
+    limits: Limits | None = None
+    """The service's request limits (None: each client asks the service)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
     geneval_rows = [i for i, item in enumerate(items) if item.task == "geneval"]
     async with RewardClient(
         endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s, backoff_s=endpoint.backoff_s,
-        retry_budget_s=endpoint.outage_budget_s,
+        retry_budget_s=endpoint.outage_budget_s, limits=endpoint.limits,
     ) as client:
         if ocr_rows:
             scored = await client.ocr([images[i] for i in ocr_rows], prompts=[items[i].caption for i in ocr_rows])
@@ -99,8 +109,9 @@ def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
     return asyncio.run(_score(endpoint, images, items))
 
 
-def start_reward_service(config: RewardsSection) -> RewardEndpoint:
-    """The reward API for this run: a Ray Serve application started here, or the configured URL."""
+def start_reward_service(config: RewardsSection, resources: dict[str, float] | None = None) -> RewardEndpoint:
+    """The reward API for this run: a Ray Serve application started here (`config.num_replicas`
+    replicas of `num_cpus`/`num_gpus` and custom `resources` each), or the configured URL."""
     token = config.token
     if config.service == "url":
         url = config.url
@@ -114,13 +125,83 @@ def start_reward_service(config: RewardsSection) -> RewardEndpoint:
 
         serve.start(http_options={"host": "127.0.0.1", "port": config.port or free_port()})
         settings = config.server.model_copy(update={"token": SecretStr(token)} if token else {})
-        serve.run(build_serve_app(settings, num_cpus=config.num_cpus), name="rewards", route_prefix="/")
+        app = build_serve_app(settings, num_cpus=config.num_cpus, num_replicas=config.num_replicas,
+                              num_gpus=config.num_gpus, resources=resources)
+        serve.run(app, name="rewards", route_prefix="/")
         # Serve outlives a job: a cluster that already runs it keeps its own HTTP port, whatever
         # this call asked for, so the address comes from Serve itself
         http = _get_global_client().http_config
         url = f"http://127.0.0.1:{http.port}"
     return RewardEndpoint(url=url, token=token, timeout_s=config.timeout_s,
                           outage_budget_s=config.outage_budget_s, backoff_s=config.backoff_s)
+
+
+TEXT_ALLOWANCE_BYTES = 64 * 1024
+"""Room for an item's prompt or GenEval metadata in the size bound below (ours are a few hundred bytes)."""
+
+
+def max_item_bytes(height: int, width: int) -> int:
+    """An upper bound on one item's JSON size for an RGB image of this size: a PNG is at most the
+    raw rows plus deflate's stored-block overhead (5 bytes a 64 KiB block) and its chunk headers;
+    base64 makes 4 bytes of every 3."""
+    raw = height * (3 * width + 1)  # a filter byte a row
+    png = raw + 5 * math.ceil(raw / 65535) + 1024
+    return 4 * math.ceil(png / 3) + TEXT_ALLOWANCE_BYTES
+
+
+def required_scorers(config: TrainConfig) -> set[str]:
+    """The reward service's scorers the prompt sources need (words are OCR prompts)."""
+    return {"geneval" if source.kind == "geneval" else "ocr" for source in config.data.sources}
+
+
+def rows_fit(limits: Limits, image_shape: tuple[int, int], where: str) -> None:
+    """ConfigError unless one decoded image can be sent to a service with these limits."""
+    height, width = image_shape
+    if height * width > limits.max_image_pixels:
+        raise ConfigError(f"the decoder makes {width}x{height} images, more than the reward service's "
+                          f"max_image_pixels ({limits.max_image_pixels}, {where})")
+    if max_item_bytes(height, width) > limits.max_body_bytes:
+        raise ConfigError(f"one {width}x{height} image can take up to {max_item_bytes(height, width)} bytes in a "
+                          f"request, more than the reward service's max_body_bytes ({limits.max_body_bytes}, {where})")
+
+
+def _missing_scorers(config: TrainConfig, served: list[str], where: str) -> None:
+    missing = sorted(required_scorers(config) - set(served))
+    if missing:
+        raise ConfigError(f"the prompts need the {', '.join(missing)} reward, but the reward service ({where}) runs "
+                          f"only: {', '.join(sorted(served)) or 'none'}")
+
+
+def check_rows_fit_config(config: TrainConfig) -> None:
+    """At load time, what the config alone settles (service "serve": the server settings are in
+    it): every needed scorer is configured and a decoded image fits one request."""
+    if config.rewards.service != "serve":
+        return
+    from rollout.decoder_worker import decoded_image_shape
+
+    server = config.rewards.server
+    _missing_scorers(config, list(server.scorers), "rewards.server.scorers")
+    limits = Limits(max_items=server.max_items, max_body_bytes=server.max_body_bytes,
+                    max_image_pixels=server.max_image_pixels)
+    rows_fit(limits, decoded_image_shape(config.decoder.decoder), "rewards.server")
+
+
+def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> RewardEndpoint:
+    """Ask the running service which scorers it runs and what it accepts (waiting while it loads,
+    up to the outage budget); ConfigError if the run cannot be scored by it. Returns the endpoint
+    with the service's limits, so scoring never has to ask again."""
+    from rewards.client import RewardClient
+    from rollout.decoder_worker import decoded_image_shape
+
+    async def ask():
+        async with RewardClient(endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s,
+                                backoff_s=endpoint.backoff_s, retry_budget_s=endpoint.outage_budget_s) as client:
+            return await client.readiness()
+
+    readiness = asyncio.run(ask())
+    _missing_scorers(config, readiness.scorers, endpoint.url)
+    rows_fit(readiness.limits, decoded_image_shape(config.decoder.decoder), endpoint.url)
+    return dataclasses.replace(endpoint, limits=readiness.limits)
 
 
 def stop_reward_service(config: RewardsSection) -> None:

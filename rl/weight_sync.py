@@ -23,6 +23,14 @@ Transports and rank layout:
       The group has its own TCPStore on rank 0's node and is separate from DeepSpeed's group:
       learner ranks 1.. take part in the ZeRO gather only, never in the broadcast.
 
+      A group is never reused once it failed or the workers were connected again (a restarted
+      worker is a new process: it needs a new group). Dropping the Python object does not free the
+      peers (NCCL communicators live on; any other reference keeps gloo's sockets open), so a group
+      is ended explicitly on both sides: the sender sets CLOSED_KEY in the group's store, aborts its
+      side and drops it (gloo closes its sockets, failing the peers' receives); a worker waiting in a
+      receive checks that key every second and gives up on its own (aborting its side frees an NCCL
+      wait); joining a new group aborts the worker's older one.
+
 Bytes reported are the payload (all parameters once); every worker receives that many.
 """
 
@@ -51,43 +59,12 @@ class WeightSyncError(RuntimeError):
 
 
 class WeightReceiver(Protocol):
-    """What every worker serving the AR policy implements (ARRolloutWorker, DiffusionDecoderWorker)."""
+    """What every worker serving the AR policy implements (ARRolloutWorker, DiffusionDecoderWorker;
+    tests/support/receivers.py's TransformersReceiver), each through `policy.weights.VersionedWeights`."""
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int: ...
 
     def served_version(self) -> int: ...
-
-
-class TransformersReceiver:
-    """The receiving contract on a plain transformers AR model: the smallest correct worker
-    (validate the whole update first, refuse stale versions), used by tests and benchmarks."""
-
-    def __init__(self, model_dir: str, torch_threads: int | None = None):
-        from policy.loading import load_ar_model
-        from policy.model_dir import resolve_model_dir
-        from policy.weights import param_specs
-
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
-        self.model = load_ar_model(resolve_model_dir(model_dir))
-        self.specs = param_specs(self.model.state_dict())
-        self.version = 0
-
-    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        from policy.weights import WeightUpdateError, validate_weights
-
-        if version < self.version:
-            raise WeightUpdateError(f"weight update refused: version {version} is older than served {self.version}")
-        validate_weights(self.specs, weights, allow_cast=True)
-        self.model.load_state_dict(weights)  # copies out of the transport's buffer
-        self.version = version
-        return version
-
-    def served_version(self) -> int:
-        return self.version
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,11 +263,29 @@ def receive_from_shared_memory(worker: WeightReceiver, manifest: Manifest, path:
     return worker.update_weights(version, unpack([torch.from_numpy(mapped)], manifest))
 
 
-_GROUPS: dict[str, object] = {}
+CLOSED_KEY = "closed"
+"""Set in a group's store by the sender when it ends the group."""
+CLOSED_CHECK_S = 1.0
+"""How often a worker waiting in a receive looks for CLOSED_KEY."""
+
+
+@dataclass
+class Membership:
+    """A weight-sync group this worker process joined, and the store it was formed over."""
+
+    group: object
+    store: object
+
+
+_GROUPS: dict[str, Membership] = {}
 """Weight-sync process groups (c10d backends) this process has joined, by name (lives in each worker process)."""
+_ABANDONED: list[tuple[object, object]] = []
+"""(group, receive in flight) this worker gave up on while the sender's side was still open: gloo's
+destructor would wait for that receive, so they are kept until it has ended (purged at each join)."""
 
 
 def _new_group(name: str, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float, store=None):
+    """A process group of its own (not torch.distributed's default one) and its prefixed store."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = torch.distributed.TCPStore(host, port, world, is_master=False, timeout=timeout)
@@ -298,18 +293,35 @@ def _new_group(name: str, host: str, port: int, rank: int, world: int, backend: 
     if backend == "nccl":  # untested here (CPU-only machine); same construction as vLLM's stateless groups
         options = torch.distributed.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return torch.distributed.ProcessGroupNCCL(prefixed, rank, world, options)
-    return torch.distributed.ProcessGroupGloo(prefixed, rank, world, timeout)
+        return torch.distributed.ProcessGroupNCCL(prefixed, rank, world, options), prefixed
+    return torch.distributed.ProcessGroupGloo(prefixed, rank, world, timeout), prefixed
+
+
+def _abort(group) -> None:
+    """Abort a group this process is in: NCCL aborts its communicators (failing its operations in
+    flight); gloo has nothing to abort, its sockets close when the object goes. Best effort: a
+    group that already failed may refuse."""
+    try:
+        group.abort()
+    except RuntimeError:
+        pass
 
 
 def join_broadcast_group(worker: WeightReceiver, name: str, host: str, port: int, rank: int, world: int,
                          backend: str, timeout_s: float) -> int:
-    _GROUPS[name] = _new_group(name, host, port, rank, world, backend, timeout_s)
+    """Join the group `name`, leaving (aborting) any older one: a worker is in the newest group only."""
+    for old in list(_GROUPS):
+        leave_broadcast_group(worker, old)
+    _ABANDONED[:] = [(group, work) for group, work in _ABANDONED if not work.is_completed()]
+    group, store = _new_group(name, host, port, rank, world, backend, timeout_s)
+    _GROUPS[name] = Membership(group, store)
     return rank
 
 
 def leave_broadcast_group(worker: WeightReceiver, name: str) -> None:
-    _GROUPS.pop(name, None)
+    membership = _GROUPS.pop(name, None)
+    if membership is not None:
+        _abort(membership.group)
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
@@ -318,13 +330,43 @@ def _broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], options).wait()
 
 
+def _closed(store) -> bool:
+    """The sender ended the group (or its store is gone with it)."""
+    try:
+        return store.check([CLOSED_KEY])
+    except RuntimeError:  # the sender's TCPStore went away
+        return True
+
+
+def _receive(name: str, membership: Membership, buffer: torch.Tensor) -> None:
+    """One bucket of the broadcast, given up on (WeightSyncError) once the sender ends the group."""
+    options = torch.distributed.BroadcastOptions()
+    options.rootRank = 0
+    work = membership.group.broadcast([buffer], options)
+    checked = time.monotonic()
+    while not work.is_completed():  # polled: a timed-out wait() may abort an NCCL communicator
+        time.sleep(0.001)
+        if time.monotonic() - checked > CLOSED_CHECK_S:
+            checked = time.monotonic()
+            if _closed(membership.store):
+                _GROUPS.pop(name, None)
+                _abort(membership.group)
+                _ABANDONED.append((membership.group, work))
+                raise WeightSyncError(f"the sender ended weight-sync group '{name}' during a receive")
+    try:
+        work.wait()  # raises the operation's error; on NCCL also orders the stream after it
+    except RuntimeError:
+        leave_broadcast_group(None, name)  # a group that failed is not used again
+        raise
+
+
 def receive_broadcast(worker: WeightReceiver, name: str, manifest: Manifest, device: str, version: int) -> int:
-    group = _GROUPS.get(name)
-    if group is None:
-        raise WeightSyncError(f"this worker never joined weight-sync group '{name}'")
+    membership = _GROUPS.get(name)
+    if membership is None:
+        raise WeightSyncError(f"this worker is not in weight-sync group '{name}' (never joined, or it ended)")
     buffers = [torch.empty(size, dtype=torch.uint8, device=device) for size in manifest.bucket_bytes]  # [bytes_k]
     for buffer in buffers:
-        _broadcast(group, buffer)
+        _receive(name, membership, buffer)
     return worker.update_weights(version, unpack(buffers, manifest))
 
 
@@ -348,8 +390,8 @@ class BroadcastSender:
             for rank, w in enumerate(self.workers)
         ]
         # Constructing the group is a rendezvous with every worker's join above.
-        self.group = _new_group(self.name, host, store.port, 0, world, config.broadcast_backend, config.timeout_s,
-                                store)
+        self.group, self.prefixed_store = _new_group(self.name, host, store.port, 0, world,
+                                                     config.broadcast_backend, config.timeout_s, store)
         self.store = store
         ray.get(joins, timeout=config.timeout_s)
 
@@ -369,20 +411,32 @@ class BroadcastSender:
                 pack_seconds += time.perf_counter() - pack_start
                 _broadcast(self.group, buffer[:size])
         except RuntimeError as error:  # c10d: a member process died ("Connection closed by peer") or timed out
-            # A process group cannot lose a member: drop ours at once, which also fails the receives
-            # the other workers are blocked in, so they answer again.
-            self.group = self.store = None
+            # A process group cannot lose a member: end ours at once, which also frees the other
+            # workers blocked in its receives, so they answer again.
+            self._end_group()
             raise WeightSyncError(f"broadcasting weight version {version} failed (a worker process died?): "
                                   f"{str(error).splitlines()[0][:300]}") from error
         _confirm(self.workers, refs, version, self.config.timeout_s)
         return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, pack_seconds,
                           len(self.workers))
 
+    def _end_group(self) -> None:
+        """Tell the workers the group is over, abort our side and drop it (gloo closes its sockets)."""
+        if self.group is None:
+            return
+        try:
+            self.prefixed_store.set(CLOSED_KEY, "1")
+        except RuntimeError:
+            pass  # the store is ours; it only fails if this process is going down anyway
+        _abort(self.group)
+        self.group = self.prefixed_store = self.store = None
+
     def close(self) -> None:
-        """Best effort: workers that died have no group left to leave."""
+        """End the group (first: a worker still blocked in a receive of it is freed), then ask every
+        worker to leave it. Best effort: workers that died have no group left to leave."""
         import ray
 
-        self.group = self.store = None  # first: a worker still blocked in a receive of this group fails now
+        self._end_group()
         refs = [w.__ray_call__.remote(leave_broadcast_group, self.name) for w in self.workers]
         for ref in refs:
             try:

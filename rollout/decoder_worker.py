@@ -6,7 +6,13 @@ or `GlyphTokenDecoder` (CPU demos). Both serve the same version contract as the 
 before touching anything, refuses a bad or stale update with `WeightUpdateError` (the old version
 keeps serving) and returns the version served afterwards.
 
+A batch is rendered only by the weights its tokens were sampled with: the hidden states that
+condition SANA come from the served AR weights, so tokens of version v decoded after a publish of
+v+1 would be images of neither policy. Such a batch is refused at once (`DecoderVersionError`,
+before any work) and the driver samples the chunk again (rl/pipeline.py).
+
     driver --decode.remote(batch, seed)--> DiffusionDecoderActor --> DecodedImages (row for row)
+    pipeline --decode_split.remote(batch, seed)--> (DecodeInfo -> driver, images -> scoring task)
     learner --update_weights.remote(v, weights)--> DiffusionDecoderActor --> v
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -23,15 +30,37 @@ import torch
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.vocab import ImageVocab
-from policy.weights import WeightUpdateError, served_param_specs, tied_embeddings, validate_weights
+from policy.weights import VersionedWeights
 from rollout.decoder_config import DecoderConfig
 from rollout.records import DecodedImages, RolloutBatch
+
+
+class DecoderVersionError(RuntimeError):
+    """The batch's tokens were sampled with another version than the one this decoder serves."""
+
+    def __init__(self, served: int, sampled: int):
+        super().__init__(served, sampled)  # the args rebuild it when Ray pickles it to the driver
+        self.served, self.sampled = served, sampled
+
+    def __str__(self) -> str:
+        return f"decoder serves v{self.served}, the tokens were sampled at v{self.sampled}"
+
+
+@dataclass(frozen=True)
+class DecodeInfo:
+    """What the driver reads of a decode (`decode_split`); the images stay in the object store."""
+
+    rows: int
+    policy_version: int
+    timings: dict[str, float]
 
 
 class TokenDecoder(Protocol):
     """What the worker needs from a decoder kind."""
 
     vocab: ImageVocab
+    conditions_on_ar_weights: bool
+    """Whether its images depend on the AR weights (SANA: the hidden states; glyph: no)."""
 
     def load_ar_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -54,6 +83,15 @@ def build_decoder(config: DecoderConfig, paths: ModelPaths) -> TokenDecoder:
     raise ValueError(f"unknown decoder kind '{kind}' in {paths.root}; expected 'sana' or 'glyph'")
 
 
+def decoded_image_shape(config: DecoderConfig) -> tuple[int, int]:
+    """(height, width) of the images this decoder config makes, read from the model directory's
+    layout without loading any model (the run checks them against the reward service's limits)."""
+    layout = resolve_model_dir(config.model).layout()
+    if (config.kind or layout.decoder) == "glyph":
+        return config.glyph.height, layout.tokens_per_image * config.glyph.tile_width
+    return layout.image_size, layout.image_size
+
+
 class DiffusionDecoderWorker:
     """Decodes rollout batches with the AR weights of the version it serves (initially 0)."""
 
@@ -63,16 +101,21 @@ class DiffusionDecoderWorker:
         self.config = config
         self.paths = resolve_model_dir(config.model)
         self.decoder = build_decoder(config, self.paths)
-        # the same checks as the AR rollout workers: names and shapes of the served checkpoint
-        self._specs = served_param_specs(self.paths.ar, torch_dtype(config.dtype))
-        self._tied = tied_embeddings(self.paths.ar)
-        self._version = 0
+        # the same contract as the AR rollout workers: names and shapes of the served checkpoint
+        self._weights = VersionedWeights.from_checkpoint(self.paths.ar, torch_dtype(config.dtype))
 
     def served_version(self) -> int:
-        return self._version
+        return self._weights.version
 
     def decode(self, batch: RolloutBatch, seed: int) -> DecodedImages:
-        """Images for every row of `batch`; row r's sampling noise is seeded with seed + r."""
+        """Images for every row of `batch`; row r's sampling noise is seeded with seed + r.
+        Raises DecoderVersionError unless this worker serves `batch.policy_version` (for a decoder
+        whose images depend on the AR weights: the glyph decoder's do not)."""
+        served = self._weights.version
+        if self.decoder.conditions_on_ar_weights and batch.policy_version != served:
+            raise DecoderVersionError(served, batch.policy_version)
+        if not self.decoder.conditions_on_ar_weights:
+            served = batch.policy_version  # the images are the tokens' own, whatever weights it holds
         vocab = self.decoder.vocab
         tokens = batch.image_tokens  # [B*G, N]
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] != vocab.tokens_per_image:
@@ -82,30 +125,40 @@ class DiffusionDecoderWorker:
         if not bool(vocab.is_image_token(tokens).all()):
             raise ValueError("image_tokens holds ids outside the image-token range (pass vocabulary ids, not codes)")
         start = time.perf_counter()
-        images, timings = self.decoder.decode(batch.prompt_ids, batch.image_tokens, seed)  # [B*G, H, W, 3]
+        rows = tokens.shape[0]
+        step = self.config.micro_batch_size or rows
+        parts, timings = [], {}
+        for first in range(0, rows, step):  # row r keeps its seed, seed + r, in any micro-batch
+            images, part_timings = self.decoder.decode(batch.prompt_ids[first:first + step],
+                                                       tokens[first:first + step], seed + first)  # [m, H, W, 3]
+            parts.append(images)
+            for name, seconds in part_timings.items():
+                timings[name] = timings.get(name, 0.0) + seconds
         timings["decode_total"] = time.perf_counter() - start
-        return DecodedImages(images=images, policy_version=self._version, timings=timings)
+        return DecodedImages(images=np.concatenate(parts), policy_version=served, timings=timings)  # [B*G, H, W, 3]
+
+    @ray.method(num_returns=2)
+    def decode_split(self, batch: RolloutBatch, seed: int) -> tuple[DecodeInfo, np.ndarray]:
+        """`decode` as two Ray objects: the small `DecodeInfo` the driver reads, and the images
+        [B*G, H, W, 3], which only the scoring task reads (they never travel to the driver).
+        An error raises from both."""
+        decoded = self.decode(batch, seed)
+        return DecodeInfo(len(decoded.images), decoded.policy_version, decoded.timings), decoded.images
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Load full AR weights `{hf_name: tensor}` as `version`; refuse (and keep serving) if bad."""
-        if not isinstance(version, int) or version < 0:
-            raise WeightUpdateError(f"weight update refused: version must be a non-negative int, got {version!r}")
-        if version < self._version:
-            raise WeightUpdateError(f"weight update refused: version {version} is older than the served {self._version}")
-        if self._tied:  # a tied lm_head is the embedding (not in the checkpoint), as in the AR worker
-            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-        validate_weights(self._specs, weights, allow_cast=True)
-        self.decoder.load_ar_weights(weights)
-        self._version = version
-        return self._version
+        """Load full AR weights `{hf_name: tensor}` as `version`; refuse (and keep serving) if bad
+        (`VersionedWeights`: the same checks as the AR rollout workers)."""
+        return self._weights.update(version, weights, self.decoder.load_ar_weights)
 
 
 # The same class as a Ray actor (one decoder per actor process).
 DiffusionDecoderActor = ray.remote(DiffusionDecoderWorker)
 
 
-def decoder_actor(config: DecoderConfig, max_restarts: int = 0):
-    """Start a `DiffusionDecoderActor` with the resources from `config` (Ray must be initialised).
-    With `max_restarts`, Ray restarts a dead one (serving the weights on disk, version 0)."""
+def decoder_actor(config: DecoderConfig, max_restarts: int = 0, resources: dict[str, float] | None = None):
+    """Start a `DiffusionDecoderActor` with the resources from `config` (Ray must be initialised),
+    plus custom `resources` (the decoder role's, rl/placement.py). With `max_restarts`, Ray
+    restarts a dead one (serving the weights on disk, version 0)."""
     return DiffusionDecoderActor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-                                         max_restarts=max_restarts, max_task_retries=0).remote(config)
+                                         resources=resources or {}, max_restarts=max_restarts,
+                                         max_task_retries=0).remote(config)

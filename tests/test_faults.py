@@ -10,10 +10,11 @@ import re
 import signal
 import time
 
+import psutil
 import pytest
 
 from rewards.local_server import free_port, start_reward_server
-from rl.chaos import inject_fault, worker_processes
+from tests.support.chaos import inject_fault, worker_processes
 from rl.prompts import PromptSampler, PromptSourceConfig
 from tests.train_support import RunningTrain, metric_table, only_run, small_config, train
 
@@ -32,15 +33,18 @@ def recovered_versions(store, run_id) -> list[tuple[int, str, int]]:
     return found
 
 
-def wait_for_replacement(root_pid: int, role: str, dead_pid: int, timeout_s: float = 180) -> int:
-    """Pid of the `role` process that took over from `dead_pid`."""
+def wait_for_replacement(root_pid: int, role: str, killed_at: float, timeout_s: float = 180):
+    """The `role` process started after `killed_at` (time.time()) to take over from the killed one."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = [p.pid for p in worker_processes(root_pid, role) if p.pid != dead_pid]
-        if alive:
-            return alive[0]
+        for process in worker_processes(root_pid, role):
+            try:
+                if process.create_time() > killed_at - 1.0:  # psutil's start times are rounded
+                    return process
+            except psutil.NoSuchProcess:
+                pass
         time.sleep(0.5)
-    raise AssertionError(f"no new {role} process within {timeout_s:.0f} s of killing pid {dead_pid}")
+    raise AssertionError(f"no new {role} process within {timeout_s:.0f} s of the kill")
 
 
 def assert_stopped_with_a_checkpoint(tmp_path, output: str, status: str, steps: int) -> str:
@@ -80,7 +84,8 @@ def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_los
             run.wait_for(f"step {after_step}/")
             injected.append(inject_fault(run.pid, role, kind, timeout_s=300))
             if role == "reward":
-                replacement = wait_for_replacement(run.pid, "reward", injected[-1].pid)
+                killed_at = time.time()
+                replacement = wait_for_replacement(run.pid, "reward", killed_at)
         code = run.finish()
     finally:
         run.kill()
@@ -103,11 +108,11 @@ def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_los
     for step, _, version in recoveries:
         assert version == table[step - 1]["policy/version"], (step, version)
     assert any(version > 0 for _, _, version in recoveries), "a reload to trained weights was not exercised"
-    # Serve replaced the reward replica; a request it failed (if the kill caught one in flight: its
-    # process title can lag behind) was retried and logged, and no reward was lost (rows above)
-    assert replacement != injected[0].pid
-    retried = [e.message for e in store.events(record.id) if e.kind == "reward_retry"]
-    assert all(re.match(r"step \d+: \d+ reward requests failed and were retried", m) for m in retried), retried
+    # Serve replaced the reward replica with a new process, which served the rest of the run (every
+    # row of every step was scored, above). Whether the kill caught a request in flight depends on
+    # timing (a process title can lag behind); that a failed request is retried and recorded is
+    # tested exactly in tests/test_pipeline.py (a reward service failing its first request).
+    assert replacement.pid != injected[0].pid and not psutil.pid_exists(injected[0].pid)
 
 
 def test_reward_outage_past_budget_checkpoints_stops_and_resumes(tmp_path, glyph_model_dir):
@@ -210,5 +215,9 @@ def test_a_restarted_worker_rejoins_the_broadcast_weight_group(tmp_path, glyph_m
     assert recoveries, "no recovery recorded"
     for step, _, version in recoveries:
         assert version == table[step - 1]["policy/version"], (step, version)
-    # every publish after the restart went through the new group
-    assert all(table[step]["sync/seconds"] > 0 for step in table)
+    # every publish after the last recovery went through the new group: a publish to a broken group
+    # would have failed and been recorded as a worker fault
+    events = store.events(record.id)
+    last_recovery = max(i for i, e in enumerate(events) if e.kind == "recovered")
+    assert recoveries[-1][0] < steps, "no publish after the recovery"
+    assert not [e.message for e in events[last_recovery + 1:] if e.kind == "worker_fault"]

@@ -185,3 +185,34 @@ def test_concurrent_requests_each_get_their_own_answer_and_are_batched(url, stub
     answers = [ok for worker in asyncio.run(main()) for ok in worker]
     assert len(answers) == 400 and all(answers)
     assert sum(stubs[0].batches) == 400 and max(stubs[0].batches) > 1  # items shared model calls
+
+
+def test_readyz_tells_clients_the_scorers_and_the_request_limits(http):
+    assert http.get("/readyz").json() == {
+        "status": "ready", "scorers": [],
+        "limits": {"max_items": 8, "max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000},
+    }
+
+
+def test_a_scorer_the_server_does_not_run_is_a_404_naming_those_it_runs_and_is_not_retried():
+    """Not a 503: the client would retry that for the whole outage budget."""
+    from rewards.client import RewardClient, RewardRequestError
+    from rewards.geneval_rules import GenevalMetadata
+
+    app = create_app(Settings(scorers=["ocr"]), scorers={"ocr": StubOcr()})
+    with serve_in_thread(app) as base:
+        response = httpx.post(f"{base}/v1/rewards/geneval", content=geneval_body(GOOD_META),
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 404, response.text
+        assert response.json()["error"] == "scorer_not_loaded"
+        assert "does not run the geneval scorer; it runs: ocr" in response.json()["message"]
+
+        async def score():
+            async with RewardClient(base, backoff_s=0.01, retry_budget_s=60) as client:
+                try:
+                    await client.geneval([id_image(1)], [GenevalMetadata.model_validate(GOOD_META)])
+                finally:
+                    assert client.failures == []  # refused at once, never retried
+
+        with pytest.raises(RewardRequestError, match="404 scorer_not_loaded"):
+            asyncio.run(score())

@@ -26,7 +26,8 @@ def test_reward_app_runs_as_ray_serve_application(ray_cluster):
         app = build_serve_app(Settings(scorers=["ocr"], ocr=OcrConfig(size="tiny")), num_cpus=1)
         serve.run(app, name="rewards", route_prefix="/", blocking=False)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-            assert http.get("/readyz").json() == {"status": "ready", "scorers": ["ocr"]}
+            limits = {"max_items": 64, "max_body_bytes": 64 * 2**20, "max_image_pixels": 4096 * 4096}
+            assert http.get("/readyz").json() == {"status": "ready", "scorers": ["ocr"], "limits": limits}
             body = {"items": [{"image": encode_png(render_text("Fresh Bread")), "prompt": 'a bakery sign "Fresh Bread"'}]}
             response = http.post("/v1/rewards/ocr", json=body)
             assert response.status_code == 200, response.text

@@ -50,9 +50,14 @@ def check_item_count(count: int, settings: Settings) -> None:
 
 
 def _scorer(request: Request, name: str):
+    """The scorer; 503 while the server loads (retry), 404 if it does not run it (retrying cannot help)."""
+    if not request.app.state.ready:
+        raise ApiError(503, "loading", "the scorers are still loading; retry shortly")
     scorer = request.app.state.scorers.get(name)
     if scorer is None:
-        raise ApiError(503, "scorer_unavailable", f"the {name} scorer is not loaded on this server")
+        running = ", ".join(sorted(request.app.state.scorers)) or "none"
+        raise ApiError(404, "scorer_not_loaded",
+                       f"this server does not run the {name} scorer; it runs: {running} (rewards serve --scorers)")
     return scorer
 
 

@@ -21,7 +21,7 @@ from rewards.app.schemas import ErrorBody
 from rewards.app.settings import Settings
 
 log = logging.getLogger(__name__)
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 422, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
 _PATHS = {"/v1/rewards/ocr", "/v1/rewards/geneval", "/healthz", "/readyz", "/metrics"}  # metric labels; others = "other"
 
 

@@ -120,3 +120,17 @@ class GenevalResponse(BaseModel):
 class Health(BaseModel):
     status: str
     scorers: list[str] = []
+
+
+class Limits(BaseModel):
+    """What one request may hold: a client splits bigger work into requests that fit."""
+
+    max_items: int = Field(description="most items in one request")
+    max_body_bytes: int = Field(description="largest request body, in bytes")
+    max_image_pixels: int = Field(description="largest image (width * height)")
+
+
+class Readiness(Health):
+    """/readyz: whether the scorers are loaded, which ones, and the request limits."""
+
+    limits: Limits

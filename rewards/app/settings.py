@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     port: int = 8000
     """TCP port (0 = any free port)."""
     scorers: list[Literal["ocr", "geneval"]] = ["ocr", "geneval"]
-    """Scorers to load at startup; the others answer 503."""
+    """Scorers to load at startup; a request for another one answers 404 `scorer_not_loaded`."""
     token: SecretStr | None = None
     """Bearer token required on /v1 endpoints (none = open)."""
     max_items: int = Field(64, ge=1)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rewards.app.schemas import Health
+from rewards.app.schemas import Health, Limits, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -17,13 +17,17 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request):
-    """The scorers are loaded (503 while they load)."""
+    """The scorers are loaded (503 while they load); which ones run, and the request limits
+    (clients split their work to fit them)."""
+    settings = request.app.state.settings
+    limits = Limits(max_items=settings.max_items, max_body_bytes=settings.max_body_bytes,
+                    max_image_pixels=settings.max_image_pixels)
     names = sorted(request.app.state.scorers)
     if not request.app.state.ready:
-        return JSONResponse(Health(status="loading", scorers=names).model_dump(), status_code=503)
-    return Health(status="ready", scorers=names)
+        return JSONResponse(Readiness(status="loading", scorers=names, limits=limits).model_dump(), status_code=503)
+    return Readiness(status="ready", scorers=names, limits=limits)
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,0 +1,30 @@
+"""The receiving side of weight sync on a plain transformers model (tests/test_learner.py, bench)."""
+
+from __future__ import annotations
+
+import torch
+
+from policy.loading import load_ar_model
+from policy.model_dir import resolve_model_dir
+from policy.weights import VersionedWeights, param_specs
+
+
+class TransformersReceiver:
+    """The smallest correct worker of the `WeightReceiver` contract (rl/weight_sync.py): the same
+    `VersionedWeights` checks as the rollout and decoder workers, over a transformers AR model."""
+
+    def __init__(self, model_dir: str, torch_threads: int | None = None):
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        self.model = load_ar_model(resolve_model_dir(model_dir))
+        # the model's own state dict (a tied lm_head included), so nothing is dropped
+        self.weights = VersionedWeights(param_specs(self.model.state_dict()))
+
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        return self.weights.update(version, weights, self.model.load_state_dict)  # copies out of the buffer
+
+    def served_version(self) -> int:
+        return self.weights.version
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}

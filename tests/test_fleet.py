@@ -1,0 +1,81 @@
+"""The run's fleet (rl/fleet.py) with stand-in workers on a real Ray cluster: a publish that loses
+a worker is recovered (reconnect, publish again, every worker proven on the version), and a worker
+Ray will not restart any more stops the run with a named error."""
+
+from __future__ import annotations
+
+import pytest
+
+from rl.fleet import Fleet, WorkerFailedError
+from rl.weight_sync import SyncReport, WeightSyncError
+
+
+class StandInWorker:
+    """Serves whatever version it is set to (a restarted worker would serve 0)."""
+
+    def __init__(self, version: int = 0):
+        self.version = version
+
+    def set(self, version: int) -> None:
+        self.version = version
+
+    def served_version(self) -> int:
+        return self.version
+
+
+class FlakyLearner:
+    """Its first `failures` publishes fail like a broadcast that lost a worker; later ones set the
+    version on every connected worker."""
+
+    def __init__(self, ray, version: int, failures: int):
+        self.ray, self.version, self.failures = ray, version, failures
+        self.connected: list = []
+        self.calls: list[str] = []
+
+    def connect_workers(self, workers: list) -> None:
+        self.calls.append("connect")
+        self.connected = list(workers)
+
+    def publish_weights(self) -> SyncReport:
+        self.calls.append("publish")
+        if self.failures:
+            self.failures -= 1
+            raise WeightSyncError("broadcasting weight version 2 failed (a worker process died?)")
+        self.ray.get([w.set.remote(self.version) for w in self.connected])
+        return SyncReport(self.version, "stand-in", 0, 0.01, 0.0, len(self.connected))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_fleet(ray, versions: tuple[int, int], learner) -> tuple[Fleet, list]:
+    events: list[tuple[str, str]] = []
+    rollout = ray.remote(StandInWorker).options(num_cpus=0).remote(versions[0])
+    decoder = ray.remote(StandInWorker).options(num_cpus=0).remote(versions[1])
+    fleet = Fleet([rollout], [decoder], learner, max_worker_restarts=0, restart_timeout_s=10, call_timeout_s=10,
+                  log_event=lambda kind, message: events.append((kind, message)))
+    learner.connect_workers(fleet.workers)
+    return fleet, events
+
+
+def test_a_failed_publish_is_recovered_and_every_worker_then_serves_the_version(ray_cluster):
+    learner = FlakyLearner(ray_cluster, version=2, failures=1)
+    fleet, events = make_fleet(ray_cluster, (1, 0), learner)  # the decoder was restarted: serves v0
+    report = fleet.publish(2, step=2)
+    assert report.version == 2 and fleet.served_versions(10) == [2, 2]
+    assert learner.calls == ["connect", "publish", "connect", "publish"]  # reconnected before publishing again
+    assert [kind for kind, _ in events] == ["worker_fault", "recovered"]
+    assert events[0][1].startswith("publishing v2 failed: broadcasting weight version 2 failed")
+    assert events[1][1].startswith("step 2: weight publish failed: reloaded rollout-0 (v1), decoder-0 (v0); "
+                                   "every worker serves v2")
+    fleet.check_versions(2, timeout_s=10)
+    fleet.shutdown()
+
+
+def test_a_worker_dead_for_good_is_a_named_failure(ray_cluster):
+    fleet, _ = make_fleet(ray_cluster, (3, 3), FlakyLearner(ray_cluster, version=3, failures=0))
+    assert fleet.name(fleet.decoder_actors[0]) == "decoder-0"
+    ray_cluster.kill(fleet.decoder_actors[0])  # no restarts left
+    with pytest.raises(WorkerFailedError, match=r"dead for good \(faults.max_worker_restarts = 0 used up\)"):
+        fleet.recover(3, "step 4: decoder-0 dead")
+    fleet.shutdown()
