@@ -6,6 +6,10 @@ distance = 0 if target is a substring of recognised, else min(Levenshtein(recogn
 len(target)); reward = 1 - distance / len(target).
 Deviation: Flow-GRPO crashes on a prompt without quotes and on an empty target; we raise
 `RewardInputError` (a 4xx on the API) instead.
+
+Colour order: PaddleOCR (PaddleX) reads an array as BGR, as OpenCV does; our images are RGB, so
+they are flipped before `predict`, as BLIP3o-NEXT does (`trl/trl/trainer/grpo_trainer.py`:
+`np.array(img)[:, :, ::-1]` before `ocr_model.predict`).
 """
 
 from __future__ import annotations
@@ -97,6 +101,11 @@ def check_image(image: np.ndarray) -> None:
         )
 
 
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """RGB [H, W, 3] -> the BGR array PaddleOCR expects (a contiguous copy)."""
+    return np.ascontiguousarray(image[..., ::-1])
+
+
 def pixel_key(image: np.ndarray) -> bytes:
     """Cache key: a hash of the shape and the pixels (identical renders share a result)."""
     digest = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
@@ -143,7 +152,7 @@ class OcrScorer:
         self.cache_hits += sum(text is not None for text in texts)
         todo = [i for i, text in enumerate(texts) if text is None]
         if todo:
-            results = self._ocr.predict([images[i] for i in todo])
+            results = self._ocr.predict([to_bgr(images[i]) for i in todo])
             for i, result in zip(todo, results, strict=True):
                 texts[i] = "".join(result["rec_texts"])
                 self._remember(keys[i], texts[i])

@@ -8,7 +8,13 @@ Notation per row b (one sampled image) and image token t (t < N):
     logp_old   under the policy at the start of the update (the "proximal" policy)
     logp_mu    under the sampler (vLLM, possibly an older weight version: async mode)
     logp_ref   under the frozen reference AR model
-All log-probs are the masked ones of `policy.logprobs` (softmax over image tokens at temperature T).
+All log-probs are the masked ones of `policy.logprobs` (softmax over image tokens at temperature T,
+truncated to the top-k / top-p the sampler used), except in the KL: there the policy and the
+reference are both scored on the untruncated distribution (a token outside the reference's top-k
+would otherwise be -inf).
+
+Numerical guards (as verl's `core_algos.py`): log-ratios are clamped to [-20, 20] before `exp`
+(ratio and IS weight), and the k3 estimate to [-10, 10].
 
 Sources: GRPO (Shao et al. 2024, DeepSeekMath), Dr. GRPO (Liu et al. 2025: no std scaling,
 token-sum normalised by a constant), DAPO (Yu et al. 2025: clip-higher, dynamic sampling,
@@ -17,8 +23,10 @@ KL divergence"), truncated IS for sampler/learner mismatch (Yao et al. 2025, "Yo
 framework secretly brings you off-policy RL training").
 
 Deliberate deviations from BLIP3o-NEXT's trl fork: the IS correction (theirs is strictly
-on-policy), dynamic sampling, and a token mask kept general (every image has exactly N tokens, so
-token-mean and seq-mean-token-mean agree there; they differ once a mask drops tokens).
+on-policy), optional filtering of zero-signal groups (off by default, as upstream), log-probs of
+the truncated sampling distribution (theirs: the full softmax), and a token mask kept general
+(every image has exactly N tokens, so token-mean and seq-mean-token-mean agree there; they differ
+once a mask drops tokens).
 
 Each variant is a small function chosen once in `GRPOLoss.__init__`; the hot path has no string
 switches.
@@ -64,7 +72,7 @@ def group_advantages(
     """A_b = (r_b - mean_g(r)) / (std_g(r) + eps), or r_b - mean_g(r) without std scaling (Dr. GRPO).
 
     std is the unbiased sample std (as DeepSeekMath/TRL). A group with all-equal rewards (or a
-    single sample) is zero-signal: its advantages are 0 and, with `drop_zero_signal_groups`, its
+    single sample) is zero-signal: its advantages are 0 and, with `filter_zero_signal_groups`, its
     rows are not kept.
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32).flatten()  # [R]
@@ -82,7 +90,7 @@ def group_advantages(
         r = rewards[rows]  # [G]
         if r.numel() < 2 or bool((r == r[0]).all()):
             zero_signal += 1
-            keep[rows] = not config.drop_zero_signal_groups
+            keep[rows] = not config.filter_zero_signal_groups
             continue
         centred = r - r.mean()  # [G]
         advantages[rows] = centred / (r.std() + config.advantage_eps) if config.scale_by_std else centred
@@ -91,6 +99,17 @@ def group_advantages(
 
 # ---------------------------------------------------------------------------------------------
 # 2-3. Ratios and the clipped surrogate
+
+LOG_RATIO_CLAMP = 20.0
+"""|log ratio| bound before exp (verl: `torch.clamp(negative_approx_kl, min=-20.0, max=20.0)`)."""
+K3_CLAMP = 10.0
+"""Bound of the per-token k3 estimate (verl's `kl_penalty` for "low_var_kl")."""
+
+
+def clamped_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(clamp(log_ratio, -20, 20)): finite for any finite or infinite log-ratio."""
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # [B, N]
+
 
 
 @dataclass(frozen=True)
@@ -151,9 +170,11 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1 (unbiased, >= 0; GRPO's choice)."""
-    delta = ref_logp - logp  # [B, N]
-    return delta.exp() - delta - 1  # [B, N]
+    """k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1 (unbiased, >= 0; GRPO's choice),
+    clamped to [-10, 10] (verl's `kl_penalty`): one token far from the reference cannot blow up
+    the loss."""
+    delta = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, N]
+    return (delta.exp() - delta - 1).clamp(-K3_CLAMP, K3_CLAMP)  # [B, N]
 
 
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
@@ -164,13 +185,13 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 
 
 def truncated_is_weight(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """w = min(exp(logp_old - logp_mu), cap), no gradient.
+    """w = min(exp(clamp(logp_old - logp_mu, -20, 20)), cap), no gradient.
 
     The rollouts were drawn from mu (an older weight version in async mode, and a different
     kernel in any mode); the surrogate is taken w.r.t. the proximal policy, so each token's
     policy-gradient term is reweighted by pi_old / mu, truncated at `cap` to bound the variance.
     """
-    return (old_logp - sampler_logp).exp().clamp(max=cap).detach()  # [B, N]
+    return clamped_ratio(old_logp - sampler_logp).clamp(max=cap).detach()  # [B, N]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +307,10 @@ class LossInputs:
     denominator: float
     """Aggregation denominator of the whole optimizer step (rows or tokens, all ranks)."""
     ref_logprobs: torch.Tensor | None = None
-    """[b, N] logp_ref (None when beta = 0)."""
+    """[b, N] logp_ref on the untruncated distribution (None when beta = 0)."""
+    kl_logprobs: torch.Tensor | None = None
+    """[b, N] logp of the trained policy on the untruncated distribution, with grad, for the KL;
+    None = `logprobs` (no truncation)."""
     entropy: torch.Tensor | None = None
     """[b, N] entropy of the masked distribution (metrics only)."""
     mask: torch.Tensor | None = None
@@ -326,8 +350,7 @@ class GRPOLoss:
         mask = x.mask if x.mask is not None else torch.ones_like(x.logprobs)  # [b, N]
         weight = x.row_weight.to(x.logprobs.dtype)  # [b]
 
-        log_ratio = x.logprobs - x.old_logprobs.detach()  # [b, N]
-        ratio = log_ratio.exp()  # [b, N]
+        ratio = clamped_ratio(x.logprobs - x.old_logprobs.detach())  # [b, N]
         surrogate = self.surrogate(ratio, x.advantages.to(ratio.dtype))
         is_weight = self.is_weight(x.old_logprobs, x.sampler_logprobs)  # [b, N]
         pg_token = is_weight * surrogate.loss  # [b, N]
@@ -335,7 +358,7 @@ class GRPOLoss:
         if self.kl is not None:
             if x.ref_logprobs is None:
                 raise ValueError("beta > 0 needs reference log-probs")
-            kl_token = self.kl(x.logprobs, x.ref_logprobs)  # [b, N]
+            kl_token = self.kl(x.logprobs if x.kl_logprobs is None else x.kl_logprobs, x.ref_logprobs)  # [b, N]
         else:
             kl_token = torch.zeros_like(pg_token)  # [b, N]
 
@@ -364,7 +387,7 @@ class GRPOLoss:
                 ratio_max=float(ratio_real.max()) if ratio_real.numel() else float("-inf"),
                 ratio_min=float(ratio_real.min()) if ratio_real.numel() else float("inf"),
                 is_weight=float((is_weight * real).sum()),
-                is_truncated=float((((x.old_logprobs - x.sampler_logprobs).exp() > self.tis_cap) & real_bool).sum())
+                is_truncated=float(((clamped_ratio(x.old_logprobs - x.sampler_logprobs) > self.tis_cap) & real_bool).sum())
                 if self.tis_cap is not None else 0.0,
                 entropy=float((x.entropy * real).sum()) if x.entropy is not None else 0.0,
             )

@@ -3,9 +3,12 @@
     train_step(batch, advantages) on every rank:
         plan: kept rows -> per epoch, shuffled optimizer steps of world * gas * micro rows,
               padded with zero-weight rows so every rank runs the same number of micro-batches
-              (ZeRO-3 gathers parameters collectively in every forward: ranks must stay in step)
-        [proximal log-probs before any update, when the IS correction needs them]
-        per micro-batch: forward -> masked log-probs -> GRPOLoss -> backward; engine.step()
+              (ZeRO-3 gathers parameters collectively in every forward: ranks must stay in step);
+              a micro-batch then runs its real rows only (one zero-weight row if it has none)
+        [logp_old of every row before any update, when there are several optimizer steps]
+        [reference log-probs of every row (untruncated), when beta > 0]
+        per micro-batch: forward (image-token rows of the head only, policy/logprobs.py
+              ImageTokenLogits) -> masked log-probs -> GRPOLoss -> backward; engine.step()
     publish_weights(version) on every rank: ZeRO-3 gathers the full weights collectively; rank 0
         hands them to the weight sender (rl/weight_sync.py), which waits for every worker.
 
@@ -22,15 +25,16 @@ import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from policy.loading import load_ar_model, load_tokenizer, load_vocab
-from policy.logprobs import image_token_entropy, image_token_logprobs, sequence_logits
+from policy.logprobs import ImageTokenLogits, Truncation, codebook_entropy, codebook_token_logprobs
 from policy.model_dir import resolve_model_dir
 from rl.grpo import GroupAdvantages, GRPOLoss, LossInputs, LossStats
-from rl.learner_config import LearnerConfig, WeightSyncConfig, deepspeed_config
+from rl.learner_config import LearnerConfig, WeightSyncConfig, deepspeed_config, reference_deepspeed_config
 from rl.weight_sync import SyncReport, make_sender
 from rollout.records import RolloutBatch
 
@@ -41,6 +45,15 @@ class MicroBatch:
     """Batch rows of this micro-batch on this rank."""
     weights: list[float]
     """1 for a real row, 0 for padding."""
+
+    def without_padding(self) -> "MicroBatch":
+        """The real rows only; one zero-weight row when there is none. Every rank still runs the
+        same number of forwards and backwards (ZeRO's collectives), but padding costs at most
+        one row of compute instead of a whole micro-batch share."""
+        real = [(row, weight) for row, weight in zip(self.rows, self.weights) if weight > 0]
+        if not real:
+            return MicroBatch(self.rows[:1], [0.0])
+        return MicroBatch([row for row, _ in real], [weight for _, weight in real])
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,17 @@ def plan_epoch(kept: list[int], world: int, rank: int, micro: int, gas: int, see
     return steps
 
 
+def _image_head(causal_lm, vocab) -> ImageTokenLogits:
+    """The model as image-token logits. ZeRO-3 gathers a parameter for the forward of the module
+    that owns it; the head weight (the embedding, when tied) is read in the wrapper's forward, so
+    it is registered there as an external parameter (a no-op below stage 3)."""
+    import deepspeed
+
+    module = ImageTokenLogits(causal_lm, vocab)
+    deepspeed.zero.register_external_parameter(module, causal_lm.lm_head.weight)
+    return module
+
+
 def epoch_seed(config: LearnerConfig, version: int, epoch: int) -> int:
     """Shuffling seed of one epoch: differs per update and epoch, identical on every rank."""
     return config.seed * 1_000_003 + version * 1_009 + epoch
@@ -96,6 +120,7 @@ class LearnerMetrics:
     pg_loss: float = 0.0
     kl_loss: float = 0.0
     kl: float = 0.0
+    """Mean per-token KL to the reference; NaN when there is none (beta 0)."""
     clip_low_frac: float = 0.0
     clip_high_frac: float = 0.0
     dual_clip_frac: float = 0.0
@@ -163,13 +188,20 @@ class LearnerRank:
         # beta = 0: no reference model at all. The reference is the AR part only, never SANA.
         self.reference = None
         if config.grpo.beta > 0:
-            self.reference = load_ar_model(paths, dtype, str(self.device)).requires_grad_(False)
-        model = load_ar_model(paths, "float32", str(self.device)).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.adam_betas,
+            reference = _image_head(load_ar_model(paths, dtype, str(self.device)).requires_grad_(False), self.vocab)
+            # Under ZeRO-3 the frozen reference is sharded across the ranks like the policy (an
+            # engine without optimizer); below it, each rank holds a copy (its parameters only).
+            self.reference = deepspeed.initialize(model=reference, config=reference_deepspeed_config(config))[0]
+        # Loaded in the training dtype at once (no fp32 copy of a bf16 model on the way).
+        model = load_ar_model(paths, dtype, str(self.device)).train()
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = _image_head(model, self.vocab)  # only the image rows of the head, at image positions
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, betas=config.adam_betas,
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         # ZeRO-3 partitions the already-loaded module here (no zero.Init needed for from_pretrained).
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(config))
         self.loss_fn = GRPOLoss(config.grpo, self.vocab.tokens_per_image)
         self.version = config.initial_version
@@ -177,24 +209,31 @@ class LearnerRank:
 
     # ----- training ---------------------------------------------------------------------------
 
-    def _logits(self, model, batch: RolloutBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = batch.image_tokens[rows].to(self.device)  # [b, N]
-        logits, _ = sequence_logits(model, [batch.prompt_ids[r] for r in rows], tokens, self.pad_id)  # [b, N, V]
-        return logits, tokens
+    def _image_logits(self, reference: bool, batch: RolloutBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-token logits [b, N, K] of the policy or the reference (each through its engine), and the codes."""
+        tokens = batch.image_tokens[rows]  # [b, N]
+        prompts = [batch.prompt_ids[r] for r in rows]
+        engine = self.reference if reference else self.engine
+        logits = engine.module.image_logits(prompts, tokens, self.pad_id, call=engine)  # [b, N, K]
+        return logits, self.vocab.to_codebook(tokens).to(self.device)  # [b, N, K], [b, N]
 
-    def _logprobs(self, model, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
-        logits, tokens = self._logits(model, batch, rows)
-        return image_token_logprobs(logits, tokens, self.vocab, self.config.grpo.temperature)  # [b, N]
+    def _logprobs(self, reference: bool, batch: RolloutBatch, rows: list[int], truncation: Truncation) -> torch.Tensor:
+        logits, codes = self._image_logits(reference, batch, rows)
+        return codebook_token_logprobs(logits, codes, self.config.grpo.temperature, truncation)  # [b, N]
 
     @torch.no_grad()
-    def _proximal_logprobs(self, batch: RolloutBatch, plan: list[OptimizerStep]) -> torch.Tensor:
-        """logp_old of every batch row under the weights before this update: [R, N].
+    def _logprob_table(self, reference: bool, batch: RolloutBatch, plan: list[OptimizerStep],
+                       truncation: Truncation) -> torch.Tensor:
+        """Log-probs of every batch row [R, N] under the current policy (logp_old before this
+        update) or the reference.
 
-        Every rank runs its share of the first epoch's plan (same number of forwards everywhere),
-        then the ranks exchange their rows.
+        Every rank runs its share of the first epoch's plan (the same number of forwards
+        everywhere: a ZeRO-3 engine gathers parameters collectively in each forward, so a rank
+        that skipped one would leave the others waiting), then the ranks exchange their rows.
         """
         rows = [r for step in plan for mb in step.micro_batches for r in mb.rows]
-        mine = torch.cat([self._logprobs(self.engine, batch, mb.rows) for step in plan for mb in step.micro_batches])
+        mine = torch.cat([self._logprobs(reference, batch, mb.rows, truncation)
+                          for step in plan for mb in step.micro_batches])
         all_rows = [torch.empty(len(rows), dtype=torch.long, device=self.device) for _ in range(self.world)]
         all_lp = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(all_rows, torch.tensor(rows, device=self.device))
@@ -203,19 +242,19 @@ class LearnerRank:
         table[torch.cat(all_rows)] = torch.cat(all_lp)
         return table
 
-    def _micro_step(self, batch, advantages, mb: MicroBatch, denominator: float, proximal, ref_cache) -> LossStats:
-        logits, tokens = self._logits(self.engine, batch, mb.rows)  # [b, N, V]
-        temperature = self.config.grpo.temperature
-        logprobs = image_token_logprobs(logits, tokens, self.vocab, temperature)  # [b, N]
-        with torch.no_grad():
-            entropy = image_token_entropy(logits.detach(), self.vocab, temperature)  # [b, N]
-            missing = [r for r in mb.rows if r not in ref_cache]
-            if self.reference is not None and missing:
-                ref_cache.update(zip(missing, self._logprobs(self.reference, batch, missing)))
-        ref = torch.stack([ref_cache[r] for r in mb.rows]) if self.reference is not None else None  # [b, N]
+    def _micro_step(self, batch, advantages, mb: MicroBatch, denominator: float, proximal, reference) -> LossStats:
+        mb = mb.without_padding()
+        logits, codes = self._image_logits(False, batch, mb.rows)  # [b, N, K], [b, N]
+        temperature, truncation = self.config.grpo.temperature, batch.truncation
+        logprobs = codebook_token_logprobs(logits, codes, temperature, truncation)  # [b, N]
+        entropy = codebook_entropy(logits, codes, temperature, truncation)  # [b, N], no grad
+        kl_logprobs = None  # the KL is taken on the untruncated distributions (see policy/logprobs.py)
+        if self.reference is not None and truncation.active:
+            kl_logprobs = codebook_token_logprobs(logits, codes, temperature)  # [b, N]
+        ref = reference[mb.rows] if reference is not None else None  # [b, N]
         sampler = batch.logprobs[mb.rows].to(self.device)  # [b, N]
-        if self.config.grpo.tis_cap is None:
-            old = sampler  # standard GRPO: the sampler's log-probs are the old policy
+        if self.config.grpo.ppo_anchor == "sampler":
+            old = sampler  # the rollout worker's log-probs are logp_old
         elif proximal is None:
             old = logprobs.detach()  # a single optimizer step: this forward IS the proximal policy
         else:
@@ -224,7 +263,7 @@ class LearnerRank:
             logprobs=logprobs, old_logprobs=old, sampler_logprobs=sampler,
             advantages=advantages.advantages[mb.rows].to(self.device),
             row_weight=torch.tensor(mb.weights, device=self.device),
-            denominator=denominator, ref_logprobs=ref, entropy=entropy,
+            denominator=denominator, ref_logprobs=ref, kl_logprobs=kl_logprobs, entropy=entropy,
         ))
         # DeepSpeed divides by gas and averages over ranks; our loss is already the exact share of
         # the step's loss (denominator over all ranks and micro-batches), so undo both.
@@ -239,6 +278,9 @@ class LearnerRank:
         if advantages.advantages.numel() != len(batch) or batch.image_tokens.shape[1] != n_tokens:
             raise ValueError(f"batch of {len(batch)} rows x {batch.image_tokens.shape[1]} tokens does not match "
                              f"{advantages.advantages.numel()} advantages x {n_tokens} tokens per image")
+        if batch.temperature != config.grpo.temperature:
+            raise ValueError(f"rollouts were sampled at temperature {batch.temperature}, the learner scores at "
+                             f"{config.grpo.temperature}: log-probs would not match")
         kept = advantages.kept_rows()
         metrics = LearnerMetrics(self.version, batch.policy_version, 0, len(kept), advantages.zero_signal_share)
         if not kept:
@@ -247,15 +289,17 @@ class LearnerRank:
         plans = [plan_epoch(kept, self.world, self.rank, config.micro_batch_size, config.gradient_accumulation_steps,
                             epoch_seed(config, self.version, epoch)) for epoch in range(config.epochs)]
         n_steps = sum(len(plan) for plan in plans)
-        proximal = self._proximal_logprobs(batch, plans[0]) if config.grpo.tis_cap is not None and n_steps > 1 else None
-        ref_cache: dict[int, torch.Tensor] = {}
+        recompute = config.grpo.ppo_anchor == "learner" and n_steps > 1
+        proximal = self._logprob_table(False, batch, plans[0], batch.truncation) if recompute else None
+        # the KL's reference log-probs, untruncated (see policy/logprobs.py), once per row
+        reference = self._logprob_table(True, batch, plans[0], Truncation.off()) if self.reference is not None else None
         total, losses, grad_norms = LossStats(), [], []
         for plan in plans:
             for step in plan:
                 denominator = self.loss_fn.aggregation.denominator(step.rows, step.rows * n_tokens)
                 step_stats = LossStats()
                 for mb in step.micro_batches:
-                    step_stats = step_stats + self._micro_step(batch, advantages, mb, denominator, proximal, ref_cache)
+                    step_stats = step_stats + self._micro_step(batch, advantages, mb, denominator, proximal, reference)
                 norm = self.engine.get_global_grad_norm()
                 grad_norms.append(float("nan") if norm is None else float(norm))
                 losses.append(step_stats.loss)
@@ -264,6 +308,8 @@ class LearnerRank:
         self.version += 1
         summary = total.summary()
         summary.update(loss=sum(losses) / n_steps, pg_loss=total.pg_loss / n_steps, kl_loss=total.kl_loss / n_steps)
+        if self.reference is None:
+            summary["kl"] = float("nan")  # beta 0: no reference, so no KL was measured (a gap, not a 0)
         return LearnerMetrics(
             policy_version=self.version, sampler_version=batch.policy_version, optimizer_steps=n_steps,
             rows=len(kept), zero_signal_share=advantages.zero_signal_share, losses=losses, grad_norms=grad_norms,
@@ -298,7 +344,8 @@ class LearnerRank:
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
         # remove_duplicate=False keeps tied aliases (e.g. lm_head.weight) as in the HF state_dict.
-        return {name: p.detach() for name, p in self.engine.module.named_parameters(remove_duplicate=False)}
+        lm = self.engine.module.lm  # HF names: the parameters of the wrapped causal LM
+        return {name: p.detach() for name, p in lm.named_parameters(remove_duplicate=False)}
 
     def gather_weights(self) -> dict[str, torch.Tensor] | None:
         """Full AR weights as CPU copies on rank 0 (None elsewhere); every rank must call this."""
@@ -329,9 +376,19 @@ class LearnerRank:
 
     # ----- checkpoints (every rank calls these: ZeRO shards are saved and loaded per rank) -------
 
-    def save_checkpoint(self, directory: str) -> None:
-        """DeepSpeed engine state (weights, optimizer, lr schedule) and the version, into `directory`."""
+    def save_checkpoint(self, directory: str) -> dict[str, int]:
+        """DeepSpeed engine state (weights, optimizer, lr schedule) and the version, into `directory`;
+        then this rank commits its part (rl/checkpoint.py). Returns the files it wrote and their sizes."""
+        from rl.checkpoint import commit_rank_part
+
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"version": self.version})
+        return commit_rank_part(Path(directory), self.rank)
+
+    def write_probe(self, root: str, nonce: str) -> str:
+        """Write this rank's probe file under `root` (the driver then reads it); returns this host."""
+        from rl.checkpoint import write_probe
+
+        return write_probe(Path(root), self.rank, nonce)
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored version."""
@@ -346,7 +403,7 @@ class LearnerRank:
         with self._gathered():
             if self.rank == 0:
                 weights = {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
-                self.engine.module.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+                self.engine.module.lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
                 self.tokenizer.save_pretrained(directory)
 
     def close(self) -> None:

@@ -18,10 +18,12 @@ class GRPOConfig(BaseModel):
 
     scale_by_std: bool = True
     """Divide group-centred rewards by the group std (GRPO); False = Dr. GRPO (centre only)."""
-    advantage_eps: float = Field(1e-6, gt=0)
-    """Added to the group std before dividing."""
-    drop_zero_signal_groups: bool = True
-    """Leave groups whose rewards are all equal out of the update (dynamic sampling); counted either way."""
+    advantage_eps: float = Field(1e-4, gt=0)
+    """Added to the group std before dividing (BLIP3o-NEXT / TRL: 1e-4)."""
+    filter_zero_signal_groups: bool = False
+    """Leave groups whose rewards are all equal out of the update (filtering: they are not sampled
+    again, unlike DAPO's dynamic sampling). Off = upstream: they stay in at advantage 0, so they
+    add KL gradient and count in token-mean's denominator. Counted either way."""
     clip_low: float = Field(0.2, ge=0, lt=1)
     """Ratio clipped below at 1 - clip_low."""
     clip_high: float = Field(0.2, ge=0)
@@ -31,9 +33,18 @@ class GRPOConfig(BaseModel):
     beta: float = Field(0.001, ge=0)
     """KL coefficient to the frozen reference AR model; 0 = no reference model is loaded at all."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator (Schulman's k1, k2, k3)."""
+    """Per-token KL estimator as a loss term. Gradients: k1's has expectation 0 (it only moves
+    the value, not the policy); k2's is the gradient of the reverse KL(pi || ref); k3's is the
+    gradient of the forward KL(ref || pi) (BLIP3o-NEXT / GRPO use k3)."""
+    ppo_anchor: Literal["learner", "sampler"] = "learner"
+    """What the PPO ratio is taken against (logp_old). learner: the learner's own log-probs at the
+    start of the update (recomputed when the update has several optimizer steps), so the first
+    ratio is exactly 1 (BLIP3o-NEXT / TRL recompute them too); sampler: the rollout worker's
+    log-probs (no recompute; kernel and staleness differences then land in the clipping)."""
     tis_cap: float | None = Field(2.0, gt=0)
-    """Truncated importance-sampling cap for rollouts from an older policy / the sampler; None = off."""
+    """Truncated importance-sampling cap on pi_old / mu between the learner's anchor and the
+    sampler (stale async rollouts, kernel differences); None = off. Needs ppo_anchor 'learner'
+    (with the sampler as anchor the weight is 1)."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses become one number (see grpo.py)."""
     temperature: float = Field(1.0, gt=0)
@@ -82,10 +93,13 @@ class LearnerConfig(BaseModel):
     """Micro-batches per rank per optimizer step: one step sees world * gas * micro rows."""
     epochs: int = Field(1, ge=1)
     """Passes over each rollout batch."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (transformers' gradient checkpointing): less memory per row, about a third more compute."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this value."""
     lr: float = Field(1e-6, gt=0)
-    """Peak learning rate (BLIP3o-NEXT: 1e-6 text, 5e-6 GenEval)."""
+    """Peak learning rate (BLIP3o-NEXT: 1e-6 with a cosine schedule)."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Shape after warmup: constant, linear decay to 0 or cosine decay to 0 at `total_steps`."""
     warmup_steps: int = Field(0, ge=0)
@@ -113,6 +127,9 @@ class LearnerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LearnerConfig":
+        if self.grpo.ppo_anchor == "sampler" and self.grpo.tis_cap is not None:
+            raise ValueError("grpo.tis_cap corrects between the sampler and the learner's anchor: with "
+                             "ppo_anchor 'sampler' there is nothing to correct; set tis_cap: null")
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ValueError("bf16 needs ZeRO stage >= 1 (DeepSpeed keeps fp32 master weights there)")
         if self.device == "cpu" and self.dist_backend == "nccl":
@@ -132,6 +149,19 @@ def deepspeed_config(config: LearnerConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+    }
+    if config.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def reference_deepspeed_config(config: LearnerConfig) -> dict:
+    """The frozen reference model's engine: no optimizer; ZeRO-3 shards it when the policy is
+    sharded (stages below 3 keep a plain copy per rank: nothing to shard without stage 3)."""
+    ds = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "zero_optimization": {"stage": 3 if config.zero_stage == 3 else 0},
+        "steps_per_print": 10**9,
     }
     if config.precision == "bf16":
         ds["bf16"] = {"enabled": True}

@@ -3,8 +3,10 @@ versioned weight updates in place.
 
 Sampling agrees with the learner (DESIGN.md, "Sampling and log-probs must agree"): image tokens
 only (`allowed_token_ids`), exactly `tokens_per_image` of them (`min_tokens = max_tokens`,
-`ignore_eos`), and `logprobs_mode="processed_logprobs"`, i.e. log-probs after the mask and the
-temperature, the same as `policy.logprobs.image_token_logprobs`.
+`ignore_eos`), the temperature and top-k / top-p in force (the config's, else the model's
+generation defaults), and `logprobs_mode="processed_logprobs"`, i.e. log-probs after the mask,
+the temperature and the truncation, the same as `policy.logprobs.image_token_logprobs`. Every
+batch records the truncation it was sampled with, so the learner scores exactly that distribution.
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so a weight update reaches
 the model directly: the update is validated whole against the served parameters (HF names,
@@ -29,9 +31,10 @@ import ray
 import torch
 
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
+from policy.logprobs import Truncation
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
-from policy.weights import ParamSpec, WeightUpdateError, served_param_specs, tied_embeddings, validate_weights
+from policy.weights import ParamSpec, VersionedWeights
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
 
@@ -46,9 +49,8 @@ class ARRolloutWorker:
         self.vocab = load_vocab(self.paths, self.tokenizer)
         self._image_ids = self.vocab.image_token_ids()  # built once: 65,536 ids per request at full size
         self._dtype = torch_dtype(config.dtype)
-        self._specs = served_param_specs(self.paths.ar, self._dtype)
-        self._tied = tied_embeddings(self.paths.ar)
-        self._version = 0
+        self._weights = VersionedWeights.from_checkpoint(self.paths.ar, self._dtype)
+        self._sampling_defaults = self.paths.layout().sampling
         self._llm = self._start_engine(config)
 
     def _start_engine(self, config: RolloutConfig):
@@ -81,12 +83,12 @@ class ARRolloutWorker:
         )
 
     def served_version(self) -> int:
-        return self._version
+        return self._weights.version
 
     @property
     def served_specs(self) -> dict[str, ParamSpec]:
         """What a weight update must contain: HF name -> shape and served dtype."""
-        return self._specs
+        return self._weights.specs
 
     def generate(
         self, captions: list[str], group_size: int, seed: int, sampling: SamplingConfig | None = None
@@ -97,8 +99,10 @@ class ARRolloutWorker:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         sampling = sampling or self.config.sampling
+        truncation = sampling.truncation(self._sampling_defaults)
         n_tokens = self.vocab.tokens_per_image
-        prompts = [rollout_prompt_ids(self.tokenizer, c, self.config.instruction) for c in captions]
+        prompts = [rollout_prompt_ids(self.tokenizer, c, self.config.instruction, self.config.system_prompt)
+                   for c in captions]
         longest = max(len(p) for p in prompts)
         if longest + n_tokens > self.config.max_model_len:
             raise ValueError(
@@ -106,7 +110,7 @@ class ARRolloutWorker:
                 f"{self.config.max_model_len}; shorten the caption or raise max_model_len"
             )
         row_prompts = [p for p in prompts for _ in range(group_size)]
-        params = [self._sampling_params(sampling, seed + row) for row in range(len(row_prompts))]
+        params = [self._sampling_params(sampling.temperature, truncation, seed + row) for row in range(len(row_prompts))]
         start = time.perf_counter()
         with self._compile_guard():
             outputs = self._llm.generate(
@@ -119,20 +123,22 @@ class ARRolloutWorker:
             group_index=[b for b in range(len(captions)) for _ in range(group_size)],
             image_tokens=tokens,
             logprobs=logprobs,
-            policy_version=self._version,
+            policy_version=self._weights.version,
             seed=seed,
+            temperature=sampling.temperature,
+            truncation=truncation,
             timings={"generate": elapsed},
         )
 
-    def _sampling_params(self, sampling: SamplingConfig, seed: int):
+    def _sampling_params(self, temperature: float, truncation: Truncation, seed: int):
         from vllm import SamplingParams
 
         n_tokens = self.vocab.tokens_per_image
         return SamplingParams(
             n=1,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
+            temperature=temperature,
+            top_k=truncation.top_k,
+            top_p=truncation.top_p,
             seed=seed,
             max_tokens=n_tokens,
             min_tokens=n_tokens,
@@ -165,21 +171,19 @@ class ARRolloutWorker:
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load a full set of AR weights (HF names) in place; returns the version now served.
 
-        Everything is checked before vLLM sees a tensor; a refused update raises WeightUpdateError
-        and the previous version keeps serving.
+        Everything is checked (`VersionedWeights`) before vLLM sees a tensor; a refused update
+        raises WeightUpdateError and the previous version keeps serving.
         """
-        if version < self._version:
-            raise WeightUpdateError(f"weight update refused: version {version} is older than served {self._version}")
-        if self._tied:  # tied lm_head is the embedding; vLLM's loader skips it too
-            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-        validate_weights(self._specs, weights, allow_cast=True)
+        return self._weights.update(version, weights, self._load)
+
+    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+        """vLLM's in-place reload of checked HF-named weights (a tied lm_head was already dropped:
+        vLLM's loader skips it too)."""
         pairs = [(name, tensor.detach().to(device="cpu", dtype=self._dtype)) for name, tensor in weights.items()]
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
         # Cached prompt blocks hold keys/values computed with the old weights.
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
-        self._version = version
-        return self._version
 
 
 # The same class as a Ray actor (one engine per actor process; vLLM is imported inside it only).

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policy.prompt import DEFAULT_INSTRUCTION
+from policy.logprobs import Truncation
+from policy.model_dir import SamplingDefaults
+from policy.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 
 
 class SamplingConfig(BaseModel):
-    """How image tokens are sampled. The learner must score with the same temperature.
-
-    top-k / top-p truncate the sampling distribution and vLLM's processed log-probs are those of
-    the truncated distribution; `policy.logprobs` does not truncate, so keep them off for GRPO.
-    """
+    """How image tokens are sampled. The learner scores with the same temperature and the same
+    top-k / top-p truncation (each rollout batch carries the truncation it was sampled with; see
+    `policy.logprobs` for which distribution the loss uses)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     temperature: float = Field(1.0, gt=0)
     """Softmax temperature over the image-token logits (BLIP3o-NEXT's GRPO uses 1.0)."""
-    top_k: int = Field(0, ge=0)
-    """Keep only the k most likely image tokens; 0 = off."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass; 1.0 = off."""
+    top_k: int | None = Field(None, ge=0)
+    """Keep only the k most likely image tokens; 0 = off; None = the model's generation config
+    (recorded in the model directory by the converter; off for tiny models)."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus sampling mass; 1.0 = off; None = the model's generation config."""
+
+    def truncation(self, defaults: SamplingDefaults) -> Truncation:
+        """The top-k / top-p in force: these settings where given, the model's defaults elsewhere."""
+        return Truncation(top_k=defaults.top_k if self.top_k is None else self.top_k,
+                          top_p=defaults.top_p if self.top_p is None else self.top_p)
 
 
 class RolloutConfig(BaseModel):
@@ -58,6 +64,9 @@ class RolloutConfig(BaseModel):
     which costs 5-35 s on this CPU for nothing; turn on only for a compiled GPU engine."""
     seed: int = 0
     """Engine seed (requests carry their own seeds: row r of a request uses seed + r)."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """System turn of the rollout prompt (BLIP3o-NEXT's "You are a helpful assistant."); None = no
+    system turn."""
     instruction: str = DEFAULT_INSTRUCTION
     """Instruction wrapped around each caption in the rollout prompt (must contain {caption})."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

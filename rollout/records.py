@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from policy.logprobs import Truncation
+
 
 @dataclass
 class RolloutBatch:
@@ -28,6 +30,10 @@ class RolloutBatch:
     """Weight version the engine served while sampling."""
     seed: int
     """Base seed of the request; row r used seed + r."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    truncation: Truncation = field(default_factory=Truncation)
+    """Top-k / top-p the tokens were sampled with: the learner scores the same distribution."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per phase (e.g. "generate")."""
 
@@ -42,5 +48,6 @@ class DecodedImages:
     images: np.ndarray
     """[B*G, H, W, 3] uint8 RGB."""
     policy_version: int
-    """AR weight version whose hidden states conditioned the decoder."""
+    """AR weight version the images belong to: the one whose hidden states conditioned SANA; for a
+    decoder whose images do not depend on the weights (glyph), the tokens' own version."""
     timings: dict[str, float] = field(default_factory=dict)

@@ -16,24 +16,27 @@ from rewards.geneval_rules import Detection, evaluate
 from rewards.ocr import OcrResult, ocr_reward
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
-OCR_PROMPTS = Path(__file__).resolve().parents[1] / "rl" / "data" / "ocr_prompts.txt"
+# An evaluation set (Flow-GRPO OCR test): fine for scoring tests, never for training.
+OCR_PROMPTS = Path(__file__).resolve().parents[1] / "rl" / "data" / "eval" / "flow_grpo_ocr_test.txt"
 
 
-def render_text(text: str, size: tuple[int, int] = (512, 128)) -> np.ndarray:
-    """Black DejaVu Sans Bold text on white, as large as fits: uint8 RGB [H, W, 3]."""
+def render_text(text: str, size: tuple[int, int] = (512, 128), colour: str = "black",
+                background: str = "white") -> np.ndarray:
+    """DejaVu Sans Bold text (black on white by default), as large as fits: uint8 RGB [H, W, 3]."""
     width, height = size
     for points in range(56, 8, -2):
         font = ImageFont.truetype(FONT, points)
         left, top, right, bottom = font.getbbox(text)
         if right - left <= width - 32 and bottom - top <= height - 16:
             break
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), text, fill="black", font=font)
+    image = Image.new("RGB", size, background)
+    ImageDraw.Draw(image).text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), text,
+                               fill=colour, font=font)
     return np.asarray(image)
 
 
 def ocr_prompts(count: int, max_chars: int = 24) -> list[str]:
-    """The first `count` prompts of the bundled OCR file whose quoted target is short enough for one line."""
+    """The first `count` prompts of the OCR test set whose quoted target is short enough for one line."""
     chosen = []
     for line in OCR_PROMPTS.read_text().splitlines():
         match = re.search(r'"([^"]*)"', line)

@@ -20,6 +20,7 @@ from rl.grpo import (
     SeqMeanTokenMean,
     SeqMeanTokenSumNorm,
     TokenMean,
+    clamped_ratio,
     clipped_surrogate,
     dual_clipped_surrogate,
     group_advantages,
@@ -42,7 +43,7 @@ def test_group_advantages_grpo_and_dr_grpo():
     #   -> 0.5 / 0.408248 = 1.224745
     # group 1: [2, 2] all equal -> zero signal
     # group 2: mean 2, centred [1, -1], unbiased std sqrt(2 / 1) = 1.414214 -> 0.707107
-    out = group_advantages(rewards, groups, GRPOConfig(advantage_eps=1e-6))
+    out = group_advantages(rewards, groups, GRPOConfig(advantage_eps=1e-6, filter_zero_signal_groups=True))
     expected = [1.224745, -1.224745, 0, 0, 0, 0, 0.707107, -0.707107]
     assert out.advantages.tolist() == pytest.approx(expected, abs=1e-5)
     assert out.keep.tolist() == [True] * 4 + [False] * 2 + [True] * 2
@@ -50,9 +51,12 @@ def test_group_advantages_grpo_and_dr_grpo():
     assert (out.groups, out.zero_signal_groups) == (3, 1)
     assert out.zero_signal_share == pytest.approx(1 / 3)
 
-    dr = group_advantages(rewards, groups, GRPOConfig(scale_by_std=False, drop_zero_signal_groups=False))
+    dr = group_advantages(rewards, groups, GRPOConfig(scale_by_std=False))
     assert dr.advantages.tolist() == pytest.approx([0.5, -0.5, 0, 0, 0, 0, 1, -1])
-    assert dr.keep.all() and dr.zero_signal_groups == 1  # counted even when kept
+    assert dr.keep.all() and dr.zero_signal_groups == 1  # kept by default (upstream), counted either way
+    # the upstream default eps 1e-4: group 2 -> 1 / (1.414214 + 1e-4)
+    upstream = group_advantages(rewards, groups, GRPOConfig())
+    assert upstream.advantages[6].item() == pytest.approx(1 / (math.sqrt(2) + 1e-4), abs=1e-6)
 
     with pytest.raises(ValueError, match="3 rewards for 2 group indices"):
         group_advantages(torch.ones(3), [0, 0], GRPOConfig())
@@ -172,6 +176,45 @@ def test_grpo_loss_with_truncated_is_and_no_reference():
     # pg: (1.5 * -1.2 - 1.0 + 1.0 + 0.8) / 4 = -0.25
     assert out.loss.item() == pytest.approx(-0.25, abs=1e-6)
     assert out.stats.is_truncated == 1 and out.stats.is_weight == pytest.approx(4.5)
+
+
+def test_ratio_is_weight_and_k3_are_clamped_like_verl():
+    # log-ratios of +-50 are clamped to +-20 before exp; k3 to 10
+    logp = torch.tensor([[0.0, -50.0]], requires_grad=True)
+    old = torch.tensor([[-50.0, 0.0]])
+    assert clamped_ratio(logp - old).tolist()[0] == pytest.approx([math.exp(20), math.exp(-20)])
+    # the IS weight of a token the sampler gave -inf (it cannot have sampled it, but a bad record must
+    # not give inf * 0 = NaN) is finite and capped
+    weight = truncated_is_weight(torch.tensor([[-1.0]]), torch.tensor([[float("-inf")]]), cap=2.0)
+    assert weight.item() == 2.0
+    # k3 at ref - logp = 30: exp(20) - 20 - 1 unclamped, 10 after the clamp; at -0.5 unchanged
+    k3 = kl_k3(torch.tensor([[-30.0, 0.0]]), torch.tensor([[0.0, -0.5]]))
+    assert k3.tolist()[0] == pytest.approx([10.0, math.exp(-0.5) + 0.5 - 1], abs=1e-6)
+    # the whole loss stays finite and differentiable with such inputs
+    config = GRPOConfig(beta=0.1, tis_cap=2.0)
+    out = GRPOLoss(config, tokens_per_image=2)(LossInputs(
+        logprobs=logp, old_logprobs=old, sampler_logprobs=torch.tensor([[float("-inf"), 0.0]]),
+        advantages=torch.tensor([1.0]), row_weight=torch.ones(1), denominator=2.0,
+        ref_logprobs=torch.tensor([[0.0, -90.0]]),
+    ))
+    out.loss.backward()
+    assert math.isfinite(out.loss.item()) and bool(torch.isfinite(logp.grad).all())
+
+
+def test_kl_uses_the_untruncated_logprobs_when_given():
+    """With top-k/top-p the ratio uses the truncated log-probs, the KL the untruncated ones."""
+    config = GRPOConfig(clip_low=0.2, clip_high=0.2, beta=0.1, kl_estimator="k1", tis_cap=None)
+    loss_fn = GRPOLoss(config, tokens_per_image=2)
+    full = torch.log(torch.tensor([[0.3, 0.25], [0.25, 0.15]]))  # untruncated policy
+    out = loss_fn(hand_inputs(kl_logprobs=full))
+    # pg as in the hand test above: -0.1; k1 = log(full / 0.5) summed = log(0.6 * 0.5 * 0.5 * 0.3) = log(0.045)
+    assert out.loss.item() == pytest.approx(-0.1 + 0.1 * math.log(0.045) / 4, abs=1e-6)
+
+
+def test_the_ppo_anchor_is_explicit():
+    with pytest.raises(ValidationError, match="nothing to correct"):
+        LearnerConfig(model="x", grpo=GRPOConfig(ppo_anchor="sampler"))
+    assert LearnerConfig(model="x", grpo=GRPOConfig(ppo_anchor="sampler", tis_cap=None)).grpo.ppo_anchor == "sampler"
 
 
 def test_plan_epoch_covers_every_kept_row_once_with_equal_work_per_rank():

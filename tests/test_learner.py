@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from policy.loading import load_ar_model, load_tokenizer, load_vocab
-from policy.logprobs import sequence_image_logprobs
+from policy.logprobs import Truncation, sequence_image_logprobs
 from policy.model_dir import ModelPaths
 from policy.prompt import rollout_prompt_ids
 from rl.grpo import GroupAdvantages, GRPOLoss, LossInputs, group_advantages
 from rl.learner import LearnerMetrics, epoch_seed, plan_epoch
 from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from rl.learner_group import LearnerGroup
-from rl.weight_sync import TransformersReceiver, WeightSyncError
+from rl.weight_sync import WeightSyncError
+from tests.support.receivers import TransformersReceiver
 from rollout.records import RolloutBatch
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def rollout(tiny) -> tuple[RolloutBatch, GroupAdvantages]:
     batch = RolloutBatch(prompts, [b for b in range(len(CAPTIONS)) for _ in range(G)], vocab.to_token_ids(codes),
                          torch.zeros(codes.shape), policy_version=0, seed=0)
     batch.logprobs = logprobs_under(model, tiny, batch)
-    return batch, group_advantages(torch.tensor(REWARDS), batch.group_index, GRPOConfig())
+    return batch, group_advantages(torch.tensor(REWARDS), batch.group_index, GRPOConfig(filter_zero_signal_groups=True))
 
 
 @dataclass
@@ -139,6 +140,37 @@ def test_first_step_loss_and_gradient_match_one_process_on_the_whole_step(zero_r
     grad_norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
     assert runs[1].metrics.losses[0] == pytest.approx(out.loss.item(), abs=1e-6)
     assert runs[1].metrics.grad_norms[0] == pytest.approx(float(grad_norm), rel=1e-4)
+
+
+def test_top_k_rollouts_train_with_ratio_one_finite_weights_and_an_untruncated_kl(ray_cluster, tiny_model_dir, tiny,
+                                                                                  rollout):
+    """A batch sampled with top-k 8 of 1024 (the random tokens mostly lie OUTSIDE the top 8, the
+    boundary case at its worst): one optimizer step, so logp_old is this forward and every ratio is
+    exactly 1; every IS weight and the KL (on the untruncated distributions) stay finite."""
+    model, vocab, tokenizer = tiny
+    base, _ = rollout
+    truncation = Truncation(top_k=8, top_p=0.95)
+    batch = RolloutBatch(base.prompt_ids, base.group_index, base.image_tokens, torch.zeros(base.logprobs.shape),
+                         policy_version=0, seed=0, truncation=truncation)
+    with torch.no_grad():
+        batch.logprobs = sequence_image_logprobs(model, batch.prompt_ids, batch.image_tokens, vocab,
+                                                 tokenizer.pad_token_id, truncation=truncation)
+    assert bool(torch.isfinite(batch.logprobs).all())
+    config = LearnerConfig(model=str(tiny_model_dir), world_size=2, zero_stage=1, micro_batch_size=6, epochs=1,
+                           lr=1e-3, torch_threads=1, grpo=GRPOConfig(beta=0.01, tis_cap=2.0))
+    advantages = group_advantages(torch.tensor(REWARDS), batch.group_index, config.grpo)  # 12 rows, 1 step
+    group = LearnerGroup(config, timeout_s=600)
+    try:
+        metrics = group.train_step(batch, advantages)
+    finally:
+        group.shutdown()
+    assert metrics.optimizer_steps == 1 and metrics.rows == 12
+    assert metrics.ratio_min == 1.0 and metrics.ratio_max == 1.0
+    assert metrics.is_weight_mean == pytest.approx(1.0, abs=1e-4) and metrics.is_truncated_frac == 0.0
+    # the reference is the initial model: KL 0 at the first step, computed on finite numbers
+    assert metrics.kl == pytest.approx(0.0, abs=1e-5) and math.isfinite(metrics.loss)
+    # the entropy of the scored distribution: the top 8 plus the sampled token where it lies outside
+    assert 0 < metrics.entropy <= math.log(9) + 1e-4
 
 
 def test_checkpoint_restores_weights_and_version_and_exports_a_loadable_policy(zero_runs, rollout, tiny_model_dir,

@@ -11,11 +11,18 @@ import torch
 
 from policy.loading import load_ar_model, load_connector, load_tokenizer, load_vocab
 from policy.logprobs import (
+    ImageTokenLogits,
+    Truncation,
+    codebook_entropy,
+    codebook_log_softmax,
+    codebook_token_logprobs,
     image_log_softmax,
     image_token_entropy,
     image_token_logprobs,
     left_padded_batch,
     sequence_image_logprobs,
+    sequence_logits,
+    truncation_mask,
 )
 from policy.model_dir import CheckpointNotFoundError, ModelPaths, resolve_checkpoint, resolve_model_dir
 from policy.prompt import rollout_prompt_ids, rollout_prompt_text
@@ -59,16 +66,34 @@ def test_tiny_tokenizer_layout(tiny_model_dir):
     assert vocab.to_codebook(torch.tensor(ids)).tolist() == [5, 7, 1023]
 
 
-def test_rollout_prompt_ends_with_im_start_s0(tiny_model_dir):
+def test_rollout_prompt_is_upstreams_system_user_and_im_start_s0(tiny_model_dir):
+    """BLIP3o-NEXT's prompt (trl/trl/trainer/grpo_trainer.py): system + user turn, generation
+    prompt, then `<im_start><S0>`; the ids are checked against a sequence built by hand."""
     paths = ModelPaths(tiny_model_dir)
     tokenizer = load_tokenizer(paths)
     vocab = load_vocab(paths, tokenizer)
-    text = rollout_prompt_text(tokenizer, "a photo of a cat")
-    assert text.startswith("<|im_start|>user\nPlease generate image based on the following caption: a photo of a cat<|im_end|>\n")
-    assert text.endswith("<|im_start|>assistant\n" + IM_START + "<S0>")
-    ids = rollout_prompt_ids(tokenizer, "a photo of a cat")
-    assert ids[-2:] == [vocab.im_start_id, vocab.scale_ids[0]]
-    assert tokenizer.decode(ids) == text
+    caption = "a photo of a cat"
+    text = rollout_prompt_text(tokenizer, caption)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nPlease generate image based on the following caption: a photo of a cat<|im_end|>\n"
+        "<|im_start|>assistant\n<im_start><S0>"
+    )
+    special = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<|im_start|>", "<|im_end|>")}
+
+    def plain(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+    by_hand = (
+        [special["<|im_start|>"]] + plain("system\nYou are a helpful assistant.") + [special["<|im_end|>"]]
+        + plain("\n") + [special["<|im_start|>"]]
+        + plain("user\nPlease generate image based on the following caption: a photo of a cat")
+        + [special["<|im_end|>"]] + plain("\n") + [special["<|im_start|>"]] + plain("assistant\n")
+        + [vocab.im_start_id, vocab.scale_ids[0]]
+    )
+    assert rollout_prompt_ids(tokenizer, caption) == by_hand
+    # no system turn when asked for none
+    assert rollout_prompt_text(tokenizer, caption, system_prompt=None).startswith("<|im_start|>user\n")
     with pytest.raises(ValueError):
         rollout_prompt_text(tokenizer, "x", instruction="no placeholder")
 
@@ -95,6 +120,113 @@ def test_masked_logprobs_match_hand_computation():
     assert image_token_entropy(logits, vocab)[0, 1].item() == pytest.approx(math.log(4), abs=1e-6)
     with pytest.raises(ValueError):
         image_log_softmax(logits, vocab, temperature=0.0)
+
+
+def test_top_k_top_p_keep_vllms_set_and_renormalise():
+    vocab = small_vocab()
+    logits = torch.zeros(1, 1, 19)
+    # image probs [0.1, 0.2, 0.3, 0.4] (ids 10..13)
+    logits[0, 0, 10:14] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    tokens = torch.tensor([[12]])  # p = 0.3
+    # top-k 2 keeps {0.3, 0.4}: 0.3 / 0.7
+    logp = image_token_logprobs(logits, tokens, vocab, truncation=Truncation(top_k=2))
+    assert logp.item() == pytest.approx(math.log(0.3 / 0.7), abs=1e-6)
+    # top-p 0.6: ascending cumulative [0.1, 0.3, 0.6, 1.0]; dropped where <= 0.4 -> keeps {0.3, 0.4}
+    logp = image_token_logprobs(logits, tokens, vocab, truncation=Truncation(top_p=0.6))
+    assert logp.item() == pytest.approx(math.log(0.3 / 0.7), abs=1e-6)
+    # top-p 0.5 keeps the same set (0.4 alone has mass < 0.5), top-p 0.4 keeps only the top token
+    assert truncation_mask(logits[0, :, 10:14], Truncation(top_p=0.5)).tolist() == [[False, False, True, True]]
+    assert truncation_mask(logits[0, :, 10:14], Truncation(top_p=0.4)).tolist() == [[False, False, False, True]]
+    # top-k then top-p on the renormalised top-k: top-k 3 -> [0.2, 0.3, 0.4] / 0.9; top-p 0.5 -> {0.3, 0.4}
+    assert truncation_mask(logits[0, :, 10:14], Truncation(top_k=3, top_p=0.5)).tolist() == [[False, False, True, True]]
+    # ties at the k-th value are all kept (vLLM masks only logits < the k-th largest)
+    tied = torch.tensor([[1.0, 2.0, 2.0, 3.0]])
+    assert truncation_mask(tied, Truncation(top_k=2)).tolist() == [[False, True, True, True]]
+    # the truncated entropy is that of the renormalised kept set: -(3/7 ln 3/7 + 4/7 ln 4/7)
+    entropy = image_token_entropy(logits, vocab, truncation=Truncation(top_k=2))
+    assert entropy.item() == pytest.approx(-(3 / 7 * math.log(3 / 7) + 4 / 7 * math.log(4 / 7)), abs=1e-6)
+    with pytest.raises(ValueError):
+        Truncation(top_k=-1)
+
+
+def test_a_sampled_token_outside_the_learners_top_k_keeps_a_finite_logprob():
+    """Near the top-k boundary, rounding can put the sampled token just outside the learner's
+    kept set: it is kept anyway, and its log-prob is that of the kept set plus itself."""
+    vocab = small_vocab()
+    logits = torch.zeros(1, 1, 19)
+    logits[0, 0, 10:14] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    tokens = torch.tensor([[11]])  # p = 0.2: rank 3, outside top-2
+    logp = image_token_logprobs(logits, tokens, vocab, truncation=Truncation(top_k=2))
+    assert torch.isfinite(logp).all()
+    assert logp.item() == pytest.approx(math.log(0.2 / 0.9), abs=1e-6)
+    # without the sampled token, the distribution itself gives it -inf
+    assert image_log_softmax(logits, vocab, truncation=Truncation(top_k=2))[0, 0, 1].item() == float("-inf")
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (7, 0.9), (1, 1.0), (40, 0.5)])
+def test_truncation_equals_vllms_own_top_k_top_p(top_k, top_p):
+    """The learner's kept set and log-probs equal vLLM's pytorch sampler op on the same logits."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    generator = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))
+    vocab = ImageVocab(image_token_start=7, codebook_size=64, tokens_per_image=4, im_start_id=71, im_end_id=72,
+                       scale_ids=(73, 74, 75))
+    logits = torch.randn(6, 4, 76, generator=generator) * 3  # [B, T, V]
+    temperature = 0.8
+    scaled = logits[..., 7:71].reshape(-1, 64) / temperature  # [B*T, K]
+    k = torch.full((scaled.shape[0],), top_k) if top_k else None
+    p = torch.full((scaled.shape[0],), top_p) if top_p < 1 else None
+    theirs = apply_top_k_top_p_pytorch(scaled.clone(), k, p).log_softmax(-1).reshape(6, 4, 64)
+    ours = image_log_softmax(logits, vocab, temperature, Truncation(top_k, top_p))
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    kept = torch.isfinite(ours)
+    assert float((ours[kept] - theirs[kept]).abs().max()) < 1e-5
+
+
+def test_image_head_slice_equals_the_full_vocabulary_computation(tiny_model_dir):
+    """The learner's image-rows-only head at the image positions gives the masked full-vocabulary
+    log-probs (and their gradient) of today's path."""
+    paths = ModelPaths(tiny_model_dir)
+    tokenizer = load_tokenizer(paths)
+    vocab = load_vocab(paths, tokenizer)
+    model = load_ar_model(paths)
+    prompts = [rollout_prompt_ids(tokenizer, c) for c in ("a cat", "a photo of two red buses on a road", "x")]
+    tokens = vocab.to_token_ids(torch.randint(0, vocab.codebook_size, (3, vocab.tokens_per_image),
+                                              generator=torch.Generator().manual_seed(3)))
+    full, _ = sequence_logits(model, prompts, tokens, tokenizer.pad_token_id)  # [3, N, V]
+    head = ImageTokenLogits(model, vocab)
+    sliced = head.image_logits(prompts, tokens, tokenizer.pad_token_id)  # [3, N, K]
+    assert sliced.shape == (3, vocab.tokens_per_image, vocab.codebook_size)
+    assert float((sliced - full[..., vocab.image_token_start : vocab.image_token_end]).abs().max()) < 1e-6
+    codes = vocab.to_codebook(tokens)
+    for temperature, truncation in ((1.0, Truncation()), (0.7, Truncation(top_k=50, top_p=0.9))):
+        ours = codebook_token_logprobs(sliced, codes, temperature, truncation)  # logit - logsumexp
+        reference = image_token_logprobs(full, tokens, vocab, temperature, truncation)
+        assert float((ours - reference).abs().max()) < 1e-6
+        # the chunked, grad-free entropy equals the one of the whole log-softmax
+        log_probs = codebook_log_softmax(sliced, temperature, truncation, codes)
+        whole = -(log_probs.exp() * log_probs).nan_to_num(nan=0.0).sum(-1)
+        chunked = codebook_entropy(sliced, codes, temperature, truncation, positions_per_chunk=5)
+        assert float((chunked - whole).abs().max()) < 1e-5
+    # the parameters are the causal LM's: the learner publishes them under their HF names
+    assert {name.removeprefix("lm.") for name, _ in head.named_parameters()} == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("temperature,truncation", [(1.0, Truncation()), (0.7, Truncation(top_k=5, top_p=0.9))])
+def test_picked_log_softmax_has_autograds_values_and_gradients(temperature, truncation):
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 4, 12, generator=generator, dtype=torch.float64) * 2).requires_grad_(True)
+    codes = torch.randint(0, 12, (3, 4), generator=generator)
+    weights = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    ours = codebook_token_logprobs(logits, codes, temperature, truncation)
+    (ours * weights).sum().backward()
+    ours_grad, logits.grad = logits.grad.clone(), None
+    theirs = codebook_log_softmax(logits, temperature, truncation, codes).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    (theirs * weights).sum().backward()
+    # both compute in float32 (the learner's dtype for log-probs): equal to its rounding
+    assert float((ours - theirs).abs().max()) < 1e-6
+    assert float((ours_grad - logits.grad).abs().max()) < 1e-6
+    assert float(ours_grad.abs().max()) > 0.01  # a real gradient reached the logits
 
 
 def test_left_padding_gives_each_row_its_unpadded_positions():

@@ -81,6 +81,22 @@ def test_cache_skips_the_model_for_identical_pixels(scorer, monkeypatch):
 
 
 @pytest.mark.slow
+def test_ocr_reads_in_paddles_bgr_order_as_upstream_does(scorer, monkeypatch):
+    """Red text on blue: PaddleOCR gets the BGR array (upstream BLIP3o-NEXT flips RGB with
+    `[:, :, ::-1]` before `predict`), and the reward equals upstream's reading of that array."""
+    image = render_text("Fresh Bread 24", colour="#d01818", background="#1830c0")  # RGB
+    seen = []
+    predict = scorer._ocr.predict
+    monkeypatch.setattr(scorer._ocr, "predict", lambda images: seen.extend(images) or predict(images))
+    ours = scorer.score([image], ["Fresh Bread 24"])[0]
+    assert len(seen) == 1 and np.array_equal(seen[0], image[:, :, ::-1])
+    assert tuple(seen[0][0, 0]) == (0xc0, 0x30, 0x18)  # the blue background as B, G, R
+    upstream = "".join(predict([np.array(image)[:, :, ::-1]])[0]["rec_texts"])
+    assert ours.recognized == upstream
+    assert ours.reward == ocr_reward(upstream, "Fresh Bread 24") == 1.0
+
+
+@pytest.mark.slow
 def test_tiny_models_read_too():
     tiny = OcrScorer(OcrConfig(size="tiny"))
     result = tiny.score([render_text("Open Late Tonight")], ["Open Late Tonight"])[0]

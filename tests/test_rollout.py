@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from policy.loading import load_ar_model
-from policy.logprobs import sequence_image_logprobs, sequence_logits
+from policy.logprobs import Truncation, sequence_image_logprobs, sequence_logits
 from policy.model_dir import ModelPaths
 from policy.prompt import rollout_prompt_ids
 from policy.weights import WeightUpdateError
@@ -37,15 +37,18 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) ->
     return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in state.items()}
 
 
-def reference_logprobs(model, worker, batch, temperature: float = 1.0) -> torch.Tensor:
+def reference_logprobs(model, worker, batch, temperature: float = 1.0, truncation: Truncation = Truncation()):
     with torch.no_grad():
         return sequence_image_logprobs(
-            model, batch.prompt_ids, batch.image_tokens, worker.vocab, worker.tokenizer.pad_token_id, temperature
+            model, batch.prompt_ids, batch.image_tokens, worker.vocab, worker.tokenizer.pad_token_id, temperature,
+            truncation,
         )  # [B*G, N]
 
 
 def max_gap(model, worker, batch, temperature: float = 1.0) -> float:
-    return float((reference_logprobs(model, worker, batch, temperature) - batch.logprobs).abs().max())
+    """Largest difference to the learner's log-probs of the distribution the batch was sampled from."""
+    learner = reference_logprobs(model, worker, batch, temperature, batch.truncation)
+    return float((learner - batch.logprobs).abs().max())
 
 
 def test_rows_are_exactly_tokens_per_image_image_tokens(vllm_rollout_worker):
@@ -60,6 +63,7 @@ def test_rows_are_exactly_tokens_per_image_image_tokens(vllm_rollout_worker):
     expected_prompt = rollout_prompt_ids(worker.tokenizer, CAPTIONS[1])
     assert batch.prompt_ids[3] == expected_prompt and expected_prompt[-1] == worker.vocab.scale_ids[0]
     assert batch.policy_version == worker.served_version() and batch.seed == 5
+    assert batch.truncation == Truncation()  # a tiny model records no generation defaults: no truncation
     assert bool((batch.logprobs <= 0).all()) and batch.timings["generate"] > 0
     # Random tiny weights: the samples of one group are not all the same image.
     assert not torch.equal(batch.image_tokens[0], batch.image_tokens[1])
@@ -75,6 +79,35 @@ def test_logprobs_match_transformers_masked_forward(vllm_rollout_worker, hf_mode
         logits, _ = sequence_logits(hf_model, batch.prompt_ids, batch.image_tokens, worker.tokenizer.pad_token_id)
     unmasked = torch.log_softmax(logits / temperature, -1).gather(-1, batch.image_tokens.unsqueeze(-1)).squeeze(-1)
     assert float((unmasked - batch.logprobs).abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 1.0), (0, 0.9), (100, 0.95)])
+def test_top_k_top_p_logprobs_match_the_learners_truncated_distribution(vllm_rollout_worker, hf_model, top_k, top_p):
+    worker = vllm_rollout_worker
+    batch = worker.generate(CAPTIONS, group_size=2, seed=21, sampling=SamplingConfig(top_k=top_k, top_p=top_p))
+    assert batch.truncation == Truncation(top_k, top_p)
+    assert max_gap(hf_model, worker, batch) < TOLERANCE
+    # every sampled token lies in the learner's kept set, and truncation really changed the numbers:
+    # the untruncated log-probs are lower by the log of the dropped mass
+    untruncated = reference_logprobs(hf_model, worker, batch)
+    assert float((batch.logprobs - untruncated).min()) > 0.01
+
+
+def test_truncated_logprobs_match_after_a_weight_update(vllm_rollout_worker, hf_model):
+    worker = vllm_rollout_worker
+    sampling = SamplingConfig(top_k=100, top_p=0.95)
+    original = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    new_model = copy.deepcopy(hf_model)
+    new_weights = perturbed(original, seed=4)
+    new_model.load_state_dict(new_weights)
+    try:
+        worker.update_weights(worker.served_version() + 1, new_weights)
+        batch = worker.generate(CAPTIONS, group_size=2, seed=23, sampling=sampling)
+        assert max_gap(new_model, worker, batch) < TOLERANCE
+    finally:
+        worker.update_weights(worker.served_version() + 1, original)
+    batch = worker.generate(CAPTIONS, group_size=2, seed=23, sampling=sampling)
+    assert max_gap(hf_model, worker, batch) < TOLERANCE
 
 
 def test_same_seed_same_rows_and_row_r_uses_seed_plus_r(vllm_rollout_worker):
@@ -150,7 +183,7 @@ def test_bad_update_is_refused_and_old_weights_keep_serving(vllm_rollout_worker,
 def test_stale_version_is_refused(vllm_rollout_worker, hf_model):
     worker = vllm_rollout_worker
     version = worker.update_weights(worker.served_version() + 2, hf_model.state_dict())
-    with pytest.raises(WeightUpdateError, match=f"version {version - 1} is older than served {version}"):
+    with pytest.raises(WeightUpdateError, match=f"version {version - 1} is older than the served {version}"):
         worker.update_weights(version - 1, hf_model.state_dict())
     assert worker.served_version() == version
 
@@ -176,7 +209,7 @@ def test_split_evenly_covers_every_caption_once():
 def test_pool_of_ray_actors_matches_one_worker_and_takes_updates(
     ray_cluster, tiny_model_dir, vllm_rollout_worker, hf_model
 ):
-    from rollout.pool import start_rollout_workers
+    from tests.support.rollout_pool import start_rollout_workers
 
     config = RolloutConfig(model=str(tiny_model_dir), kv_cache_gib=1, max_model_len=256)
     pool = start_rollout_workers(config, n_workers=2)
