@@ -1,0 +1,140 @@
+"""The memory planner: formulas on hand-computed cases, the real-shape preset's widths (meta device,
+no weights), and `blip3o-rl plan` on the shipped configs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl.memory_plan import (
+    GIB,
+    Line,
+    RolePlan,
+    check_fit,
+    layer_activation_elements,
+    learner_state_lines,
+    shape_from_configs,
+    shape_from_preset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "deploy" / "configs"
+
+
+def by_name(lines) -> dict[str, float]:
+    return {line.what.split(" (")[0]: line.bytes for line in lines}
+
+
+def test_zero_stages_split_as_derived_by_hand():
+    # P = 1000 params, bf16 (d = 2), W = 4 ranks.
+    # stage 1: weights 2 P = 2000; optimizer 12 P / 4 = 3000; grads 2 P + fp32 partition 4 P / 4 = 3000
+    s1 = by_name(learner_state_lines(1000, 2, 4, 1, reference=True))
+    assert s1 == {"weights": 2000, "optimizer": 3000, "gradients": 3000, "reference model": 2000}
+    # stage 2: gradients sharded too: 2 P / 4 + 4 P / 4 = 500 + 1000 = 1500
+    s2 = by_name(learner_state_lines(1000, 2, 4, 2, reference=False))
+    assert s2 == {"weights": 2000, "optimizer": 3000, "gradients": 1500}
+    # stage 3: weights and the reference sharded: 2 P / 4 = 500 each
+    s3 = by_name(learner_state_lines(1000, 2, 4, 3, reference=True))
+    assert s3 == {"weights": 500, "optimizer": 3000, "gradients": 1500, "reference model": 500}
+    # stage 0, fp32, one rank: weights 4 P, Adam m + v 2 x 4 P, grads 4 P = 16 P
+    s0 = by_name(learner_state_lines(1000, 4, 1, 0, reference=False))
+    assert s0 == {"weights": 4000, "optimizer": 8000, "gradients": 4000}
+
+
+def test_parameter_count_of_a_hand_sized_qwen3():
+    from transformers import Qwen3Config
+
+    # vocab 10, h 4, 1 layer, 2 heads x 2, 1 KV head x 2, MLP 8, tied:
+    # embedding 10*4 = 40; q 4*4 = 16, k 4*2 = 8, v 8, o 16, q/k norms 2 + 2, MLP 3*4*8 = 96,
+    # 2 layer norms 4 + 4, final norm 4: 40 + 156 + 4 = 200
+    config = Qwen3Config(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=2, tie_word_embeddings=True)
+    shape = shape_from_configs(config, {"tokens_per_image": 3, "image_size": 8, "codebook_size": 4}, None, None, None)
+    assert shape.ar_params == 200
+    # per layer and token kept for backward: 4h + 3q + 3kv + 4I = 16 + 12 + 6 + 32 = 66; + heads x L probs
+    assert layer_activation_elements(shape, seq=5, probs=False) == 66
+    assert layer_activation_elements(shape, seq=5, probs=True) == 66 + 2 * 5
+
+
+def test_blip3o_next_shape_preset_has_the_published_widths():
+    """Every width against the numbers stated in policy/tiny.py (configs on the meta device, no weights)."""
+    from policy.tiny import PRESETS, ar_config, sana_configs
+
+    spec = PRESETS["blip3o-next-shape"]
+    rows = 151_669 + 5 + 65_536  # Qwen3 text + <im_start> <im_end> <S0..S2> + image block
+    config = ar_config(spec, rows)
+    assert (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, config.vocab_size, config.tie_word_embeddings) == (2048, 6144, 16, 8, 128, 217_210, True)
+    assert config.to_dict()["rope_parameters"]["rope_theta"] == 1_000_000.0
+    assert config.num_hidden_layers == 2 and spec.tokens_per_image == 729 and spec.connector_dim == 2304
+    vae, transformer = sana_configs(spec)
+    assert transformer["num_attention_heads"] * transformer["attention_head_dim"] == 2240
+    assert (transformer["num_cross_attention_heads"], transformer["cross_attention_head_dim"],
+            transformer["cross_attention_dim"], transformer["caption_channels"]) == (20, 112, 2240, 2304)
+    assert (transformer["in_channels"], transformer["patch_size"], transformer["sample_size"]) == (32, 1, 32)
+    assert transformer["mlp_ratio"] == 2.5 and transformer["qk_norm"] == "rms_norm_across_heads"
+    assert vae["decoder_block_out_channels"] == (128, 256, 512, 512, 1024, 1024) and vae["latent_channels"] == 32
+    assert spec.image_size // 2 ** (len(vae["decoder_block_out_channels"]) - 1) == 32  # f32: 32 x 32 latent
+    shape = shape_from_preset("blip3o-next-shape")
+    assert shape.ar_params == 545_520_128  # DESIGN.md's 2-layer probe: 0.546B
+    full = shape_from_preset("blip3o-next-3b")
+    assert 1.85e9 < full.ar_params < 1.86e9 and 1.60e9 < full.sana_params < 1.61e9 and 0.31e9 < full.vae_params < 0.32e9
+
+
+def test_real_shape_tokenizer_puts_the_image_block_at_upstreams_offset():
+    from policy.tiny import PRESETS, build_tokenizer
+    from policy.vocab import ImageVocab
+
+    tokenizer = build_tokenizer(PRESETS["blip3o-next-shape"])
+    vocab = ImageVocab.from_tokenizer(tokenizer, 729)
+    assert len(tokenizer) == 217_210
+    assert (vocab.im_start_id, vocab.im_end_id, vocab.scale_ids) == (151_669, 151_670, (151_671, 151_672, 151_673))
+    assert (vocab.image_token_start, vocab.codebook_size) == (151_674, 65_536)
+    # the filler rows are never produced by text
+    ids = tokenizer("a photo of a cat <|unused_5000|>").input_ids
+    assert max(ids) < 4096
+
+
+def test_check_fit_sums_cpu_roles_and_checks_each_gpu():
+    cpu = RolePlan("a", [Line("x", 10 * GIB)], "cpu", count=2)
+    gpu = RolePlan("b", [Line("x", 50 * GIB)], "cuda")
+    assert check_fit([cpu, gpu], device_gib=80, host_gib=24).fits
+    verdict = check_fit([cpu, gpu], device_gib=40, host_gib=19)
+    assert not verdict.fits and len(verdict.problems) == 2
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "deploy.cli", "plan", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize("name", ["gpu-blip3o-next-grpo-geneval", "gpu-blip3o-next-grpo-text"])
+def test_gpu_configs_plan_with_the_real_shape_and_refuse_without_it(name):
+    out = run_cli("--config", str(CONFIGS / f"{name}.yaml"), "--model-shape", "blip3o-next-3b")
+    assert out.returncode == 0, out.stderr
+    assert "learner rank x4 on cuda" in out.stdout and "fits" in out.stdout
+    missing = run_cli("--config", str(CONFIGS / f"{name}.yaml"))
+    assert missing.returncode == 2 and "--model-shape" in missing.stderr
+    small = run_cli("--config", str(CONFIGS / f"{name}.yaml"), "--model-shape", "blip3o-next-3b", "--device-gib", "24")
+    assert small.returncode == 2 and "does not fit" in small.stderr and "GiB GPU" in small.stderr
+
+
+def test_tiny_cpu_configs_plan_from_their_built_model_dirs(tmp_path, tiny_model_dir, glyph_model_dir):
+    import os
+
+    models = tmp_path / "runs" / "models"
+    shutil.copytree(tiny_model_dir, models / "tiny-sana")
+    shutil.copytree(glyph_model_dir, models / "tiny-glyph")
+    env = {**os.environ, "BLIP3O_RL_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    for name, rows in (("tiny-cpu-sana", "4 rows"), ("tiny-cpu-glyph-ocr", "16 rows")):
+        out = run_cli("--config", str(CONFIGS / f"{name}.yaml"), env=env)
+        assert out.returncode == 0, out.stderr
+        assert rows in out.stdout and out.stdout.rstrip().endswith("fits")
+    # the real shape does not fit this machine with the demo's layout: exit 2 naming the roles
+    refused = run_cli("--config", str(CONFIGS / "tiny-cpu-sana.yaml"), "--model-shape", "blip3o-next-3b",
+                      "--host-gib", "24", env=env)
+    assert refused.returncode == 2 and "CPU roles together need" in refused.stderr
