@@ -9,14 +9,22 @@ are committed (under fresh names); a kill in between leaves an unreferenced file
 without its image or with another sample's image. Files no row names any more are deleted after
 the commit that orphaned them.
 
-Metric keys the dashboard knows how to chart (any other key lands in its "other" chart):
+Metric keys the dashboard knows how to chart (deploy/dashboard/static/dashboard.js, PANELS; any
+other key gets a panel of its own). A value that was not measured at a step is not logged (or is
+NaN, stored as NULL): the dashboard draws a gap there, never a placeholder 0.
     reward/mean                 mean total reward of the step's samples
     reward/<function>           mean of each reward function (reward/ocr, reward/geneval, ...)
     geneval/<tag>               GenEval accuracy per tag (single_object, counting, position, ...)
-    ocr/<name>                  OCR reward details (ocr/reward, ocr/exact_match, ...)
-    policy/kl, policy/entropy, policy/clip_fraction
+    ocr/<name>                  OCR reward details (ocr/exact, ...), fractions
+    policy/kl, policy/entropy, policy/clip_fraction, ...   learner numbers (absent without an update)
     time/<stage>                seconds per step by stage: rollout, decode, reward, update, sync
     throughput/<name>           e.g. throughput/images_per_s
+    eval/<bench>/<name>         in-run evaluation: one panel per `eval/<bench>` (connected points)
+    guard/<statistic>[/<name>]  reward-hacking guard image statistics: one panel per statistic
+
+Samples come in two kinds: "train" (the step's rollouts, table `samples`) and "eval" (images of
+the in-run evaluation, table `eval_samples`, same columns); each has its own gallery. The eval
+table was added later: opening an older database creates it (CREATE TABLE IF NOT EXISTS).
 
 Resume: `last_step` says where the store stops; `resume_run(run_id, checkpoint_step)` drops
 whatever was logged after the checkpoint (the steps the trainer is about to redo) and records a
@@ -33,7 +41,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +51,9 @@ import numpy as np
 from PIL import Image
 
 RunStatus = Literal["running", "finished", "failed", "stopped"]
+SampleKind = Literal["train", "eval"]
+_SAMPLE_TABLES: dict[str, str] = {"train": "samples", "eval": "eval_samples"}  # the only table names in SQL text
+MetricsListener = Callable[[str, int, dict[str, float | None]], None]
 RUN_STATUSES: tuple[str, ...] = ("running", "finished", "failed", "stopped")
 DB_NAME = "runs.db"
 BUSY_TIMEOUT_MS = 10_000  # a second writer (or a checkpointing reader) waits this long, then errors
@@ -60,6 +71,11 @@ CREATE TABLE IF NOT EXISTS metric_keys (
     run_id TEXT NOT NULL REFERENCES runs(id), key TEXT NOT NULL, PRIMARY KEY (run_id, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS samples (
+    run_id TEXT NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, idx INTEGER NOT NULL,
+    prompt TEXT NOT NULL, image TEXT NOT NULL, reward REAL NOT NULL, components TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS eval_samples (
     run_id TEXT NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, idx INTEGER NOT NULL,
     prompt TEXT NOT NULL, image TEXT NOT NULL, reward REAL NOT NULL, components TEXT NOT NULL,
     PRIMARY KEY (run_id, step, idx)
@@ -139,6 +155,7 @@ class RunStore:
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.runs_dir / DB_NAME
+        self._listeners: list[MetricsListener] = []
         db = self._connect()
         try:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
@@ -189,21 +206,32 @@ class RunStore:
             )
         return run_id
 
+    def add_metrics_listener(self, listener: MetricsListener) -> None:
+        """Call `listener(run_id, step, metrics)` after every committed `log_metrics` of this store
+        object (how a run mirrors its metrics to Weights & Biases: rl/wandb_logger.py). Non-finite
+        values arrive as None, as stored."""
+        self._listeners.append(listener)
+
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics, replacing whatever that step held before."""
         now = time.time()
-        rows = [(run_id, step, key, _finite_or_none(value), now) for key, value in metrics.items()]
+        values = {key: _finite_or_none(value) for key, value in metrics.items()}
+        rows = [(run_id, step, key, value, now) for key, value in values.items()]
         with self._transaction() as db:
             self._require_run(db, run_id)
             db.execute("DELETE FROM metrics WHERE run_id = ? AND step = ?", (run_id, step))
             db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT OR IGNORE INTO metric_keys VALUES (?, ?)", [(run_id, key) for key in metrics])
+        for listener in self._listeners:
+            listener(run_id, step, values)
 
-    def log_samples(self, run_id: str, step: int, samples: list[SampleRecord]) -> None:
-        """Save the step's images as PNGs, then record the samples (replacing the step's old ones)."""
+    def log_samples(self, run_id: str, step: int, samples: list[SampleRecord], kind: SampleKind = "train") -> None:
+        """Save the step's images as PNGs, then record the samples (replacing the step's old ones of
+        this kind): "train" for the step's rollouts, "eval" for the in-run evaluation's images."""
+        table = _SAMPLE_TABLES[kind]
         with self._read() as db:
             self._require_run(db, run_id)
-        step_dir = self._samples_dir(run_id) / f"step_{step:07d}"
+        step_dir = self._samples_dir(run_id, kind) / f"step_{step:07d}"
         step_dir.mkdir(parents=True, exist_ok=True)
         stamp = secrets.token_hex(3)  # fresh names: relogging a step never rewrites files rows point at
         rows = []
@@ -215,8 +243,8 @@ class RunStore:
                 float(sample.reward), json.dumps({k: float(v) for k, v in sample.components.items()}),
             ))
         with self._transaction() as db:
-            db.execute("DELETE FROM samples WHERE run_id = ? AND step = ?", (run_id, step))
-            db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step = ?", (run_id, step))
+            db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         for old in step_dir.glob("*.png"):  # the step's previous images, now unreferenced
             if not old.name.endswith(f"-{stamp}.png"):
                 old.unlink(missing_ok=True)
@@ -248,7 +276,8 @@ class RunStore:
                 (run_id, checkpoint_step),
             ).fetchone()[0]
             db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, checkpoint_step))
-            db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", (run_id, checkpoint_step))
+            for table in _SAMPLE_TABLES.values():
+                db.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, checkpoint_step))
             db.execute(
                 "DELETE FROM metric_keys WHERE run_id = ? AND key NOT IN (SELECT key FROM metrics WHERE run_id = ?)",
                 (run_id, run_id),
@@ -258,9 +287,10 @@ class RunStore:
                 "INSERT INTO events (run_id, time, kind, message) VALUES (?, ?, 'resume', ?)",
                 (run_id, time.time(), f"resumed from step {checkpoint_step}; dropped {dropped} later steps"),
             )
-        for step_dir in self._samples_dir(run_id).glob("step_*"):  # files go after their rows
-            if int(step_dir.name.removeprefix("step_")) > checkpoint_step:
-                shutil.rmtree(step_dir, ignore_errors=True)
+        for kind in _SAMPLE_TABLES:
+            for step_dir in self._samples_dir(run_id, kind).glob("step_*"):  # files go after their rows
+                if int(step_dir.name.removeprefix("step_")) > checkpoint_step:
+                    shutil.rmtree(step_dir, ignore_errors=True)
 
     def last_step(self, run_id: str) -> int | None:
         """The highest step with metrics, or None for a run that has logged none."""
@@ -318,17 +348,19 @@ class RunStore:
             ).fetchall()
         yield from rows
 
-    def sample_steps(self, run_id: str) -> list[int]:
+    def sample_steps(self, run_id: str, kind: SampleKind = "train") -> list[int]:
+        table = _SAMPLE_TABLES[kind]
         with self._read() as db:
             self._require_run(db, run_id)
-            rows = db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", (run_id,))
+            rows = db.execute(f"SELECT DISTINCT step FROM {table} WHERE run_id = ? ORDER BY step", (run_id,))
             return [step for (step,) in rows]
 
-    def samples(self, run_id: str, step: int) -> list[StoredSample]:
+    def samples(self, run_id: str, step: int, kind: SampleKind = "train") -> list[StoredSample]:
+        table = _SAMPLE_TABLES[kind]
         with self._read() as db:
             self._require_run(db, run_id)
             rows = db.execute(
-                "SELECT step, idx, prompt, image, reward, components FROM samples "
+                f"SELECT step, idx, prompt, image, reward, components FROM {table} "
                 "WHERE run_id = ? AND step = ? ORDER BY idx",
                 (run_id, step),
             ).fetchall()
@@ -340,8 +372,8 @@ class RunStore:
             rows = db.execute("SELECT time, kind, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))
             return [EventRecord(*row) for row in rows]
 
-    def _samples_dir(self, run_id: str) -> Path:
-        return self.runs_dir / run_id / "samples"
+    def _samples_dir(self, run_id: str, kind: SampleKind = "train") -> Path:
+        return self.runs_dir / run_id / ("samples" if kind == "train" else "eval_samples")
 
     @staticmethod
     def _require_run(db: sqlite3.Connection, run_id: str) -> None:

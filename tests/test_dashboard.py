@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from rl.run_store import RunStore, SampleRecord
 STEPS = 12
 SAMPLES_PER_STEP = 4
 SAMPLE_EVERY = 2
+EVAL_EVERY = 4
+EVAL_SAMPLES = 3
+NO_UPDATE_STEPS = {0, 1}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -44,21 +48,45 @@ def pixels(step: int, index: int) -> np.ndarray:
     return image
 
 
-def simulate_step(store: RunStore, run_id: str, step: int, offset: float = 0.0) -> None:
-    """What the trainer logs per step: every chart group gets a metric, every other step samples."""
+def step_metrics(step: int, offset: float = 0.0) -> dict[str, float]:
+    """What the trainer logs at a step. Learner numbers only at steps with an update (none at
+    NO_UPDATE_STEPS, as when every group is zero-signal); eval results every EVAL_EVERY steps;
+    values in the ranges the live page got wrong (ocr/exact stuck at 0, a small KL, a policy
+    version next to a row count); guard statistics in different units."""
     reward = mean_reward(step, offset)
-    store.log_metrics(run_id, step, {
-        "reward/mean": reward, "reward/ocr": reward, "reward/geneval": 0.8 * reward,
-        "geneval/counting": 0.7 * reward, "geneval/position": 0.5 * reward, "ocr/reward": reward,
-        "policy/kl": 0.001 * step, "policy/entropy": 3.0 - 0.1 * step, "policy/clip_fraction": 0.05,
+    metrics = {
+        "reward/mean": reward, "reward/std": 0.1, "reward/ocr": reward, "reward/geneval": 0.8 * reward,
+        "geneval/counting": 0.7 * reward, "geneval/position": 0.5 * reward, "ocr/exact": 0.0,
+        "policy/version": float(max(0, step - 1)), "policy/staleness": 0.0, "groups/zero_signal_share": 0.5,
+        "rollout/rows": 64.0,
         "time/rollout": 1.0, "time/decode": 0.5, "time/reward": 0.3, "time/update": 0.8, "time/sync": 0.1,
         "throughput/images_per_s": 8.0, "loss": 0.1,
-    })
+        "guard/dark_share": 0.3 + 0.01 * step, "guard/brightness": 120.0 + step,
+    }
+    if step not in NO_UPDATE_STEPS:
+        metrics.update({"policy/kl": 0.001 * step, "policy/entropy": 3.0 - 0.1 * step, "policy/clip_fraction": 0.05})
+    if step % EVAL_EVERY == 0:
+        metrics.update({"eval/ocr/reward": 0.5 * reward, "eval/ocr/exact": 0.25 * reward})
+    return metrics
+
+
+ALL_KEYS = sorted(set().union(*(step_metrics(step) for step in range(STEPS))))
+
+
+def simulate_step(store: RunStore, run_id: str, step: int, offset: float = 0.0) -> None:
+    """Metrics every step, samples every SAMPLE_EVERY steps, eval images every EVAL_EVERY steps."""
+    reward = mean_reward(step, offset)
+    store.log_metrics(run_id, step, step_metrics(step, offset))
     if step % SAMPLE_EVERY == 0:
         store.log_samples(run_id, step, [
             SampleRecord(f'a sign that says "cat {i}"', pixels(step, i), reward, {"ocr": reward, "format": 1.0})
             for i in range(SAMPLES_PER_STEP)
         ])
+    if step % EVAL_EVERY == 0:
+        store.log_samples(run_id, step, [
+            SampleRecord(f'eval prompt {i}', pixels(step + 1, i), 0.5 * reward, {"ocr": 0.5 * reward})
+            for i in range(EVAL_SAMPLES)
+        ], kind="eval")
 
 
 def make_runs(runs_dir: Path) -> tuple[RunStore, str, str]:
@@ -125,7 +153,8 @@ def test_api_lists_runs_and_serves_metrics(server, runs):
     assert detail["config"] == {"lr": 2e-3, "group_size": 8}
     assert detail["sample_steps"] == list(range(0, STEPS, SAMPLE_EVERY))
     assert [(e["kind"], e["message"]) for e in detail["events"]] == [("restart", "reward worker 1 restarted")]
-    assert "reward/mean" in detail["metric_keys"] and len(detail["metric_keys"]) == 16
+    assert detail["metric_keys"] == ALL_KEYS
+    assert detail["eval_sample_steps"] == list(range(0, STEPS, EVAL_EVERY))
 
     everything = httpx.get(f"{server}/api/runs/{live}/metrics").json()
     assert everything["steps"] == list(range(STEPS))
@@ -153,13 +182,21 @@ def test_api_serves_samples_and_their_images(server, runs):
     assert image.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.content))), pixels(4, 2))
 
+    # in-run eval images are their own kind: same step numbers, other samples, other files
+    evaluated = httpx.get(f"{server}/api/runs/{live}/samples", params={"step": 4, "kind": "eval"}).json()
+    assert [s["prompt"] for s in evaluated["samples"]] == [f"eval prompt {i}" for i in range(EVAL_SAMPLES)]
+    image = httpx.get(f"{server}{evaluated['samples'][1]['image_url']}")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.content))), pixels(5, 1))
+    assert httpx.get(f"{server}/api/runs/{live}/samples", params={"kind": "eval"}).json()["step"] == 8
+
 
 @pytest.mark.parametrize("path, params, detail", [
     ("/api/runs/nope", {}, "unknown run id 'nope'"),
     ("/api/runs/nope/metrics", {}, "unknown run id 'nope'"),
     ("/api/runs/nope/samples", {}, "unknown run id 'nope'"),
-    ("/api/runs/{live}/samples", {"step": 3}, "has no samples at step 3"),
-    ("/api/runs/{live}/samples/4/9.png", {}, "has no sample 9 at step 4"),
+    ("/api/runs/{live}/samples", {"step": 3}, "has no train samples at step 3"),
+    ("/api/runs/{live}/samples", {"step": 2, "kind": "eval"}, "has no eval samples at step 2"),
+    ("/api/runs/{live}/samples/4/9.png", {}, "has no train sample 9 at step 4"),
 ])
 def test_api_unknown_things_are_404_json(server, runs, path, params, detail):
     response = httpx.get(server + path.format(live=runs[1]), params=params)
@@ -174,6 +211,7 @@ def test_api_unknown_things_are_404_json(server, runs, path, params, detail):
     ("metrics", {"keys": "reward/meen"}, "unknown metric key 'reward/meen'"),
     ("samples", {"step": "latest"}, "valid integer"),
     ("samples", {"step": -1}, "greater than or equal to 0"),
+    ("samples", {"kind": "test"}, "'train' or 'eval'"),
 ])
 def test_api_bad_query_parameters_are_422_json(server, runs, path, params, detail):
     response = httpx.get(f"{server}/api/runs/{runs[1]}/{path}", params=params)
@@ -194,7 +232,7 @@ def test_tensorboard_export_matches_the_store(runs, tmp_path):
     assert len(list((tmp_path / live).glob("events.out.tfevents.*"))) == 1
     events = EventAccumulator(str(tmp_path / live))
     events.Reload()
-    assert len(events.Tags()["scalars"]) == 16
+    assert sorted(events.Tags()["scalars"]) == ALL_KEYS
     points = events.Scalars("reward/mean")
     assert [p.step for p in points] == list(range(STEPS))
     assert [p.value for p in points] == pytest.approx([mean_reward(s) for s in range(STEPS)], rel=1e-6)
@@ -213,8 +251,19 @@ def smoothed(values: list[float], weight: float) -> list[float]:
     return out
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium: run scripts/install_browser.sh")
+def require_chromium() -> None:
+    """Skip without the browser, except in CI (BLIP3O_RL_REQUIRE_BROWSER=1, set by .ci/run): there a
+    setup that did not install it is a failure, not a silently skipped test."""
+    if CHROMIUM.exists():
+        return
+    message = f"needs Debian chromium at {CHROMIUM}: run scripts/install_browser.sh"
+    if os.environ.get("BLIP3O_RL_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{message} (BLIP3O_RL_REQUIRE_BROWSER=1: setup must have installed it)")
+    pytest.skip(message)
+
+
 def test_page_shows_live_curves_gallery_and_comparison(tmp_path):
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     store, live, baseline = make_runs(tmp_path)  # its own store: this test writes more steps
@@ -232,9 +281,7 @@ def test_page_shows_live_curves_gallery_and_comparison(tmp_path):
         drawn = page.evaluate("window.dashboard.charts['reward-mean'].plot.data")
         assert drawn[0] == list(range(STEPS))
         assert drawn[1] == pytest.approx([mean_reward(s) for s in range(STEPS)], abs=1e-12)
-        expected_charts = ["reward-mean", "reward-functions", "geneval", "ocr", "kl", "entropy",
-                           "clip-fraction", "time", "throughput", "other"]
-        assert page.evaluate("Object.keys(window.dashboard.charts)") == expected_charts
+        assert list(read_panels(page)) == list(PANELS)  # panels, their order and series: see PANELS
         expect(page.locator("#runs li")).to_have_count(2)
         expect(page.locator(f'#runs li[data-run-id="{live}"] .status')).to_have_text("running")
 
@@ -273,6 +320,113 @@ def test_page_shows_live_curves_gallery_and_comparison(tmp_path):
         expect(page.locator("#events li").first.locator(".kind")).to_have_text("resume")
         browser.close()
     assert errors == []
+
+
+# Panel id -> the keys it draws. Unrelated metrics never share an axis: the policy version, the row
+# count and each guard statistic have panels of their own; eval results one per benchmark.
+PANELS = {
+    "reward-mean": ["reward/mean"], "reward-functions": ["reward/geneval", "reward/ocr"],
+    "reward-std": ["reward/std"], "geneval": ["geneval/counting", "geneval/position"], "ocr": ["ocr/exact"],
+    "kl": ["policy/kl"], "entropy": ["policy/entropy"], "clip-fraction": ["policy/clip_fraction"],
+    "version": ["policy/version"], "staleness": ["policy/staleness"], "zero-signal": ["groups/zero_signal_share"],
+    "time": ["time/decode", "time/reward", "time/rollout", "time/sync", "time/update"],
+    "throughput": ["throughput/images_per_s"], "eval-ocr": ["eval/ocr/exact", "eval/ocr/reward"],
+    "guard-brightness": ["guard/brightness"], "guard-dark_share": ["guard/dark_share"],
+    "metric-loss": ["loss"], "metric-rollout-rows": ["rollout/rows"],
+}
+
+READ_PANELS = """() => Object.fromEntries([...document.querySelectorAll('#charts .chart')].map((element) => {
+    const plot = window.dashboard.charts[element.id.replace(/^chart-/, '')].plot;
+    return [element.id.replace(/^chart-/, ''), {
+        title: element.querySelector('h3').textContent,
+        labels: plot.series.slice(1).map((s) => s.label),
+        spanGaps: plot.series.slice(1).map((s) => Boolean(s.spanGaps)),
+        y: [plot.scales.y.min, plot.scales.y.max],
+        data: plot.data,
+    }];
+}))"""
+
+
+def read_panels(page) -> dict[str, dict]:
+    """What the page draws, in page order: per panel its title, series, y-axis range and data."""
+    return page.evaluate(READ_PANELS)
+
+
+def test_page_panels_have_sensible_scales_gaps_and_their_own_axes(server, runs):
+    """The live page's bugs: 0-100 axes for 0-1 or absent values, placeholder zeros at steps without
+    an update, rows, versions and fractions on one axis, no place for eval results and guard stats."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    _, live, _ = runs
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{server}/?run={live}&poll=300")
+        expect(page.locator("#chart-metric-rollout-rows")).to_have_attribute("data-points", str(STEPS), timeout=15_000)
+        panels = read_panels(page)
+        assert {panel: shown["labels"] for panel, shown in panels.items()} == PANELS
+        assert panels["ocr"]["title"] == "OCR exact-match share" and panels["eval-ocr"]["title"] == "Eval: ocr"
+
+        # scales: fractions 0..1 (also when constant at 0), a small KL from 0 to just above its
+        # largest value, a statistic outside 0..1 on its own data range, a constant on a padded range
+        for fraction in ("ocr", "geneval", "zero-signal", "eval-ocr", "guard-dark_share"):
+            assert panels[fraction]["y"] == [0, 1], fraction
+        kl = [v for v in panels["kl"]["data"][1] if v is not None]
+        assert panels["kl"]["y"] == pytest.approx([0, 1.15 * max(kl)])
+        assert panels["clip-fraction"]["y"] == pytest.approx([0, 1.15 * 0.05])
+        assert panels["staleness"]["y"] == [0, 1]  # all 0: not 0..100
+        low, high = panels["guard-brightness"]["y"]
+        assert 110 < low < 120 and 120 + STEPS - 1 < high < 140  # brightness 120..131
+        low, high = panels["metric-rollout-rows"]["y"]
+        assert low < 64 < high and high - low < 20
+        rewards = panels["reward-mean"]
+        assert rewards["y"][0] == 0 and rewards["y"][1] > max(rewards["data"][1])
+        for shown in panels.values():
+            assert shown["y"][0] < shown["y"][1] and shown["y"] != [0, 100]
+
+        # absent values are gaps (null, lines not joined across them), never zeros
+        for panel in ("kl", "entropy", "clip-fraction"):
+            values = panels[panel]["data"][1]
+            assert values[:2] == [None, None] and None not in values[2:], panel
+            assert panels[panel]["spanGaps"] == [False]
+        assert None not in panels["reward-mean"]["data"][1]
+        # eval results exist every EVAL_EVERY steps: points joined across the steps in between
+        evals = panels["eval-ocr"]
+        assert evals["spanGaps"] == [True, True]
+        assert [step for step, v in zip(evals["data"][0], evals["data"][2]) if v is not None] == \
+               list(range(0, STEPS, EVAL_EVERY))
+
+        # the eval gallery shows the latest eval step's images
+        expect(page.locator("#eval-gallery-box")).to_be_visible()
+        expect(page.locator("#eval-gallery-step")).to_have_text("step 8")
+        expect(page.locator("#eval-gallery .card img")).to_have_count(EVAL_SAMPLES)
+        expect(page.locator("#eval-gallery .card").nth(2).locator(".prompt")).to_have_text("eval prompt 2")
+        page.wait_for_function("[...document.querySelectorAll('#eval-gallery img')].every(i => i.naturalWidth === 64)")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-panels.png"), full_page=True)
+        browser.close()
+    assert errors == []
+
+
+def test_page_hides_the_eval_gallery_of_a_run_without_eval(tmp_path):
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    store = RunStore(tmp_path)
+    run = store.create_run("no-eval", {})
+    for step in range(3):
+        store.log_metrics(run, step, {"reward/mean": 0.1 * step})
+    with dashboard_server(tmp_path) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(f"{server}/?poll=300")
+        expect(page.locator("#chart-reward-mean")).to_have_attribute("data-points", "3", timeout=15_000)
+        expect(page.locator("#eval-gallery-box")).to_be_hidden()
+        assert list(read_panels(page)) == ["reward-mean"]
+        browser.close()
 
 
 def test_deploy_files_are_valid_and_consistent():

@@ -115,6 +115,64 @@ def test_samples_are_png_files_with_their_breakdown(tmp_path):
     assert store.sample_steps(run) == [5]  # failed calls recorded nothing
 
 
+# The schema before eval samples existed (a database written by an older blip3o-rl).
+_OLD_SCHEMA = """
+CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL,
+                   started_at REAL NOT NULL, ended_at REAL);
+CREATE TABLE metrics (run_id TEXT NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, key TEXT NOT NULL,
+                      value REAL, time REAL NOT NULL, PRIMARY KEY (run_id, step, key)) WITHOUT ROWID;
+CREATE TABLE metric_keys (run_id TEXT NOT NULL REFERENCES runs(id), key TEXT NOT NULL,
+                          PRIMARY KEY (run_id, key)) WITHOUT ROWID;
+CREATE TABLE samples (run_id TEXT NOT NULL REFERENCES runs(id), step INTEGER NOT NULL, idx INTEGER NOT NULL,
+                      prompt TEXT NOT NULL, image TEXT NOT NULL, reward REAL NOT NULL, components TEXT NOT NULL,
+                      PRIMARY KEY (run_id, step, idx)) WITHOUT ROWID;
+CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(id),
+                     time REAL NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
+INSERT INTO runs VALUES ('old-run', 'old', '{}', 'finished', 1.0, 2.0);
+INSERT INTO metrics VALUES ('old-run', 1, 'reward/mean', 0.5, 1.5);
+INSERT INTO metric_keys VALUES ('old-run', 'reward/mean');
+"""
+
+
+def test_eval_samples_are_a_kind_of_their_own_and_old_databases_open(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with sqlite3.connect(runs / "runs.db") as db:
+        db.executescript(_OLD_SCHEMA)
+    store = RunStore(runs)  # an older database: opened as it is, the eval table added
+    assert store.metrics("old-run").values == {"reward/mean": [0.5]}
+    assert store.sample_steps("old-run", "eval") == []
+
+    run = store.create_run("r", {})
+    store.log_samples(run, 4, [SampleRecord("train prompt", _pixels(4, 0), 0.1)])
+    store.log_samples(run, 4, [SampleRecord(f"eval {i}", _pixels(4, i + 1), 0.5 * i, {"ocr": 0.5 * i})
+                               for i in range(2)], kind="eval")
+    store.log_samples(run, 8, [SampleRecord("eval 0", _pixels(8, 1), 0.9)], kind="eval")
+    assert store.sample_steps(run) == [4] and store.sample_steps(run, "eval") == [4, 8]
+    assert [s.prompt for s in store.samples(run, 4)] == ["train prompt"]
+    evaluated = store.samples(run, 4, "eval")
+    assert [(s.prompt, s.reward, s.components) for s in evaluated] == [
+        ("eval 0", 0.0, {"ocr": 0.0}), ("eval 1", 0.5, {"ocr": 0.5})]
+    assert evaluated[1].image.startswith(f"{run}/eval_samples/step_0000004/")
+    np.testing.assert_array_equal(np.asarray(Image.open(store.runs_dir / evaluated[1].image)), _pixels(4, 2))
+
+    store.log_metrics(run, 8, {"reward/mean": 0.5})
+    store.resume_run(run, checkpoint_step=4)  # eval samples after the checkpoint go too, files included
+    assert store.sample_steps(run, "eval") == [4] and store.sample_steps(run) == [4]
+    assert not (store.runs_dir / run / "eval_samples" / "step_0000008").exists()
+
+
+def test_metrics_listener_gets_each_committed_step(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create_run("r", {})
+    heard = []
+    store.add_metrics_listener(lambda run_id, step, metrics: heard.append((run_id, step, metrics)))
+    store.log_metrics(run, 1, {"reward/mean": 0.5, "policy/kl": float("nan")})
+    with pytest.raises(UnknownRunError):
+        store.log_metrics("nope", 2, {"reward/mean": 0.5})  # not committed: not heard
+    assert heard == [(run, 1, {"reward/mean": 0.5, "policy/kl": None})]
+
+
 def test_events_status_and_unknown_runs(tmp_path):
     store = RunStore(tmp_path)
     older = store.create_run("older", {})

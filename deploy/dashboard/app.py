@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from deploy.dashboard.schemas import Event, Metrics, RunDetail, RunSummary, Sample, Samples
-from rl.run_store import RunInfo, RunStore, UnknownRunError
+from rl.run_store import RunInfo, RunStore, SampleKind, UnknownRunError
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_KEY_LENGTH = 200
@@ -41,6 +41,7 @@ def create_app(runs_dir: str | Path) -> FastAPI:
             config=run.config,
             metric_keys=store.metric_keys(run_id),
             sample_steps=store.sample_steps(run_id),
+            eval_sample_steps=store.sample_steps(run_id, "eval"),
             events=[Event(time=e.time, kind=e.kind, message=e.message) for e in store.events(run_id)],
         )
 
@@ -58,27 +59,28 @@ def create_app(runs_dir: str | Path) -> FastAPI:
     def get_samples(
         run_id: str,
         step: Annotated[int | None, Query(ge=0, description="step to show; the latest if absent")] = None,
+        kind: Annotated[SampleKind, Query(description="train: the step's rollouts; eval: in-run evaluation")] = "train",
     ) -> Samples:
-        steps = store.sample_steps(run_id)
+        steps = store.sample_steps(run_id, kind)
         if step is None:
             step = steps[-1] if steps else None
         elif step not in steps:
-            raise HTTPException(404, f"run {run_id!r} has no samples at step {step}")
-        stored = store.samples(run_id, step) if step is not None else []
+            raise HTTPException(404, f"run {run_id!r} has no {kind} samples at step {step}")
+        stored = store.samples(run_id, step, kind) if step is not None else []
         samples = [
             Sample(
                 index=s.index, prompt=s.prompt, reward=s.reward, components=s.components,
-                image_url=f"/api/runs/{run_id}/samples/{s.step}/{s.index}.png",
+                image_url=f"/api/runs/{run_id}/samples/{s.step}/{s.index}.png?kind={kind}",
             )
             for s in stored
         ]
         return Samples(run_id=run_id, step=step, samples=samples)
 
     @app.get("/api/runs/{run_id}/samples/{step}/{index}.png", response_class=FileResponse)
-    def get_sample_image(run_id: str, step: int, index: int) -> FileResponse:
-        match = [s for s in store.samples(run_id, step) if s.index == index]
+    def get_sample_image(run_id: str, step: int, index: int, kind: SampleKind = "train") -> FileResponse:
+        match = [s for s in store.samples(run_id, step, kind) if s.index == index]
         if not match:
-            raise HTTPException(404, f"run {run_id!r} has no sample {index} at step {step}")
+            raise HTTPException(404, f"run {run_id!r} has no {kind} sample {index} at step {step}")
         return FileResponse(store.runs_dir / match[0].image, media_type="image/png")
 
     @app.get("/", include_in_schema=False)

@@ -39,7 +39,9 @@ class RunDetail(RunSummary):
     metric_keys: list[str]
     """Every metric key logged so far."""
     sample_steps: list[int]
-    """Steps that have samples in the gallery."""
+    """Steps that have training samples in the gallery."""
+    eval_sample_steps: list[int]
+    """Steps that have in-run evaluation samples (the eval gallery)."""
     events: list[Event]
     """Events in the order they happened."""
 

@@ -1,20 +1,84 @@
-// blip3o-rl dashboard: polls the JSON API and draws uPlot charts and the sample gallery.
+// blip3o-rl dashboard: polls the JSON API and draws uPlot charts and the sample galleries.
 // No build step. URL parameters: ?run=ID&compare=ID&smooth=0.6&poll=2000 (ms between polls).
 "use strict";
 
-// Which chart a metric key goes to (first match wins); key names come from rl/run_store.py.
-const CHART_GROUPS = [
-  { id: "reward-mean", title: "Mean reward", match: (k) => k === "reward/mean" },
-  { id: "reward-functions", title: "Reward per function", match: (k) => k.startsWith("reward/") && k !== "reward/std" },
-  { id: "geneval", title: "GenEval accuracy per tag", match: (k) => k.startsWith("geneval/") },
-  { id: "ocr", title: "OCR reward", match: (k) => k.startsWith("ocr/") },
-  { id: "kl", title: "KL to reference", match: (k) => k === "policy/kl" },
-  { id: "entropy", title: "Entropy", match: (k) => k === "policy/entropy" },
-  { id: "clip-fraction", title: "Clip fraction", match: (k) => k === "policy/clip_fraction" },
-  { id: "time", title: "Step time by stage (s)", match: (k) => k.startsWith("time/") },
-  { id: "throughput", title: "Throughput", match: (k) => k.startsWith("throughput/") },
-  { id: "other", title: "Other metrics", match: () => true },
+// Panels: which metric keys share a chart, and the y scale of each chart (key names: rl/run_store.py).
+// Keys in one panel measure the same thing in the same unit; any key no panel claims gets a panel of
+// its own, so a version number never shares an axis with a fraction. Scales (see yRange):
+//   fraction  0..1 always (accuracies, shares)       share  0..max, at most 1 (small fractions)
+//   nonneg    0..max (KL, entropy, seconds, counts)   data   the data's range, padded (from 0 when >= 0 and near it)
+//   unit      0..1 while every value fits, else data (eval results, guard statistics)
+// A step where a metric was not measured is null: a gap in the line (spanGaps false), never a 0.
+// Eval panels are sparse by design (every K steps), so their points are drawn and joined.
+const PANELS = [
+  { id: "reward-mean", title: "Mean reward", scale: "data", match: (k) => k === "reward/mean" },
+  { id: "reward-functions", title: "Reward per function", scale: "data", match: (k) => k.startsWith("reward/") && k !== "reward/std" },
+  { id: "reward-std", title: "Reward std within the step", scale: "nonneg", match: (k) => k === "reward/std" },
+  { id: "geneval", title: "GenEval accuracy per tag", scale: "fraction", match: (k) => k.startsWith("geneval/") },
+  { id: "ocr", title: "OCR exact-match share", scale: "fraction", match: (k) => k.startsWith("ocr/") },
+  { id: "kl", title: "KL to reference", scale: "nonneg", match: (k) => k === "policy/kl" },
+  { id: "entropy", title: "Entropy (nats per token)", scale: "nonneg", match: (k) => k === "policy/entropy" },
+  { id: "clip-fraction", title: "Clipped token share", scale: "share", match: (k) => k.startsWith("policy/clip_") },
+  { id: "loss", title: "Policy loss", scale: "data", match: (k) => k === "policy/loss" },
+  { id: "grad-norm", title: "Gradient norm", scale: "nonneg", match: (k) => k === "policy/grad_norm" },
+  { id: "ratio-max", title: "Largest importance ratio", scale: "data", match: (k) => k === "policy/ratio_max" },
+  { id: "lr", title: "Learning rate", scale: "nonneg", match: (k) => k === "policy/lr" },
+  { id: "version", title: "Policy version", scale: "nonneg", match: (k) => k === "policy/version" },
+  { id: "staleness", title: "Rollout staleness (versions behind)", scale: "nonneg", match: (k) => k === "policy/staleness" },
+  { id: "zero-signal", title: "Zero-signal groups (share)", scale: "fraction", match: (k) => k === "groups/zero_signal_share" },
+  { id: "time", title: "Step time by stage (s)", scale: "nonneg", match: (k) => k.startsWith("time/") },
+  { id: "throughput", title: "Throughput (images/s)", scale: "nonneg", match: (k) => k.startsWith("throughput/") },
 ];
+const panelCache = new Map();
+
+function slug(text) {
+  return text.replace(/[^A-Za-z0-9_]+/g, "-");
+}
+
+function panelOf(key) {
+  if (!panelCache.has(key)) panelCache.set(key, findPanel(key));
+  return panelCache.get(key);
+}
+
+// The panel of a metric key: a fixed one; else one per eval benchmark (eval/<bench>/<name>: all but
+// the last part), one per guard statistic (guard/<statistic>[/...]), or one for the key alone.
+// `rank` orders the page: fixed panels in PANELS order, then eval, guard and the rest by name.
+function findPanel(key) {
+  const fixed = PANELS.findIndex((p) => p.match(key));
+  if (fixed >= 0) return { ...PANELS[fixed], rank: [0, fixed] };
+  const [head, ...rest] = key.split("/");
+  if (head === "eval") {
+    const bench = rest.slice(0, -1).join("/") || "overall";
+    return { id: slug(`eval-${bench}`), title: `Eval: ${bench}`, scale: "unit", sparse: true, rank: [1, bench] };
+  }
+  if (head === "guard" && rest.length) {
+    return { id: slug(`guard-${rest[0]}`), title: `Guard: ${rest[0]}`, scale: "unit", rank: [2, rest[0]] };
+  }
+  return { id: slug(`metric-${key}`), title: key, scale: "data", rank: [3, key] };
+}
+
+function comparePanels(a, b) {
+  return a.rank[0] - b.rank[0] || (a.rank[1] < b.rank[1] ? -1 : a.rank[1] > b.rank[1] ? 1 : 0);
+}
+
+// y range of a panel from the finite min/max uPlot found in its data (null/inf when there is none).
+function yRange(scale) {
+  return (u, min, max) => {
+    const has = Number.isFinite(min) && Number.isFinite(max);
+    if (scale === "fraction" || (scale === "unit" && (!has || (min >= 0 && max <= 1)))) return [0, 1];
+    if (!has) return [0, 1];
+    if (scale === "share") return [0, max > 0 ? Math.min(1, max * 1.15) : 1];
+    if (scale === "nonneg" || ((scale === "data" || scale === "unit") && min >= 0 && max > 0 && min <= 0.5 * max)) {
+      return [0, max > 0 ? max * 1.15 : 1];
+    }
+    // a constant (also one smoothing left off by rounding: 0.1 vs 0.10000000000000002) gets +-10%;
+    // a zero-width range would make uPlot's tick loop run away
+    const constant = max - min <= 1e-9 * Math.max(Math.abs(max), Math.abs(min), 1e-12);
+    const pad = constant ? Math.max(Math.abs(max) * 0.1, 0.1) : 0.08 * (max - min);
+    return [min - pad, max + pad];
+  };
+}
+
 const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
 
 const params = new URLSearchParams(location.search);
@@ -25,8 +89,8 @@ const state = {
   smooth: Number(params.get("smooth") || 0),
   pollMs: Number(params.get("poll") || 2000),
   series: {},        // run id -> {steps: [], values: {key: []}, events: n}
-  charts: {},        // group id -> {plot, signature}
-  galleryStep: null, // step shown in the gallery
+  charts: {},        // panel id -> {plot, element, signature, panel}
+  galleries: {},     // sample kind ("train", "eval") -> step shown
   detail: null,      // last /api/runs/{id} answer for the shown run
 };
 window.dashboard = state; // read by the browser test (chart point counts)
@@ -37,10 +101,6 @@ async function getJSON(url) {
   const response = await fetch(url);
   if (!response.ok) throw new Error(`${url}: ${response.status} ${(await response.json()).detail}`);
   return response.json();
-}
-
-function groupOf(key) {
-  return CHART_GROUPS.find((g) => g.match(key)).id;
 }
 
 // TensorBoard-style exponential moving average, debiased so early points are not pulled to 0.
@@ -72,66 +132,101 @@ async function refreshSeries(runId, detail) {
   held.steps = held.steps.concat(fresh.steps);
 }
 
-function chartData(group) {
-  // One table per shown run: [steps, ...smoothed values of this group's keys]; joined on steps.
+// Align tables [steps, ...columns] on the union of their steps; a step a run does not have is null.
+function joinOnSteps(tables) {
+  if (tables.length === 1) return tables[0];
+  const steps = [...new Set(tables.flatMap((t) => t[0]))].sort((a, b) => a - b);
+  const position = new Map(steps.map((step, i) => [step, i]));
+  const joined = [steps];
+  for (const [own, ...columns] of tables) {
+    for (const column of columns) {
+      const aligned = new Array(steps.length).fill(null);
+      own.forEach((step, i) => { aligned[position.get(step)] = column[i]; });
+      joined.push(aligned);
+    }
+  }
+  return joined;
+}
+
+function shownRuns() {
+  return [state.runId, state.compareId].filter((id) => id && state.series[id]);
+}
+
+// Panels with at least one measured value in a shown run, in display order.
+function activePanels() {
+  const panels = new Map();
+  for (const runId of shownRuns()) {
+    for (const [key, values] of Object.entries(state.series[runId].values)) {
+      if (values.some((v) => v !== null && v !== undefined)) panels.set(panelOf(key).id, panelOf(key));
+    }
+  }
+  return [...panels.values()].sort(comparePanels);
+}
+
+function chartData(panel) {
+  // One table per shown run: [steps, ...smoothed values of this panel's keys]; joined on steps.
   const tables = [], series = [];
-  [state.runId, state.compareId].filter(Boolean).forEach((runId, runIndex) => {
+  shownRuns().forEach((runId, runIndex) => {
     const held = state.series[runId];
-    if (!held) return;
-    const keys = Object.keys(held.values).filter((k) => groupOf(k) === group.id).sort();
+    const keys = Object.keys(held.values).filter((k) => panelOf(k).id === panel.id).sort();
     if (!keys.length) return;
     tables.push([held.steps, ...keys.map((k) => smooth(held.values[k], state.smooth))]);
     keys.forEach((k) => series.push({ runIndex, key: k, runId }));
   });
-  if (!tables.length) return null;
-  const data = tables.length === 1 ? tables[0] : uPlot.join(tables);
-  return { data, series };
+  return tables.length ? { data: joinOnSteps(tables), series } : null;
 }
 
 function drawCharts() {
   const box = $("charts");
   const width = Math.max(380, Math.floor(box.clientWidth / Math.max(1, Math.floor(box.clientWidth / 460))) - 30);
-  for (const group of CHART_GROUPS) {
-    const built = chartData(group);
-    const existing = state.charts[group.id];
-    if (!built) {
-      if (existing) { existing.plot.destroy(); existing.element.remove(); delete state.charts[group.id]; }
-      continue;
-    }
+  const panels = activePanels();
+  const wanted = new Set(panels.map((p) => p.id));
+  for (const [id, chart] of Object.entries(state.charts)) {
+    if (!wanted.has(id)) { chart.plot.destroy(); chart.element.remove(); delete state.charts[id]; }
+  }
+  let previous = null;
+  for (const panel of panels) {
+    const built = chartData(panel);
+    const existing = state.charts[panel.id];
     const signature = built.series.map((s) => `${s.runId}|${s.key}`).join(",") + `|${width}`;
     if (existing && existing.signature === signature) {
       existing.plot.setData(built.data);
     } else {
       if (existing) { existing.plot.destroy(); existing.element.remove(); }
-      state.charts[group.id] = makeChart(group, built, signature, width);
+      state.charts[panel.id] = makeChart(panel, built, signature, width);
     }
-    const element = state.charts[group.id].element;
+    const element = state.charts[panel.id].element;
+    // keep the page in panel order whatever order the panels appeared in
+    if (previous ? previous.nextSibling !== element : box.firstChild !== element) box.insertBefore(element, previous ? previous.nextSibling : box.firstChild);
+    previous = element;
     element.dataset.points = String(state.series[state.runId]?.steps.length ?? 0);
   }
 }
 
-function makeChart(group, built, signature, width) {
+function makeChart(panel, built, signature, width) {
   const element = document.createElement("div");
   element.className = "chart";
-  element.id = `chart-${group.id}`;
-  element.dataset.testid = `chart-${group.id}`;
-  element.innerHTML = `<h3>${group.title}</h3>`;
-  // Keep charts in CHART_GROUPS order whatever order they appear in.
-  const after = CHART_GROUPS.slice(CHART_GROUPS.indexOf(group) + 1).map((g) => state.charts[g.id]).find(Boolean);
-  $("charts").insertBefore(element, after ? after.element : null);
+  element.id = `chart-${panel.id}`;
+  element.dataset.testid = `chart-${panel.id}`;
+  element.dataset.scale = panel.scale;
+  element.innerHTML = "<h3></h3>";
+  element.querySelector("h3").textContent = panel.title;
   const colours = {};
   const series = [{ label: "step" }].concat(built.series.map((s) => {
     colours[s.key] = colours[s.key] || PALETTE[Object.keys(colours).length % PALETTE.length];
     const label = state.compareId ? `${s.key} [${s.runIndex === 0 ? "A" : "B"}]` : s.key;
-    return { label, stroke: colours[s.key], width: 1.5, dash: s.runIndex === 0 ? undefined : [6, 4], spanGaps: true };
+    return {
+      label, stroke: colours[s.key], width: 1.5, dash: s.runIndex === 0 ? undefined : [6, 4],
+      spanGaps: Boolean(panel.sparse), points: panel.sparse ? { show: true, size: 6 } : {},
+    };
   }));
   const plot = new uPlot({
     width, height: 220, series,
-    scales: { x: { time: false } },
+    scales: { x: { time: false }, y: { range: yRange(panel.scale) } },
     axes: [{ label: "step" }, { size: 60 }],
     legend: { live: true },
   }, built.data, element);
-  return { plot, element, signature };
+  return { plot, element, signature, panel };
 }
 
 // ---- runs list, events, config
@@ -171,19 +266,24 @@ function drawDetail(detail) {
   }
 }
 
-// ---- gallery: one step's samples with prompt and reward breakdown
-async function drawGallery(detail) {
-  const slider = $("step-slider");
-  const steps = detail.sample_steps;
+// ---- galleries: one step's samples with prompt and reward breakdown; "train" (the step's rollouts)
+// and "eval" (in-run evaluation images, shown once the run has any). Element ids: PREFIX[kind] + name.
+const GALLERY_PREFIX = { train: "", eval: "eval-" };
+
+async function drawGallery(detail, kind) {
+  const el = (name) => $(GALLERY_PREFIX[kind] + name);
+  const steps = kind === "eval" ? detail.eval_sample_steps : detail.sample_steps;
+  el("gallery-box").hidden = kind === "eval" && !steps.length;
+  const slider = el("step-slider");
   slider.max = String(Math.max(0, steps.length - 1));
-  if (!steps.length) { $("gallery").innerHTML = ""; $("gallery-step").textContent = "(none yet)"; return; }
-  if ($("follow").checked || !steps.includes(state.galleryStep)) slider.value = String(steps.length - 1);
+  if (!steps.length) { el("gallery").innerHTML = ""; el("gallery-step").textContent = "(none yet)"; return; }
+  if (el("follow").checked || !steps.includes(state.galleries[kind])) slider.value = String(steps.length - 1);
   const step = steps[Number(slider.value)];
-  if (step === state.galleryStep && $("gallery").children.length) return;
-  const response = await getJSON(`/api/runs/${encodeURIComponent(detail.id)}/samples?step=${step}`);
-  state.galleryStep = step;
-  $("gallery-step").textContent = `step ${step}`;
-  const gallery = $("gallery");
+  if (step === state.galleries[kind] && el("gallery").children.length) return;
+  const response = await getJSON(`/api/runs/${encodeURIComponent(detail.id)}/samples?step=${step}&kind=${kind}`);
+  state.galleries[kind] = step;
+  el("gallery-step").textContent = `step ${step}`;
+  const gallery = el("gallery");
   gallery.innerHTML = "";
   for (const sample of response.samples) {
     const card = document.createElement("div");
@@ -215,7 +315,8 @@ async function poll() {
       await refreshSeries(state.runId, detail);
       if (state.compareId) await refreshSeries(state.compareId, await getJSON(`/api/runs/${encodeURIComponent(state.compareId)}`));
       drawCharts();
-      await drawGallery(detail);
+      await drawGallery(detail, "train");
+      await drawGallery(detail, "eval");
     }
     $("live").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
@@ -233,7 +334,7 @@ function saveUrl() {
 function selectRun(runId) {
   state.runId = runId;
   if (state.compareId === runId) state.compareId = "";
-  state.galleryStep = null;
+  state.galleries = {};
   state.detail = null;
   saveUrl();
   drawRuns();
@@ -249,9 +350,11 @@ $("smooth").oninput = (event) => {
   saveUrl();
   drawCharts();
 };
-$("step-slider").oninput = () => {
-  $("follow").checked = false;
-  if (state.detail) drawGallery(state.detail);
-};
+for (const [kind, prefix] of Object.entries(GALLERY_PREFIX)) {
+  $(prefix + "step-slider").oninput = () => {
+    $(prefix + "follow").checked = false;
+    if (state.detail) drawGallery(state.detail, kind);
+  };
+}
 window.addEventListener("resize", () => drawCharts());
 poll();
