@@ -31,6 +31,7 @@ from policy.logprobs import left_padded_batch
 from policy.model_dir import CheckpointNotFoundError, ModelPaths
 from policy.vocab import ImageVocab
 from rollout.decoder_config import DecoderConfig
+from rollout.flow_sde import SdeTrajectory, sde_step, step_log_prob, step_noise
 
 
 def load_sana_parts(paths: ModelPaths, dtype: torch.dtype, device: str):
@@ -58,6 +59,8 @@ def latents_to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 class SanaDecoder:
     """Holds the AR model (inference copy), connector, SANA, DC-AE and scheduler of one model dir."""
+
+    conditions_on_ar_weights = True
 
     def __init__(self, paths: ModelPaths, vocab: ImageVocab, pad_id: int, config: DecoderConfig):
         self.vocab = vocab
@@ -104,28 +107,64 @@ class SanaDecoder:
         rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + r)) for r in range(batch_size)]
         return torch.stack(rows).to(self.device)  # [B, C, h, w]
 
+    def captions(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """SANA's cross-attention input for the null (all-zero AR states) and the real condition:
+        [B, N+1, h] -> [2B, N+1, d], null rows first."""
+        null_and_cond = torch.cat([torch.zeros_like(hidden_states), hidden_states])  # [2B, N+1, h]
+        return self.connector(null_and_cond.to(self.dtype))  # [2B, N+1, d]
+
+    def schedule(self, steps: int) -> tuple[torch.Tensor, list[float]]:
+        """Timesteps [T] and the T+1 sigmas (1 .. 1/T, then 0) of BLIP3o-NEXT's Euler schedule."""
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=self.device)
+        return self.scheduler.timesteps, [float(s) for s in self.scheduler.sigmas]
+
+    def guided_velocity(self, latents: torch.Tensor, t: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """v_null + w (v_cond - v_null) at timestep t: [B, C, h, w] -> [B, C, h, w] float32."""
+        batch_size = latents.shape[0]
+        model_input = torch.cat([latents, latents]).to(self.dtype)  # [2B, C, h, w]
+        velocity = self.transformer(
+            model_input,
+            encoder_hidden_states=captions,
+            timestep=(t * self.transformer.config.timestep_scale).expand(2 * batch_size),
+            return_dict=False,
+        )[0].float()  # [2B, C, h, w]
+        v_null, v_cond = velocity.chunk(2)  # [B, C, h, w] each
+        return v_null + self.guidance_scale * (v_cond - v_null)  # [B, C, h, w]
+
     @torch.no_grad()
     def sample_latents(self, hidden_states: torch.Tensor, seed: int) -> torch.Tensor:
         """Flow-matching Euler sampling with CFG: x <- x + (s' - s) * (v_null + w (v_cond - v_null))."""
-        batch_size = hidden_states.shape[0]
-        null_and_cond = torch.cat([torch.zeros_like(hidden_states), hidden_states])  # [2B, N+1, h]
-        captions = self.connector(null_and_cond.to(self.dtype))  # [2B, N+1, d]
-        latents = self.initial_noise(batch_size, seed)  # [B, C, h, w]
-        sigmas = np.linspace(1.0, 1.0 / self.num_inference_steps, self.num_inference_steps)
-        self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
-        timestep_scale = self.transformer.config.timestep_scale
-        for t in self.scheduler.timesteps:
-            model_input = torch.cat([latents, latents]).to(self.dtype)  # [2B, C, h, w]
-            velocity = self.transformer(
-                model_input,
-                encoder_hidden_states=captions,
-                timestep=(t * timestep_scale).expand(2 * batch_size),
-                return_dict=False,
-            )[0].float()  # [2B, C, h, w]
-            v_null, v_cond = velocity.chunk(2)  # [B, C, h, w] each
-            guided = v_null + self.guidance_scale * (v_cond - v_null)  # [B, C, h, w]
+        captions = self.captions(hidden_states)  # [2B, N+1, d]
+        latents = self.initial_noise(hidden_states.shape[0], seed)  # [B, C, h, w]
+        timesteps, _ = self.schedule(self.num_inference_steps)
+        for t in timesteps:
+            guided = self.guided_velocity(latents, t, captions)  # [B, C, h, w]
             latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]  # [B, C, h, w]
         return latents
+
+    @torch.no_grad()
+    def sample_sde(self, hidden_states: torch.Tensor, seed: int, steps: int, noise_level: float,
+                   sde_steps: list[int] | None = None) -> SdeTrajectory:
+        """Flow-GRPO sampling (rollout/flow_sde.py): the steps in `sde_steps` (all by default) are
+        SDE transitions with log-probs, the others Euler ODE steps (MixGRPO's window). Row r's
+        noise at step t comes from (seed + r, t) alone, as its initial noise from seed + r."""
+        batch_size = hidden_states.shape[0]
+        captions = self.captions(hidden_states)  # [2B, N+1, d]
+        latents = self.initial_noise(batch_size, seed).float()  # [B, C, h, w]
+        timesteps, sigmas = self.schedule(steps)
+        sde_steps = list(range(steps)) if sde_steps is None else sorted(sde_steps)
+        trajectory, log_probs = [latents], torch.zeros(steps, batch_size)  # [T, B]
+        for index, t in enumerate(timesteps):
+            velocity = self.guided_velocity(latents, t, captions)  # [B, C, h, w]
+            level = noise_level if index in sde_steps else 0.0
+            noise = torch.stack([step_noise(seed + r, index, tuple(latents.shape[1:])) for r in range(batch_size)])
+            step = sde_step(velocity, latents, sigmas[index], sigmas[index + 1], sigmas[1], level,
+                            noise=noise.to(latents.device))
+            if level > 0:
+                log_probs[index] = step_log_prob(step).cpu()
+            latents = step.next_latents  # [B, C, h, w]
+            trajectory.append(latents)
+        return SdeTrajectory(torch.stack(trajectory).cpu(), log_probs, sigmas, sde_steps, noise_level)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
