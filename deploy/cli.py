@@ -34,6 +34,23 @@ def _convert_blip3o_next(args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from rl.memory_plan import run_plan
+    from rl.train_config import ConfigError
+
+    try:
+        report, verdict = run_plan(args.config, args.model_shape, args.device_gib, args.host_gib)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"blip3o-rl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(report)
+    if not verdict.fits:
+        for problem in verdict.problems:
+            print(f"blip3o-rl: does not fit: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    print("\nfits")
+
+
 def _dashboard(args: argparse.Namespace) -> None:
     from deploy.dashboard.app import serve
 
@@ -80,13 +97,39 @@ def _rewards_loadtest(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _prompts(args: argparse.Namespace) -> None:
+    from rl.prompt_sets import PromptSetError, write_prompt_set
+
+    try:
+        write_prompt_set(args.prompts_command, Path(args.out), args.n, args.seed)
+    except PromptSetError as error:
+        print(f"blip3o-rl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from rl.eval_command import main as eval_main
+
+    eval_main(args)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o-rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model directory")
     tiny.add_argument("directory")
-    tiny.add_argument("--preset", choices=["sana", "glyph"], default="sana")
+    from policy.tiny import PRESETS
+
+    tiny.add_argument("--preset", choices=sorted(PRESETS), default="sana",
+                      help="sana/glyph: tiny CPU models; blip3o-next-shape: BLIP3o-NEXT's real widths, 2 layers deep")
     tiny.set_defaults(run=_make_tiny)
 
     tiny_geneval = sub.add_parser("make-tiny-geneval", help="write tiny random Mask2Former + CLIP GenEval models")
@@ -96,9 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert-blip3o-next", help="convert a BLIP3o-NEXT hub checkpoint into a model directory")
     convert.add_argument("source", help="checkpoint dir or hub id, e.g. BLIP3o/BLIP3o-NEXT-SFT-3B")
     convert.add_argument("out", help="model directory to write (must not exist)")
-    convert.add_argument("--sana", help="SANA diffusers dir or hub id (default: the checkpoint's diffusion_name_or_path)")
+    convert.add_argument("--sana", help="SANA diffusers dir or hub id, e.g. Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers "
+                         "(default: the checkpoint's diffusion_name_or_path; the public checkpoints say DIFFUSION there, "
+                         "so pass it)")
     convert.add_argument("--tokens-per-image", type=int, default=729, help="image tokens per image (default 729)")
     convert.set_defaults(run=_convert_blip3o_next)
+
+    plan = sub.add_parser("plan", help="memory each role of a config needs, and whether it fits (exit 2 if not)")
+    plan.add_argument("--config", required=True, help="run config (YAML)")
+    plan.add_argument("--model-shape", help="plan for this shape instead of reading the model directory: "
+                      "blip3o-next-3b (full depth) or a make-tiny preset (needed when the directory does not exist)")
+    plan.add_argument("--device-gib", type=float, default=80.0, help="memory of each GPU (default 80: A100/H100 80GB)")
+    plan.add_argument("--host-gib", type=float, help="RAM shared by the CPU roles (default: this machine's MemTotal)")
+    plan.set_defaults(run=_plan)
 
     # listed for --help; main() hands `train ...` to rl.train's own parser untouched
     sub.add_parser("train", help="run GRPO: blip3o-rl train --config FILE [--resume [RUN_ID]]")
@@ -131,6 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--seed", type=int, default=0, help="seed of the items and of the request mix")
     loadtest.add_argument("--max-items", type=int, default=64, help="the server's --max-items (default 64)")
     loadtest.set_defaults(run=_rewards_loadtest)
+
+    evaluation = sub.add_parser("eval", help="benchmark a model or run checkpoint: GenEval or OCR (resumable)")
+    from rl.eval_command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(run=_eval)
+
+    prompts = sub.add_parser("prompts", help="write a training prompt set disjoint from every evaluation set")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
+    for kind, help_text, default_n in (
+        ("geneval", "GenEval metadata lines by Flow-GRPO's recipe (GenEval's generator, tag weights)", 5000),
+        ("ocr", "text-rendering prompts, each with its target text in double quotes", 4000),
+    ):
+        maker = prompts_sub.add_parser(kind, help=help_text)
+        maker.add_argument("--out", required=True, help="file to write (replaced if it exists)")
+        maker.add_argument("--n", type=_at_least_one, default=default_n, help=f"lines to write (default {default_n})")
+        maker.add_argument("--seed", type=int, default=0, help="the same seed writes the same file (default 0)")
+        maker.set_defaults(run=_prompts)
     return parser
 
 

@@ -27,19 +27,40 @@ class CheckpointNotFoundError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """How the model's authors sample image tokens (the hub's `generation_config.json`).
+
+    Kept in our layout file rather than as `ar/generation_config.json`, so vLLM never applies it
+    behind our back: the rollout config takes these values unless it names its own.
+    """
+
+    top_k: int = 0
+    """Keep the k most likely image tokens; 0 = off."""
+    top_p: float = 1.0
+    """Nucleus mass; 1.0 = off."""
+    temperature: float = 1.0
+    source: str = ""
+    """Where the values came from (e.g. "generation_config.json of BLIP3o/BLIP3o-NEXT-SFT-3B")."""
+
+
+@dataclass(frozen=True)
 class ModelLayout:
     tokens_per_image: int
     image_size: int
     decoder: str
     tiny_spec: dict = field(default_factory=dict)
     format_version: int = 1
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    """Sampling defaults of the model (no truncation unless a converter recorded some)."""
 
     def save(self, directory: Path) -> None:
         (Path(directory) / LAYOUT_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> "ModelLayout":
-        return cls(**json.loads((Path(directory) / LAYOUT_FILE).read_text()))
+        raw = json.loads((Path(directory) / LAYOUT_FILE).read_text())
+        raw["sampling"] = SamplingDefaults(**raw.get("sampling", {}))
+        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,8 @@ class ModelPaths:
         return ModelLayout.load(self.root)
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """`org/name` and not a path: what the hub resolver is asked for."""
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -90,10 +112,10 @@ def resolve_checkpoint(spec: str, *, local_files_only: bool | None = None) -> Pa
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         raise CheckpointNotFoundError(
             f"model checkpoint '{spec}' not found: no such directory. Give a local model directory "
-            "(e.g. one written by `blip3o-rl make-tiny DIR`) or a hub id such as BLIP3o/BLIP3o-NEXT-SFT."
+            "(e.g. one written by `blip3o-rl make-tiny DIR`) or a hub id such as BLIP3o/BLIP3o-NEXT-SFT-3B."
         )
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -16,8 +16,11 @@ from ray.serve.deployment import Application
 from rewards.app.settings import Settings
 
 
-def build_serve_app(settings: Settings, num_cpus: float = 1.0, max_ongoing_requests: int = 256) -> Application:
-    """A one-replica Serve application running `create_app(settings)`."""
+def build_serve_app(settings: Settings, num_cpus: float = 1.0, max_ongoing_requests: int = 256, *,
+                    num_replicas: int = 1, num_gpus: float = 0.0,
+                    resources: dict[str, float] | None = None) -> Application:
+    """A Serve application of `num_replicas` replicas running `create_app(settings)`, each with
+    `num_cpus`, `num_gpus` and custom `resources` (the reward role's, rl/placement.py)."""
 
     def build():
         from rewards.app.main import create_app
@@ -26,9 +29,9 @@ def build_serve_app(settings: Settings, num_cpus: float = 1.0, max_ongoing_reque
 
     @serve.deployment(
         name="rewards",
-        num_replicas=1,
+        num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests,  # let many requests reach the app's batcher
-        ray_actor_options={"num_cpus": num_cpus},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {}},
     )
     @serve.ingress(build)
     class RewardServer:

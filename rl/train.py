@@ -15,43 +15,46 @@ hangs is killed and restarted; before the chunk it held is redone, every worker 
 learner's current weights and must report serving that version. A reward service that stays down
 past `rewards.outage_budget_s`, SIGTERM (`ray job stop`) and Ctrl-C stop the run cleanly: the
 in-flight step is abandoned (its prompts go back to the sampler), the last finished step is
-checkpointed, the run is marked stopped, and `--resume` continues it. Every fault is an event in
-the run store.
+checkpointed, the run is marked stopped, and `--resume` continues it. Any other error during the
+loop (a stage's own error such as an out-of-memory decoder or a 4xx from the reward API, a learner
+error) stops it the same way, marked failed (exit 4). Every fault is an event in the run store.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
-from rl.checkpoint import CheckpointDir, TrainerState
+from rl.checkpoint import CheckpointDir, CheckpointError, TrainerState
+from rl.fleet import Fleet, WorkerFailedError
 from rl.grpo import group_advantages
-from rl.learner_config import LearnerConfig
 from rl.pipeline import ChunkFault, PendingStep, RewardOutageError, ScoredStep
+from rl.placement import check_cluster_fits, role_demands, role_resources
 from rl.prompts import PromptSampler, SamplerState
 from rl.run_store import RunStore, SampleRecord
-from rl.scoring import RewardEndpoint, start_reward_service, stop_reward_service
+from rl.scoring import (
+    RewardEndpoint,
+    check_reward_service,
+    check_rows_fit_config,
+    start_reward_service,
+    stop_reward_service,
+)
 from rl.train_config import ConfigError, TrainConfig, load_config
-
-if TYPE_CHECKING:
-    from rl.weight_sync import SyncReport
+from rl.wandb_logger import attach_wandb
 
 
 class StopRequested(Exception):
     """SIGTERM / Ctrl-C asked the run to stop."""
-
-
-class WorkerFailedError(RuntimeError):
-    """A worker could not be brought back, or one chunk kept failing: the run cannot go on."""
 
 
 class RunStopped(Exception):
@@ -60,7 +63,17 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-        """0: a stop someone asked for (SIGTERM / Ctrl-C); 3: reward outage; 4: a worker failure."""
+        """0: a stop someone asked for (SIGTERM / Ctrl-C); 3: reward outage; 4: a failure (a worker
+        that cannot come back, a stage's own error, any other error in the loop)."""
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line` of an error, its cause's if Ray wrapped it (what the run store records)."""
+    from ray.exceptions import RayTaskError
+
+    cause = (error.cause or error) if isinstance(error, RayTaskError) else error
+    text = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{type(cause).__name__}: {text}" if not text.startswith(type(cause).__name__) else text
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -80,16 +93,19 @@ def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str,
     tags = sorted({r.geneval_tag for r in scored.rewards if r.task == "geneval"})
     for tag in tags:
         metrics[f"geneval/{tag}"] = float(np.mean([bool(r.geneval_correct) for r in scored.rewards if r.geneval_tag == tag]))
+    if learner.optimizer_steps > 0:  # no update (every group zero-signal and filtered): these were never
+        metrics.update({                # measured, so they stay absent (a gap on the dashboard), not 0
+            **({"policy/kl": learner.kl} if not math.isnan(learner.kl) else {}),  # NaN: no reference (beta 0)
+            "policy/entropy": learner.entropy,
+            "policy/clip_fraction": learner.clip_low_frac + learner.clip_high_frac,
+            "policy/clip_low": learner.clip_low_frac,
+            "policy/clip_high": learner.clip_high_frac,
+            "policy/loss": learner.loss,
+            "policy/grad_norm": learner.grad_norm,
+            "policy/ratio_max": learner.ratio_max,
+            "policy/lr": learner.lr,
+        })
     metrics.update({
-        "policy/kl": learner.kl,
-        "policy/entropy": learner.entropy,
-        "policy/clip_fraction": learner.clip_low_frac + learner.clip_high_frac,
-        "policy/clip_low": learner.clip_low_frac,
-        "policy/clip_high": learner.clip_high_frac,
-        "policy/loss": learner.loss,
-        "policy/grad_norm": learner.grad_norm,
-        "policy/ratio_max": learner.ratio_max,
-        "policy/lr": learner.lr,
         "policy/version": float(learner.policy_version),
         "policy/staleness": float(staleness),
         "groups/zero_signal_share": learner.zero_signal_share,
@@ -103,22 +119,28 @@ def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str,
 def sample_records(scored: ScoredStep, count: int, group_size: int) -> list[SampleRecord]:
     """`count` samples spread evenly over the step's rows, with their reward breakdown."""
     rows = np.unique(np.linspace(0, len(scored.rewards) - 1, num=min(count, len(scored.rewards))).round().astype(int))
+    rows = rows.tolist()
+    images = scored.sample_images(rows)  # only these rows' images travel to the driver
     return [
         SampleRecord(
             prompt=scored.items[row // group_size].caption,
-            image=scored.images[row],
+            image=image,
             reward=scored.rewards[row].reward,
             components=scored.rewards[row].components(),
         )
-        for row in rows.tolist()
+        for row, image in zip(rows, images)
     ]
 
 
 def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
     stages = " ".join(f"{name} {metrics[f'time/{name}']:.2f}s" for name in ("collect", "update", "sync"))
     busy = " ".join(f"{name} {metrics[f'time/{name}']:.2f}" for name in ("rollout", "decode", "reward"))
+    if "policy/kl" in metrics:
+        kl = f"{metrics['policy/kl']:.4f}"
+    else:
+        kl = "- (no update)" if "policy/loss" not in metrics else "- (beta 0)"
     return (
-        f"step {step}/{steps} | reward {metrics['reward/mean']:.3f} | kl {metrics['policy/kl']:.4f} | "
+        f"step {step}/{steps} | reward {metrics['reward/mean']:.3f} | kl {kl} | "
         f"zero-signal {metrics['groups/zero_signal_share']:.0%} | v{int(metrics['policy/version'])} | "
         f"{stages} (busy: {busy}) | step {metrics['time/step']:.2f}s"
     )
@@ -140,18 +162,44 @@ def ensure_model(config: TrainConfig) -> None:
         make_tiny_geneval_models(detector.parent)
 
 
-def init_ray(config: TrainConfig) -> None:
+def init_ray(config: TrainConfig) -> Path | None:
+    """Start (or join) Ray with a quiet console: the workers' output (vLLM, Serve replicas, DeepSpeed,
+    tracebacks) stays in the files of Ray's session log folder instead of being forwarded to this
+    console, where it buried the progress lines; driver-side Ray and Serve logs show warnings and
+    errors only. Returns that folder (None when Ray does not say, e.g. through Ray Client)."""
+    import logging
+
     import ray
 
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, **quiet)
     else:
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False)
+        context = ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, **quiet)
+    if config.rewards.service == "serve":
+        import ray.serve  # its import sets the "ray.serve" logger to INFO on the console: override after it
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    session_dir = getattr(context, "address_info", {}).get("session_dir")
+    return Path(session_dir) / "logs" if session_dir else None
+
+
+def link_worker_logs(ray_logs: Path | None, run_dir: Path) -> str:
+    """Link Ray's session log folder into `<run_dir>/logs/` (one link per session: a resumed run
+    keeps the earlier ones) and say where it is, for the console."""
+    if ray_logs is None:
+        return "worker logs: on the Ray cluster (`ray logs`, or the Ray dashboard)"
+    link = run_dir / "logs" / ray_logs.parent.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(ray_logs, target_is_directory=True)
+    return f"worker logs: {link} (-> {ray_logs})"
 
 
 class Trainer:
-    """Owns the workers, the learner, the store and the loop of one run."""
+    """The loop of one run: its store, checkpoints, prompt sampler and reward service; the workers
+    and the learner are its `Fleet` (rl/fleet.py), started by `start`."""
 
     def __init__(self, config: TrainConfig, resume: str | None = None):
         self.config = config
@@ -174,7 +222,10 @@ class Trainer:
             fresh = SamplerState(cursors=[0] * len(self.config.data.sources))
             return run_id, TrainerState(0, self.config.learner.initial_version, run_id, fresh)
         run_id = resume if resume != "latest" else self._latest_run_id()
-        checkpoint = CheckpointDir(Path(self.config.logging.runs_dir) / "checkpoints" / run_id).latest()
+        try:
+            checkpoint = CheckpointDir(Path(self.config.logging.runs_dir) / "checkpoints" / run_id).latest()
+        except CheckpointError as error:
+            raise ConfigError(f"run '{run_id}' cannot be resumed: {error}") from None
         if checkpoint is None:
             raise ConfigError(f"run '{run_id}' has no complete checkpoint to resume from")
         state = CheckpointDir(checkpoint.parent).load_state(checkpoint)
@@ -191,127 +242,59 @@ class Trainer:
     # ----- setup ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        from rl.learner_group import LearnerGroup
-        from rollout.ar_worker import ARRolloutActor
-        from rollout.decoder_worker import decoder_actor
+        import ray
 
         config = self.config
         t0 = time.perf_counter()
-        self.endpoint: RewardEndpoint = start_reward_service(config.rewards)
-        restarts = config.faults.max_worker_restarts
-        self.rollout_actors = [
-            ARRolloutActor.options(num_cpus=config.rollout.num_cpus_per_worker,
-                                   num_gpus=config.rollout.num_gpus_per_worker,
-                                   max_restarts=restarts, max_task_retries=0).remote(config.rollout.engine)
-            for _ in range(config.rollout.workers)
-        ]
-        self.decoder_actors = [decoder_actor(config.decoder.decoder, max_restarts=restarts)
-                               for _ in range(config.decoder.workers)]
-        self.worker_names = {a._actor_id.hex(): f"rollout-{i}" for i, a in enumerate(self.rollout_actors)}
-        self.worker_names.update({a._actor_id.hex(): f"decoder-{i}" for i, a in enumerate(self.decoder_actors)})
-        learner_config: LearnerConfig = config.learner.model_copy(update={"initial_version": self.state.policy_version})
-        self.learner = LearnerGroup(learner_config, timeout_s=config.faults.learner_timeout_s)
-        workers = self.rollout_actors + self.decoder_actors
-        self.learner.connect_workers(workers)
+        # before anything starts: the cluster must hold every role's devices at once (rl/placement.py)
+        check_cluster_fits(role_demands(config), ray.cluster_resources())
+        self.endpoint: RewardEndpoint = start_reward_service(config.rewards, role_resources(config, "reward"))
+        # before any model loads: the service must run every reward the prompts need, and take our images
+        self.endpoint = check_reward_service(self.endpoint, config)
+        self.fleet = Fleet.start(config, self.state.policy_version, self._log_event)
+        try:  # every learner node writes its part of a checkpoint: the driver must see their files
+            self.fleet.learner.prove_shared_directory(str(self.checkpoints.root))
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
         if self.state.step > 0:
-            self.learner.load_checkpoint(str(self.resume_from / "learner"))
-            report = self.learner.publish_weights()  # workers start from the checkpoint's weights
+            self.fleet.learner.load_checkpoint(str(self.resume_from / "learner"))
+            report = self.fleet.learner.publish_weights()  # workers start from the checkpoint's weights
             self.store.log_event(self.run_id, "resume", f"weights v{self.state.policy_version} published in {report.seconds:.2f} s")
-        self._check_versions(self.state.policy_version, config.faults.restart_timeout_s)  # engines load first
+        self.fleet.check_versions(self.state.policy_version, config.faults.restart_timeout_s)  # engines load first
         print(f"run {self.run_id}: workers, learner and reward API ({self.endpoint.url}) up in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
 
-    def _check_versions(self, version: int, timeout_s: float) -> None:
-        served = self._served_versions(timeout_s)
-        if any(v != version for v in served):
-            raise RuntimeError(f"workers serve versions {served}, expected {version} everywhere")
-
-    def _served_versions(self, timeout_s: float) -> list[int]:
-        """Every worker's served version. A restarting worker is waited for (up to `timeout_s`);
-        one Ray will not restart any more is an error."""
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
-
-        workers = self.rollout_actors + self.decoder_actors
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return ray.get([w.served_version.remote() for w in workers],
-                               timeout=max(deadline - time.monotonic(), 0.1))
-            except ActorUnavailableError:  # between its death and its restart
-                if time.monotonic() > deadline:
-                    raise WorkerFailedError(f"a worker did not come back within {timeout_s:.0f} s") from None
-                time.sleep(1.0)
-            except ActorDiedError as error:
-                raise WorkerFailedError(f"a worker is dead for good (faults.max_worker_restarts = "
-                                        f"{self.config.faults.max_worker_restarts} used up): {error}") from None
-            except GetTimeoutError:
-                raise WorkerFailedError(f"workers did not answer served_version within {timeout_s:.0f} s") from None
-
-    def _recover_workers(self, version: int, why: str) -> SyncReport:
-        """Bring every worker to the learner's `version` (a restarted one serves the weights on disk)
-        and prove it with the version each one reports; record the event."""
-        t0 = time.perf_counter()
-        workers = self.rollout_actors + self.decoder_actors
-        served = self._served_versions(self.config.faults.restart_timeout_s)
-        behind = [f"{self.worker_names[w._actor_id.hex()]} (v{v})" for w, v in zip(workers, served) if v != version]
-        # Always, even when no worker is behind (a restarted one may load the current weights from
-        # disk): a restarted worker is a new process, which must join the weight transport again
-        # (a broadcast group holds processes, not actors); a same-version publish is accepted.
-        self.learner.connect_workers(workers)
-        report = self.learner.publish_weights()
-        served = self._served_versions(self.config.faults.call_timeout_s)
-        if any(v != version for v in served):
-            raise WorkerFailedError(f"after recovery the workers serve {served}, expected v{version}")
-        message = (f"{why}: reloaded {', '.join(behind) or 'no worker'}; every worker serves v{version} "
-                   f"({time.perf_counter() - t0:.1f} s)")
-        self.store.log_event(self.run_id, "recovered", message)
-        print(f"recovered: {message}", flush=True)
-        return report
+    def _log_event(self, kind: str, message: str) -> None:
+        self.store.log_event(self.run_id, kind, message)
 
     def _handle_faults(self, pending: PendingStep, faults: list[ChunkFault]) -> None:
         """Record the faults, restart hung workers, bring every worker to the current weights once,
         then redo the chunks."""
-        import ray
-
         step = self.state.step + 1
+        for fault in (f for f in faults if f.kind == "resample"):  # not a failure: no recovery needed
+            self.store.log_event(self.run_id, "resampled", f"step {step}: {fault.describe()}")
+            print(f"resample: {fault.describe()}", flush=True)
+        failures = [f for f in faults if f.kind != "resample"]
         names = []
-        for fault in faults:
-            name = self.worker_names[fault.actor._actor_id.hex()] if fault.actor is not None else "reward task"
+        for fault in failures:
+            name = self.fleet.name(fault.actor) if fault.actor is not None else "reward task"
             names.append(f"{name} {fault.kind}")
             self.store.log_event(self.run_id, "worker_fault", f"step {step}: {name}: {fault.describe()}")
             print(f"fault: {name}: {fault.describe()}", flush=True)
             if fault.attempts >= self.config.faults.max_chunk_attempts:
                 raise WorkerFailedError(f"{fault.describe()}: giving up after faults.max_chunk_attempts = "
                                         f"{self.config.faults.max_chunk_attempts}")
-        for actor in {f.actor._actor_id.hex(): f.actor for f in faults if f.kind == "hung" and f.actor}.values():
-            ray.kill(actor, no_restart=False)  # Ray restarts it like a dead one
-        self._recover_workers(self.state.policy_version, f"step {step}: {', '.join(sorted(set(names)))}")
-        pending.restart_stage_clocks()
+        for actor in {f.actor._actor_id.hex(): f.actor for f in failures if f.kind == "hung" and f.actor}.values():
+            self.fleet.restart(actor)
+        if failures:
+            self.fleet.recover(self.state.policy_version, f"step {step}: {', '.join(sorted(set(names)))}")
+            pending.restart_stage_clocks()
         for fault in faults:
             pending.redo(fault)
 
-    def _publish(self, version: int) -> SyncReport:
-        """Publish the learner's weights; a worker lost on the way is recovered, which publishes again."""
-        from ray.exceptions import RayActorError
-
-        from rl.weight_sync import WeightSyncError
-
-        try:
-            return self.learner.publish_weights()
-        except (WeightSyncError, RayActorError, TimeoutError) as error:
-            detail = str(error).splitlines()[0][:300]
-            self.store.log_event(self.run_id, "worker_fault", f"publishing v{version} failed: {detail}")
-            print(f"fault: publishing v{version} failed: {detail}", flush=True)
-            return self._recover_workers(version, f"step {self.state.step + 1}: weight publish failed")
-
     def shutdown(self) -> None:
-        import ray
-
-        for actor in getattr(self, "rollout_actors", []) + getattr(self, "decoder_actors", []):
-            ray.kill(actor)
-        if hasattr(self, "learner"):
-            self.learner.shutdown()
+        if hasattr(self, "fleet"):
+            self.fleet.shutdown()
         if hasattr(self, "endpoint"):
             stop_reward_service(self.config.rewards)
 
@@ -325,12 +308,13 @@ class Trainer:
             items = self.sampler.next_batch(config.data.prompts_per_step)
         else:
             before, items = again.sampler_state, again.items
-        return PendingStep(items, config.data.group_size, step_seed(config.seed, step), self.rollout_actors,
-                           self.decoder_actors, self.endpoint, config.schedule.chunk_prompts,
+        return PendingStep(items, config.data.group_size, step_seed(config.seed, step), self.fleet.rollout_actors,
+                           self.fleet.decoder_actors, self.endpoint, config.schedule.chunk_prompts,
                            self.state.policy_version, before)
 
     def _collect(self, pending: PendingStep) -> ScoredStep:
-        """Wait for the step, redoing the chunks of dead, hung or stale workers."""
+        """Wait for the step, redoing the chunks of dead, hung or stale workers (and resampling
+        those whose tokens a publish overtook). A stage's own error is raised (StageError)."""
         while not pending.done:
             if self.stop_reason:
                 raise StopRequested(self.stop_reason)
@@ -348,8 +332,8 @@ class Trainer:
         return step % self.config.checkpoint.every == 0 or step == self.config.steps
 
     def run(self) -> None:
-        """Train until `config.steps`. A stop request or a reward outage checkpoints the finished
-        steps, marks the run stopped and raises RunStopped."""
+        """Train until `config.steps`. A stop request, a reward outage or any error checkpoints the
+        finished steps, marks the run stopped or failed and raises RunStopped."""
         config = self.config
         first = self.state.step + 1
         pending = self._launch(first) if first <= config.steps else None
@@ -371,9 +355,9 @@ class Trainer:
                 advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
                 t_update = time.perf_counter()
                 self.learner_ahead = True  # until the step is recorded, the learner is past self.state
-                learner_metrics = self.learner.train_step(scored.batch, advantages)
+                learner_metrics = self.fleet.learner.train_step(scored.batch, advantages)
                 t_sync = time.perf_counter()
-                sync = self._publish(learner_metrics.policy_version)
+                sync = self.fleet.publish(learner_metrics.policy_version, step)
                 t_done = time.perf_counter()
                 self.state.step, self.state.policy_version = step, learner_metrics.policy_version
                 self.learner_ahead = False
@@ -396,8 +380,11 @@ class Trainer:
                                       f"{outage}", "stopped", exit_code=3) from None
         except WorkerFailedError as failure:
             raise self._stop(pending, f"worker failure: {failure}", "failed", exit_code=4) from None
+        except Exception as error:  # a stage's own error (StageError), a learner error, a bug
+            traceback.print_exc()  # the whole story for whoever debugs it; the store keeps one line
+            raise self._stop(pending, f"error: {one_line(error)}", "failed", exit_code=4) from None
         # a finished run leaves every worker on its last weights
-        self._check_versions(self.state.policy_version, config.faults.call_timeout_s)
+        self.fleet.check_versions(self.state.policy_version, config.faults.call_timeout_s)
 
     def _stop(self, pending: PendingStep | None, reason: str, status: str, exit_code: int) -> RunStopped:
         """Abandon the in-flight step, checkpoint the finished ones, mark the run stopped / failed."""
@@ -407,7 +394,11 @@ class Trainer:
             where = (f"no new checkpoint (it came during step {self.state.step + 1}'s update), "
                      f"the last one is step {self.checkpointed_step}")
         elif self.state.step > self.checkpointed_step:
-            where = f"checkpoint {self.save_checkpoint()}"
+            try:
+                where = f"checkpoint {self.save_checkpoint()}"
+            except Exception as error:  # e.g. the learner is what failed: say so, still mark the run
+                where = (f"saving the checkpoint of step {self.state.step} failed ({one_line(error)}), "
+                         f"the last one is step {self.checkpointed_step}")
         elif self.state.step > 0:
             where = f"checkpoint of step {self.state.step} already saved"
         else:
@@ -420,9 +411,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
         tmp = self.checkpoints.begin(self.state.step)
-        self.learner.save_checkpoint(str(tmp / "learner"))
-        self.learner.export_policy(str(tmp / "policy"))
-        path = self.checkpoints.commit(tmp, self.state)
+        self.fleet.learner.save_checkpoint(str(tmp / "learner"))
+        self.fleet.learner.export_policy(str(tmp / "policy"))
+        path = self.checkpoints.commit(tmp, self.state, learner_ranks=self.config.learner.world_size)
         self.checkpointed_step = self.state.step
         print(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
         return path
@@ -453,19 +444,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ensure_model(config)
         resolve_model_dir(config.model.path)  # a missing checkpoint is one clear line, before Ray starts
-    except CheckpointNotFoundError as error:
+        check_rows_fit_config(config)  # images and prompts the reward service must take (service "serve")
+    except (CheckpointNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    init_ray(config)
+    ray_logs = init_ray(config)
     trainer = None
     try:
         trainer = Trainer(config, resume=args.resume)
         install_stop_handlers(trainer)
         print(f"run {trainer.run_id}: steps {trainer.state.step + 1}..{config.steps} of '{config.name}'", flush=True)
+        print(link_worker_logs(ray_logs, Path(config.logging.runs_dir) / trainer.run_id), flush=True)
+        if config.logging.wandb:  # finished at exit (rl/wandb_logger.py)
+            wandb_run = attach_wandb(trainer.store, config.logging.wandb, trainer.run_id, config.name,
+                                     config.model_dump(mode="json"))
+            print(wandb_run.describe(config.logging.wandb.mode), flush=True)
         trainer.start()
         trainer.run()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        if trainer is not None:
+            trainer.store.log_event(trainer.run_id, "failed", f"configuration error: {error}")
+            trainer.store.finish_run(trainer.run_id, "failed")
         return 2
     except RunStopped as stopped:
         print(f"{stopped}\ncontinue it with: python -m rl.train --config {args.config} --resume {trainer.run_id}",

@@ -2,19 +2,28 @@
 
 Unknown keys and bad values are errors that name the key. The model path is written once at the
 top; the rollout, decoder and learner sections take it unless they name their own.
+
+Relative paths (`PATH_KEYS`) start at the run root: `$BLIP3O_RL_ROOT` if set, else the directory the
+run is launched from. They are made absolute here, before anything reads them, so the run store,
+checkpoints, `--resume` and the model builders all see one place. `deploy/ray_job.sh` sets the
+root to the repository it runs in, because a Ray job's driver runs in Ray's temporary copy of the
+code; a run that would write there is refused (see deploy/README.md, "Where a run's files go").
 """
 
 from __future__ import annotations
 
+import copy
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from policy.model_dir import looks_like_hub_id
 from rewards.app.settings import Settings as RewardServerSettings
 from rl.learner_config import LearnerConfig
-from rl.prompts import PromptSourceConfig
+from rl.prompts import PromptSourceConfig, load_source
 from rollout.config import RolloutConfig
 from rollout.decoder_config import DecoderConfig
 
@@ -43,6 +52,16 @@ class DataSection(BaseModel):
     """B: prompts (groups) per step."""
     group_size: int = Field(8, ge=2)
     """G: samples per prompt (BLIP3o-NEXT uses 16)."""
+
+    @model_validator(mode="after")
+    def _sources_load(self) -> "DataSection":
+        """Read every source now: a missing file, a bad line or evaluation prompts fail at config load."""
+        for index, source in enumerate(self.sources):
+            try:
+                load_source(source)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"sources.{index}: {error}") from None
+        return self
 
 
 class RolloutSection(BaseModel):
@@ -79,7 +98,11 @@ class RewardsSection(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     """HTTP port of Ray Serve (service "serve"; 0 = any free port)."""
     num_cpus: float = Field(1.0, ge=0)
-    """Ray CPUs of the Serve replica."""
+    """Ray CPUs of each Serve replica (service "serve")."""
+    num_gpus: float = Field(0.0, ge=0)
+    """Ray GPUs of each Serve replica (service "serve"; > 0 when `server.geneval.device` is cuda)."""
+    num_replicas: int = Field(1, ge=1)
+    """Serve replicas of the reward app (service "serve"); Serve spreads requests over them."""
     server: RewardServerSettings = RewardServerSettings(scorers=["ocr"])
     """The reward app's settings (service "serve")."""
     make_tiny_geneval: bool = False
@@ -102,6 +125,10 @@ class RewardsSection(BaseModel):
             "mask2former", "clip", Path(geneval.clip).parent
         ):
             raise ValueError("make_tiny_geneval needs server.geneval.detector = DIR/mask2former and clip = DIR/clip")
+        if (self.service == "serve" and "geneval" in self.server.scorers and geneval.device.startswith("cuda")
+                and self.num_gpus == 0):
+            raise ValueError("rewards.server.geneval.device is cuda but rewards.num_gpus is 0: a Serve replica "
+                             "without a GPU cannot load the GenEval models; set rewards.num_gpus (e.g. 1)")
         return self
 
 
@@ -150,6 +177,26 @@ class CheckpointSection(BaseModel):
     """Complete checkpoints kept."""
 
 
+class WandbSection(BaseModel):
+    model_config = STRICT
+
+    project: str = Field(min_length=1)
+    """Weights & Biases project the run's metrics are logged to (needs `pip install 'blip3o-rl[wandb]'`)."""
+    mode: Literal["online", "offline"] = "online"
+    """online: stream to the W&B server (needs `wandb login`); offline: files under the run's folder, for `wandb sync`."""
+
+    @model_validator(mode="after")
+    def _wandb_installed(self) -> "WandbSection":
+        """Refused at load, before Ray starts, when the optional package is missing."""
+        import importlib.util
+
+        from rl.wandb_logger import INSTALL_HINT
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"W&B logging is configured but the wandb package is not installed: {INSTALL_HINT}")
+        return self
+
+
 class LoggingSection(BaseModel):
     model_config = STRICT
 
@@ -157,6 +204,8 @@ class LoggingSection(BaseModel):
     """Run store (SQLite), sample images and checkpoints live here."""
     samples_per_step: int = Field(4, ge=0)
     """Sample images recorded per step (spread over the groups)."""
+    wandb: WandbSection | None = None
+    """Also log every step's metrics to Weights & Biases (None: the run store and dashboard only)."""
 
 
 class RaySection(BaseModel):
@@ -166,6 +215,10 @@ class RaySection(BaseModel):
     """Cluster to join; None: the one of `ray job submit` (RAY_ADDRESS), else a new local one."""
     num_cpus: int | None = None
     """CPUs of a new local cluster (None = Ray's count)."""
+    role_resources: bool = False
+    """Ask each actor for its role's custom Ray resource ({"rollout": 1}, "decoder", "learner",
+    "reward"), which deploy/cluster.yaml and deploy/kuberay-rayjob.yaml give each role's nodes, so
+    every role lands on its own node group (rl/placement.py)."""
 
 
 class TrainConfig(BaseModel):
@@ -212,18 +265,131 @@ class TrainConfig(BaseModel):
                 f"rollout.engine.sampling.temperature ({sampling.temperature}) must equal "
                 f"learner.grpo.temperature ({self.learner.grpo.temperature}): log-probs must match sampling"
             )
-        if sampling.top_k or sampling.top_p < 1.0:
-            raise ValueError("top_k / top_p truncate the sampling distribution the learner does not see: keep them off")
         return self
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Read and validate a YAML config; `overrides` (dotted keys) win over the file."""
+ROOT_ENV = "BLIP3O_RL_ROOT"
+# Every path a config reads or writes, as dotted keys into the YAML ("*" = each list item).
+# "model" keys may also name a hub id (org/name): kept as one unless it exists under the root or
+# this run writes it (make_tiny).
+PATH_KEYS = {
+    "model.path": "model",
+    "rollout.engine.model": "model",
+    "decoder.decoder.model": "model",
+    "learner.model": "model",
+    "rewards.server.geneval.detector": "model",
+    "rewards.server.geneval.clip": "model",
+    "rewards.server.ocr.models_dir": "path",
+    "decoder.decoder.glyph.font_path": "path",
+    "data.sources.*.path": "path",
+    "logging.runs_dir": "path",
+}
+# Ray 2.60 runs a job's driver in <temp dir>/session_*/runtime_resources/working_dir_files/
+# _ray_pkg_<hash> (measured; Ray's working_dir plugin names the folder), deleted with the session.
+RAY_WORKING_DIR = ("runtime_resources", "working_dir_files")
+
+
+def run_root() -> Path:
+    """Where relative config paths start: `$BLIP3O_RL_ROOT`, else the current directory."""
+    value = os.environ.get(ROOT_ENV)
+    if not value:
+        return Path.cwd()
+    root = Path(value).expanduser()
+    if not (root.is_absolute() and root.is_dir()):
+        raise ConfigError(f"{ROOT_ENV}={value} is not an existing absolute directory on this machine: set it to the "
+                          "directory relative config paths start from here (deploy/README.md, \"Where a run's files go\")")
+    return root
+
+
+def dotted_items(node, keys: list[str]):
+    """(parent, key) of every value at the dotted `keys` inside `node` that is present."""
+    if not keys:
+        return
+    key, rest = keys[0], keys[1:]
+    if key == "*":
+        children = list(enumerate(node)) if isinstance(node, list) else []
+    else:
+        children = [(key, node[key])] if isinstance(node, dict) and key in node else []
+    for child_key, child in children:
+        if rest:
+            yield from dotted_items(child, rest)
+        else:
+            yield node, child_key
+
+
+def written_keys(raw: dict) -> set[str]:
+    """The `PATH_KEYS` this run writes to."""
+    model, rewards = raw.get("model"), raw.get("rewards")
+    written = {"logging.runs_dir"}
+    if isinstance(model, dict) and model.get("make_tiny"):
+        written.add("model.path")
+    if isinstance(rewards, dict) and rewards.get("make_tiny_geneval"):
+        written |= {"rewards.server.geneval.detector", "rewards.server.geneval.clip"}
+    return written
+
+
+def resolve_paths(raw: dict, root: Path) -> dict:
+    """A copy of the raw config with every relative path of `PATH_KEYS` made absolute under `root`."""
+    raw = copy.deepcopy(raw)
+    section = raw.setdefault("logging", {})
+    if isinstance(section, dict):  # the default runs_dir is relative too
+        section.setdefault("runs_dir", str(LoggingSection.model_fields["runs_dir"].default))
+    written = written_keys(raw)
+    for dotted, kind in PATH_KEYS.items():
+        for parent, key in dotted_items(raw, dotted.split(".")):
+            value = parent[key]
+            if not isinstance(value, str) or not value:
+                continue  # None and wrong types: validation reports them
+            path = Path(value).expanduser()
+            if path.is_absolute():
+                parent[key] = str(path)
+            elif kind == "model" and dotted not in written and looks_like_hub_id(value) and not (root / path).exists():
+                continue  # a hub id
+            else:
+                parent[key] = str(root / path)
+    return raw
+
+
+def in_ray_working_dir(path: Path) -> bool:
+    """True if `path` lies in the temporary copy of the code a Ray job runs in."""
+    parts = Path(os.path.abspath(path)).parts
+    return any(parts[i:i + 2] == RAY_WORKING_DIR for i in range(len(parts) - 1))
+
+
+def refuse_ray_working_dir(raw: dict) -> None:
+    """One clear line instead of a run whose outputs vanish with the Ray session."""
+    for dotted in sorted(written_keys(raw)):
+        for parent, key in dotted_items(raw, dotted.split(".")):
+            if isinstance(parent[key], str) and in_ray_working_dir(Path(parent[key])):
+                raise ConfigError(
+                    f"{dotted} is {parent[key]}, inside Ray's temporary copy of the job's code (deleted with the "
+                    f"session): set {ROOT_ENV} to the directory whose runs/ should hold the run (deploy/ray_job.sh "
+                    "sets it to the repository), or give an absolute path")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is an error (plain YAML
+    keeps the last one silently: an edit that misses the first would not take effect)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | Path, overrides: dict | None = None, root: Path | None = None) -> TrainConfig:
+    """Read and validate a YAML config; `overrides` (dotted keys) win over the file. Relative paths
+    are made absolute under `root` (default: `run_root()`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -234,6 +400,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    raw = resolve_paths(raw, root or run_root())
+    refuse_ray_working_dir(raw)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:

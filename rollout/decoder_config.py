@@ -62,6 +62,9 @@ class DecoderConfig(BaseModel):
     num_threads: int = Field(0, ge=0)
     """Torch intra-op threads in this worker; 0 keeps the process default (Ray actors get 1). On the
     busy 2-core dev machine 1 thread decoded the tiny model ~12x faster than 2 (bench_decoder)."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Images per decoder call (AR forward + SANA + DC-AE); None: a whole chunk in one call. Bounds
+    the activation memory on a GPU; row r is still seeded seed + r, so the images do not change."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs the Ray actor reserves."""
     num_gpus: float = Field(0.0, ge=0.0)

@@ -94,6 +94,9 @@ class GlyphDecoder:
 class GlyphTokenDecoder:
     """The glyph decoder behind the worker's decoder interface; AR weights are checked, not used."""
 
+    conditions_on_ar_weights = False
+    """A token's tile is the same whatever the weights: tokens of any version render correctly."""
+
     def __init__(self, vocab: ImageVocab, config: GlyphConfig):
         self.vocab = vocab
         self.glyphs = GlyphDecoder(config, vocab.codebook_size, vocab.tokens_per_image)

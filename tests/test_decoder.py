@@ -3,6 +3,8 @@ glyph decoder (token rows <-> text, read back by the real PaddleOCR through the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from policy.model_dir import CheckpointNotFoundError, ModelPaths
 from policy.prompt import rollout_prompt_ids
 from policy.weights import WeightUpdateError
 from rollout.decoder_config import DecoderConfig, GlyphConfig
-from rollout.decoder_worker import DiffusionDecoderWorker, decoder_actor
+from rollout.decoder_worker import DecoderVersionError, DiffusionDecoderWorker, decoder_actor
 from rollout.glyph import GlyphDecoder
 from rollout.records import RolloutBatch
 from rollout.sana_decoder import latents_to_uint8
@@ -100,6 +102,20 @@ def test_batch_equals_single_decodes(sana_worker, sana_batch):
     assert_images_close(batched, singles)
 
 
+def test_micro_batches_keep_each_rows_seed_and_image(tiny_model_dir, sana_worker, sana_batch):
+    """3 rows in micro-batches of 2: two SANA calls (rows 0-1 with seed s, row 2 with seed s + 2),
+    the same images as one call of 3."""
+    worker = DiffusionDecoderWorker(sana_config(tiny_model_dir).model_copy(update={"micro_batch_size": 2}))
+    calls = []
+    decode = worker.decoder.decode
+    worker.decoder.decode = lambda prompts, tokens, seed: calls.append((len(prompts), seed)) or decode(prompts, tokens, seed)
+    micro = worker.decode(sana_batch, seed=11)
+    assert calls == [(2, 11), (1, 13)]
+    assert_images_close(micro.images, sana_worker.decode(sana_batch, seed=11).images)
+    assert set(micro.timings) == {"ar_forward", "diffusion", "vae_decode", "decode_total"}
+    assert micro.timings["decode_total"] >= micro.timings["diffusion"] > 0
+
+
 def test_condition_is_the_s0_and_image_positions(sana_worker, sana_batch, tiny_model_dir):
     # hidden states at <S0> + N image tokens equal the last N+1 states of an unpadded forward
     decoder = sana_worker.decoder
@@ -154,7 +170,7 @@ def test_weight_update_changes_hidden_states_and_images(tiny_model_dir, sana_bat
     assert worker.update_weights(1, perturbed(original, 0.05)) == 1
     assert worker.served_version() == 1
     states_v1 = worker.decoder.ar_hidden_states(sana_batch.prompt_ids, sana_batch.image_tokens)
-    decoded_v1 = worker.decode(sana_batch, seed=3)
+    decoded_v1 = worker.decode(dataclasses.replace(sana_batch, policy_version=1), seed=3)
     assert (states_v1 - states_v0).abs().max() > 0.1
     assert decoded_v1.policy_version == 1
     assert np.abs(decoded_v1.images.astype(int) - images_v0.astype(int)).mean() > 1
@@ -164,7 +180,12 @@ def test_weight_update_changes_hidden_states_and_images(tiny_model_dir, sana_bat
     torch.testing.assert_close(
         worker.decoder.ar_hidden_states(sana_batch.prompt_ids, sana_batch.image_tokens), states_v0, atol=0, rtol=0
     )
-    np.testing.assert_array_equal(worker.decode(sana_batch, seed=3).images, images_v0)
+    np.testing.assert_array_equal(worker.decode(dataclasses.replace(sana_batch, policy_version=2), seed=3).images,
+                                  images_v0)
+    # SANA renders from the AR hidden states: tokens of v1 (or v3) are refused by a decoder serving v2
+    for sampled in (1, 3):
+        with pytest.raises(DecoderVersionError, match=f"decoder serves v2, the tokens were sampled at v{sampled}"):
+            worker.decode(dataclasses.replace(sana_batch, policy_version=sampled), seed=3)
 
 
 def test_bad_weight_update_is_refused_and_old_version_serves(tiny_model_dir, sana_batch):
@@ -265,7 +286,14 @@ def test_glyph_worker_decodes_rows_and_tracks_versions(glyph_model_dir):
     with pytest.raises(WeightUpdateError, match="shape"):
         worker.update_weights(4, {**weights, "lm_head.weight": torch.zeros(2, 2)})
     assert worker.served_version() == 3
-    assert worker.decode(rollout_batch(glyph_model_dir, words, codes), seed=0).policy_version == 3
+    batch_v0 = rollout_batch(glyph_model_dir, words, codes)
+    assert worker.decode(dataclasses.replace(batch_v0, policy_version=3), seed=0).policy_version == 3
+    # glyph tiles do not depend on the AR weights: tokens of any version render, the same, and the
+    # images belong to the tokens' version (the driver then sees no version mismatch to redo)
+    for sampled in (0, 4):
+        again = worker.decode(dataclasses.replace(batch_v0, policy_version=sampled), seed=0)
+        np.testing.assert_array_equal(again.images, decoded.images)
+        assert again.policy_version == sampled
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def test_glyph_ocr_run_learns(tmp_path, glyph_model_dir):
     assert table[steps]["policy/version"] > 0
     # progress lines a person can follow, and the samples behind the numbers
     assert f"step {steps}/{steps} | reward" in result.stdout
+    # a quiet console: no worker output (vLLM, Serve, learner) and no INFO lines; it names the folder
+    # under the run directory where the worker logs are
+    console = result.stdout + result.stderr
+    assert not re.search(r"\(\w[\w:]* pid=\d+\)|\bINFO\b", console), console[-3000:]
+    logs = Path(re.search(r"^worker logs: (\S+)", result.stdout, re.M)[1])
+    assert logs.parent == tmp_path / "runs" / run.id / "logs"
+    assert any("Resolved architecture" in f.read_text(errors="replace") for f in logs.glob("worker-*.out"))
     samples = store.samples(run.id, steps)
     assert len(samples) == 2 and all(s.prompt == 'an image with the text "cat"' for s in samples)
     # the final checkpoint's policy is a Hugging Face dir vLLM and transformers load
@@ -99,8 +107,9 @@ def test_killed_run_resumes_exactly(tmp_path, glyph_model_dir):
     straight, killed = metric_table(straight_store, straight_run.id), metric_table(killed_store, killed_run.id)
     assert sorted(killed) == list(range(1, steps + 1))  # step 4 was logged twice, stored once
     for step in range(1, steps + 1):
-        for key in ("reward/mean", "reward/std", "policy/version", "policy/loss"):
-            assert killed[step][key] == pytest.approx(straight[step][key], abs=1e-6), (step, key)
+        for key in ("reward/mean", "reward/std", "policy/version", "policy/loss"):  # loss: absent without an update
+            assert killed[step].get(key, "absent") == pytest.approx(straight[step].get(key, "absent"), abs=1e-6), \
+                (step, key)
     assert straight[3]["policy/version"] >= 1 and straight[steps]["policy/version"] >= 3  # weights really changed
     for step in range(1, steps + 1):
         assert [s.prompt for s in killed_store.samples(killed_run.id, step)] == \
@@ -122,6 +131,8 @@ def ray_head(tmp_path_factory):
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in env:
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # a fresh machine has no token file: the cluster's own
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayjob{os.getpid()}"
     # every port of our own: another Ray on the machine (the session fixture, a run's local cluster)
@@ -153,11 +164,11 @@ def ray_head(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
 
 
-def submit_job(address: str, env: dict, config: Path, *flags: str) -> tuple[str, str]:
-    """deploy/ray_job.sh CONFIG [flags] against `address`: (submission id, output)."""
+def submit_job(address: str, env: dict, config: Path, *flags: str, repo: Path = REPO) -> tuple[str, str]:
+    """`repo`/deploy/ray_job.sh CONFIG [flags] against `address`: (submission id, output)."""
     for _ in range(20):  # the job agent comes up a little after the job API answers
-        submitted = subprocess.run([str(REPO / "deploy" / "ray_job.sh"), str(config), *flags],
-                                   env=dict(env, RAY_ADDRESS=address), cwd=REPO, capture_output=True, text=True,
+        submitted = subprocess.run([str(repo / "deploy" / "ray_job.sh"), str(config), *flags],
+                                   env=dict(env, RAY_ADDRESS=address), cwd=repo, capture_output=True, text=True,
                                    timeout=900)
         output = submitted.stdout + submitted.stderr
         if "No available agent to submit job" not in output:
@@ -224,8 +235,10 @@ def test_tiny_sana_config_runs_the_full_real_path(tmp_path):
     store, run = only_run(tmp_path / "runs")
     table = metric_table(store, run.id)
     assert run.status == "finished" and sorted(table) == [1, 2]
-    tasks = {key for step in table.values() for key in step if key in ("reward/geneval", "reward/ocr")}
-    assert tasks, table[1]  # the mix scored at least one task through the reward API
+    # the sampler is deterministic: seed 0 draws one GenEval and one OCR prompt in each step, so
+    # both rewards must have been scored through the reward API, every step
+    for step, metrics in table.items():
+        assert {"reward/geneval", "reward/ocr"} <= set(metrics), (step, sorted(metrics))
     samples = store.samples(run.id, 1)
     image = np.asarray(Image.open(store.runs_dir / samples[0].image))
     assert image.shape == (64, 64, 3) and image.std() > 0  # a real decoded 64 px image, not a blank

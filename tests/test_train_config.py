@@ -69,3 +69,10 @@ def test_overrides_and_missing_or_broken_files(tmp_path):
     broken.write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+def test_a_key_written_twice_is_an_error_naming_it(tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("name: x\nsteps: 2\nlearner:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        load_config(config)
