@@ -12,8 +12,6 @@ concurrent requests overlap as they would at a remote service.
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -22,6 +20,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from rewards.local_server import serve_in_thread
 
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
 """Not forwarded: they describe one connection (httpx recomputes them; it also un-gzips bodies)."""
@@ -53,19 +53,5 @@ def create_proxy_app(upstream: str, delay_s: float, delayed_methods: frozenset[s
 @contextmanager
 def serve_proxy(upstream: str, delay_s: float) -> Iterator[str]:
     """The proxy on 127.0.0.1 (a free port) in a background thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_proxy_app(upstream, delay_s), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the latency proxy did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(create_proxy_app(upstream, delay_s), ready_timeout_s=60) as url:
+        yield url

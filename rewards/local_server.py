@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +71,25 @@ def start_reward_server(args: list[str], *, port: int | None = None, env: dict[s
             server.stop()
             raise RuntimeError(f"reward server not ready within {ready_timeout_s:.0f} s: {server.log_tail()}")
         time.sleep(0.5)
+
+
+@contextmanager
+def serve_in_thread(app, ready_timeout_s: float = 120.0):
+    """Run an ASGI `app` with uvicorn on 127.0.0.1 and an ephemeral port in a background thread
+    (tests, the benchmarks' latency proxy); yields the base URL, stops the server on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ready_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -190,7 +190,12 @@ class CheckpointDir:
     def load_state(self, path: Path) -> TrainerState:
         return TrainerState.from_json((path / TRAINER_FILE).read_text())
 
+    def complete_steps(self) -> list[int]:
+        """Steps that have a committed checkpoint (trainer.json present), oldest first."""
+        names = (p.name.removeprefix("step-") for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
+        return sorted(int(name) for name in names if name.isdigit())
+
     def _prune(self) -> None:
-        complete = sorted(p for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
-        for old in complete[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        complete = self.complete_steps()
+        for step in complete[: -self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(self.path_for(step), ignore_errors=True)

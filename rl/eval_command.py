@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 
 from policy.model_dir import LAYOUT_FILE, CheckpointNotFoundError, resolve_model_dir
 
-STEP_DIR = re.compile(r"step-(\d+)$")
 
 
 class EvalCommandError(RuntimeError):
@@ -77,8 +75,7 @@ def resolve_eval_model(spec: str, *, base_model: str | None = None) -> EvalModel
         checkpoint = path
     else:
         checkpoints = CheckpointDir(path)
-        complete = sorted(int(m.group(1)) for p in path.glob("step-*")
-                          if (m := STEP_DIR.match(p.name)) and (p / TRAINER_FILE).is_file())
+        complete = checkpoints.complete_steps()
         if not complete:
             raise EvalCommandError(f"'{path}' is neither a model directory ({LAYOUT_FILE}) nor a run directory "
                                    "with complete checkpoints (step-N/trainer.json)")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rewards.geneval_rules import Detection, evaluate
+from rewards.local_server import serve_in_thread  # noqa: F401 (the tests import it from here)
 from rewards.ocr import OcrResult, ocr_reward
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
@@ -72,24 +72,3 @@ class StubGeneval:
             dets = [Detection("dog", (0, 0, width, height), 0.95)] if image.mean() > 128 else []
             results.append(evaluate(metadata, dets, lambda objects, cls: ["brown"] * len(objects)))
         return results
-
-
-@contextmanager
-def serve_in_thread(app):
-    """Run `app` with uvicorn on 127.0.0.1 and an ephemeral port; yields the base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
