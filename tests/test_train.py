@@ -200,7 +200,7 @@ def test_ray_job_submit_to_a_local_head_succeeds(tmp_path, glyph_model_dir, ray_
 
 def test_ray_job_stop_checkpoints_and_marks_the_run_stopped(tmp_path, glyph_model_dir, ray_head):
     address, env = ray_head
-    config = small_config(tmp_path, glyph_model_dir, steps=8, **{"checkpoint.every": 100})
+    config = small_config(tmp_path, glyph_model_dir, steps=500, **{"checkpoint.every": 1000})
     job_id, _ = submit_job(address, env, config, "--no-wait")
     deadline = time.time() + 600
     while "step 2/" not in (logs := subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
