@@ -7,6 +7,9 @@ process (same machine, same cores), requests of 1 and of 16 images, and 16 concu
 sending 1-image requests (the server's queue batches them). The two sides alternate, round after
 round, and medians are reported. PNG payloads are encoded before timing, so both sides time the
 same work: decode (server only) + OCR.
+Also CLIPScore / PickScore images/s in-process on tiny CLIPs (`--clip-only`: just those, printed),
+and `http_scorer_vs_inprocess`: a reward function behind the generic HTTP protocol, called through
+the trainer's client, vs the same function in-process (`--http-scorer-only`: just that, printed).
 Writes bench/results/rewards.json.
 """
 
@@ -24,6 +27,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "rewards.json"
 sys.path.insert(0, str(ROOT))
 
 from rewards.client import encode_png  # noqa: E402
@@ -60,11 +64,169 @@ async def through_server(
     return len(payloads) / elapsed, latencies
 
 
+def clip_family_images_per_s(rounds: int, count: int = 32) -> dict[str, float]:
+    """CLIPScore and PickScore images/s in-process on the tiny colour CLIPs (rewards/tiny.py), in
+    batches of `count` 256x256 images where groups of 8 share a prompt (as a GRPO batch does):
+    the cost of the scorer around the model (processor, batching, prompt de-duplication), not of a
+    real ViT-L/H. Median over `rounds`."""
+    import math
+    import tempfile
+
+    from rewards.app.settings import Settings
+    from rewards.clip_score import ClipScoreConfig, PickScoreConfig, clipscore_scorer, pickscore_scorer
+    from rewards.tiny import make_tiny_colour_clip
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(count)]
+    prompts = [f"a photo of thing {i // 8} in red" for i in range(count)]
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = make_tiny_colour_clip(Path(tmp) / "clip")
+        pick = make_tiny_colour_clip(Path(tmp) / "pick", math.log(100.0), processor_directory=Path(tmp) / "proc")
+        settings = Settings(scorers=["clipscore", "pickscore"], clipscore=ClipScoreConfig(model=str(clip)),
+                            pickscore=PickScoreConfig(model=str(pick), processor=str(Path(tmp) / "proc")))
+        scorers = {"clipscore": clipscore_scorer(settings), "pickscore": pickscore_scorer(settings)}
+    runs: dict[str, list[float]] = {name: [] for name in scorers}
+    for scorer in scorers.values():
+        scorer.score(images[:2], prompts[:2], [{}] * 2)  # warm-up
+    for _ in range(rounds):
+        for name, scorer in scorers.items():
+            started = time.perf_counter()
+            scorer.score(images, prompts, [{}] * count)
+            runs[name].append(count / (time.perf_counter() - started))
+    return {f"{name}_tiny_inprocess_images_per_s": round(float(np.median(values)), 1) for name, values in runs.items()}
+
+
+def ocr_reward_function(size: str):
+    """A model-sized reward written as a user would: f(images, prompts, metadatas) -> rewards, here
+    PP-OCRv6 reading each prompt's quoted text."""
+    scorer = OcrScorer(OcrConfig(size=size))
+
+    def ocr_reward(images: list[np.ndarray], prompts: list[str], metadatas: list[dict]) -> list[float]:
+        return [r.reward for r in scorer.score(images, [extract_target(p) for p in prompts])]
+
+    return ocr_reward
+
+
+def serve_http_scorer(port: int, size: str) -> None:
+    """The http scorer's own process: the example scorer app (examples/http_scorer) serving
+    `ocr_reward_function` at /score and mean brightness at /brightness."""
+    import uvicorn
+
+    from tests.support.http_scorers import load_example
+
+    example = load_example()
+    app = example.create_app(ocr_reward_function(size), "ocr-function", f"pp-ocrv6-{size}")
+    brightness = example.create_app()
+    app.add_api_route("/brightness", next(r.endpoint for r in brightness.routes if r.path == "/score"), methods=["POST"])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def http_scorer_vs_inprocess(rounds: int, size: str, count: int = 32) -> dict:
+    """A reward function behind HTTP, called the way the trainer calls it (rl.scoring.score_images
+    on chunks of 16 rows: PNG encoding, the generic protocol, the example scorer app in its own
+    process) vs the same function called in-process on the same arrays, rounds interleaved. Two
+    functions: PP-OCRv6 (a model-sized reward: the headline ratio) and mean brightness (almost free:
+    what the protocol itself costs per image)."""
+    import subprocess
+
+    from rewards.app.schemas import Limits
+    from rewards.local_server import free_port
+    from rl.prompts import PromptItem
+    from rl.reward_mix import RewardComponentConfig
+    from rl.scoring import RewardEndpoint, score_images
+    from tests.support.http_scorers import load_example
+
+    chunk = 16  # rows a scoring task sends (one prompt of a 16-sample group)
+    prompts = ocr_prompts(count)
+    images = np.stack([render_text(extract_target(p)) for p in prompts])  # [count, 128, 512, 3]
+    items = [PromptItem(p, "ocr") for p in prompts]
+    metadatas = [{"task": "ocr"} for _ in prompts]
+    functions = {"model": ocr_reward_function(size), "trivial": load_example().mean_brightness}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, __file__, "--serve-http-scorer", str(port), "--size", size],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    mixes = {"model": (RewardComponentConfig(name="model", scorer="http", url=f"{url}/score"),),
+             "trivial": (RewardComponentConfig(name="trivial", scorer="http", url=f"{url}/brightness"),)}
+    limits = Limits(max_items=chunk, max_body_bytes=16 * 1024 * 1024, max_image_pixels=4096 * 4096)
+    endpoint = RewardEndpoint(url=url, token=None, timeout_s=600, outage_budget_s=120, backoff_s=0.5,
+                              scorer_limits={"model": limits, "trivial": limits})
+
+    def inprocess(kind: str) -> float:
+        started = time.perf_counter()
+        for first in range(0, count, chunk):
+            functions[kind](list(images[first : first + chunk]), prompts[first : first + chunk],
+                            metadatas[first : first + chunk])
+        return count / (time.perf_counter() - started)
+
+    def through_http(kind: str) -> float:
+        started = time.perf_counter()
+        for first in range(0, count, chunk):
+            score_images(endpoint, images[first : first + chunk], items[first : first + chunk], mixes[kind])
+        return count / (time.perf_counter() - started)
+
+    runs: dict[str, list[float]] = {key: [] for key in ("model_in", "model_http", "trivial_in", "trivial_http")}
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # the server loads its OCR model first
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the http scorer did not start (exit code {server.poll()})")
+            time.sleep(0.5)
+        steps = {"model_in": lambda: inprocess("model"), "model_http": lambda: through_http("model"),
+                 "trivial_in": lambda: inprocess("trivial"), "trivial_http": lambda: through_http("trivial")}
+        for step in steps.values():  # warm-up
+            step()
+        for round_ in range(rounds):
+            for key in (list(steps) if round_ % 2 == 0 else list(steps)[::-1]):
+                runs[key].append(steps[key]())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    def ratio(kind: str) -> float:
+        return round(float(np.median(np.array(runs[f"{kind}_http"]) / np.array(runs[f"{kind}_in"]))), 3)
+
+    median = {key: float(np.median(values)) for key, values in runs.items()}
+    return {
+        "http_scorer_vs_inprocess": ratio("model"),
+        "http_scorer_function": f"PP-OCRv6_{size} as f(images, prompts, metadatas); {count} images 512x128, "
+                                f"chunks of {chunk} through rl.scoring.score_images",
+        "http_scorer_images_per_s": round(median["model_http"], 3),
+        "http_scorer_inprocess_images_per_s": round(median["model_in"], 3),
+        "http_scorer_trivial_vs_inprocess": ratio("trivial"),
+        "http_scorer_protocol_ms_per_image": round(1000 / median["trivial_http"] - 1000 / median["trivial_in"], 2),
+        "http_scorer_per_round": {key: [round(v, 3) for v in values] for key, values in runs.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds; medians are reported")
     parser.add_argument("--size", choices=["small", "tiny"], default="small")
+    parser.add_argument("--clip-only", action="store_true",
+                        help="only CLIPScore/PickScore on tiny models (their keys updated in rewards.json)")
+    parser.add_argument("--http-scorer-only", action="store_true",
+                        help="only http_scorer_vs_inprocess (an http scorer vs the same function in-process); "
+                             "its keys updated in rewards.json")
+    parser.add_argument("--serve-http-scorer", type=int, metavar="PORT", help=argparse.SUPPRESS)  # its child process
     args = parser.parse_args()
+    if args.serve_http_scorer:
+        serve_http_scorer(args.serve_http_scorer, args.size)
+        return
+    if args.http_scorer_only or args.clip_only:  # one part: its keys replace theirs in rewards.json
+        part = http_scorer_vs_inprocess(args.rounds, args.size) if args.http_scorer_only else \
+            clip_family_images_per_s(args.rounds)
+        label = "http_scorer" if args.http_scorer_only else "clip_family"
+        part[f"{label}_load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        RESULTS.write_text(json.dumps({**saved, **part}, indent=2) + "\n")
+        print(json.dumps(part, indent=2))
+        return
 
     prompts = ocr_prompts(16)
     targets = [extract_target(p) for p in prompts]
@@ -124,12 +286,13 @@ def main() -> None:
         "per_round": {key: [round(v, 3) for v in values] for key, values in runs.items()},
         "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
         "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 1),
+        **clip_family_images_per_s(args.rounds),
+        **http_scorer_vs_inprocess(args.rounds, args.size),
         "cpu_count": os.cpu_count(),
         "note": "shared 2-core machine, other jobs running (load 4-8): noisy; rates are medians over rounds, ratios medians of per-round ratios",
     }
-    out = ROOT / "bench" / "results" / "rewards.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -113,6 +113,21 @@ def _eval(args: argparse.Namespace) -> None:
     eval_main(args)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from policy.lora import export_merged
+
+    if not args.merge:
+        print("blip3o-rl: error: export needs --merge (a LoRA checkpoint's policy/ is already the adapter vLLM "
+              "serves as a LoRARequest; --merge folds it into a model directory)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        out = export_merged(Path(args.source), Path(args.out), base=args.base)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"blip3o-rl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote the merged model directory {out}")
+
+
 def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -190,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(evaluation)
     evaluation.set_defaults(run=_eval)
+
+    export_model = sub.add_parser("export", help="a LoRA run's adapter merged into a model directory (--merge)")
+    export_model.add_argument("source", help="a run checkpoint (runs/checkpoints/<run_id>/step-N) or an adapter dir")
+    export_model.add_argument("out", help="model directory to write (must not exist)")
+    export_model.add_argument("--merge", action="store_true", help="merge the adapter into the base model's AR weights")
+    export_model.add_argument("--base", help="base model directory (default: the one named in adapter_config.json)")
+    export_model.set_defaults(run=_export)
 
     prompts = sub.add_parser("prompts", help="write a training prompt set disjoint from every evaluation set")
     prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)

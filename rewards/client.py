@@ -10,6 +10,10 @@ or given by the caller), packs items into requests of at most `max_items` items 
 `max_body_bytes` bytes, sends them one after the other and returns the results in item order. An
 item that can never fit (an image over `max_image_pixels`, or bigger than a whole request) is a
 `RewardRequestError` (413) raised before anything is sent.
+
+Besides the OCR and GenEval routes, `score(name, images, prompts, metadatas)` speaks the generic
+scorer protocol (rewards/scorer.py): `POST /v1/rewards/{name}` on the service, or, with `url=`, any
+external scorer speaking it (the `http` rewards of a run's mix; its limits from its own /readyz).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import io
 import itertools
 import json
 import time
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from rewards.app.schemas import GenevalItemResult, Limits, OcrItemResult, Readiness
+from rewards.app.schemas import GenevalItemResult, Limits, OcrItemResult, Readiness, ScoreItemResult
 from rewards.geneval_rules import GenevalMetadata
 
 
@@ -39,6 +44,19 @@ class RewardRequestError(Exception):
 
 class RewardServerError(Exception):
     """The server kept failing (5xx or unreachable) after every retry."""
+
+
+UNVERSIONED = "unversioned"
+"""The version of an answer that names none (an external scorer need not)."""
+
+
+@dataclass(frozen=True)
+class ScoreAnswer:
+    """A generic scorer's rewards, in item order, and the version of the scorer that computed them
+    (versions joined with "|" when the parts of a split request were answered by different ones)."""
+
+    results: list[ScoreItemResult]
+    version: str
 
 
 _BODY_START, _BODY_SEP, _BODY_END = b'{"items": [', b", ", b"]}"
@@ -148,19 +166,53 @@ class RewardClient:
         ]
         return [GenevalItemResult.model_validate(r) for r in await self.post_items("/v1/rewards/geneval", items)]
 
+    async def score(self, name: str, images: list[np.ndarray], prompts: list[str], metadatas: list[dict],
+                    *, url: str | None = None) -> ScoreAnswer:
+        """Rewards from a generic scorer (rewards/scorer.py protocol): `POST /v1/rewards/{name}` on
+        this client's service, or, with `url`, `POST {url}` itself (an external scorer speaking the
+        same protocol). Split into requests within the limits, results in item order."""
+        check_pixels(images, await self.limits())
+        items = [{"image": encode_png(image), "prompt": prompt, "metadata": metadata}
+                 for image, prompt, metadata in zip(images, prompts, metadatas, strict=True)]
+        answers = await self._post_parts(url or f"/v1/rewards/{name}", items)
+        results = [ScoreItemResult.model_validate(r) for answer in answers for r in answer["results"]]
+        versions = sorted({str(answer.get("version") or UNVERSIONED) for answer in answers})
+        return ScoreAnswer(results, "|".join(versions))
+
+    async def scorer_limits(self, default: Limits) -> Limits:
+        """An external scorer's request limits: the `limits` of its `/readyz` (at this client's base
+        URL) when it answers one, else `default` (a scorer without /readyz, or without limits in it)."""
+        try:
+            answer = await self._send("GET", "/readyz")
+        except RewardRequestError:  # 404 and friends: it has no /readyz
+            return default
+        try:
+            return Limits.model_validate(answer["limits"])
+        except (KeyError, TypeError, ValueError):
+            return default
+
     async def post_items(self, path: str, items: list[dict]) -> list[dict]:
         """POST `{"items": items}` as requests that fit the server's limits; the results in item order."""
-        results: list[dict] = []
-        for first, body in pack_items(items, await self.limits()):
+        return [result for answer in await self._post_parts(path, items) for result in answer["results"]]
+
+    async def _post_parts(self, path: str, items: list[dict]) -> list[dict]:
+        """The answers of the requests `items` were split into, in order; each answer holds exactly
+        its part's results (a scorer answering another count is an error, never shifted rows)."""
+        parts = pack_items(items, await self.limits())
+        ends = [first for first, _ in parts[1:]] + [len(items)]
+        answers: list[dict] = []
+        for (first, body), end in zip(parts, ends):
             try:
                 answer = await self._send("POST", path, body)
             except RewardRequestError as error:  # name the item in the caller's list, not in the part
                 item = error.item + first if error.item is not None else None
                 raise RewardRequestError(error.status, error.code, error.message, item) from None
-            results += answer["results"]
-        if len(results) != len(items):
-            raise RewardServerError(f"{path} answered {len(results)} results for {len(items)} items")
-        return results
+            results = answer.get("results") if isinstance(answer, dict) else None
+            if not isinstance(results, list) or len(results) != end - first:
+                raise RewardServerError(f"{path} answered {len(results) if isinstance(results, list) else 'no'} "
+                                        f"results for {end - first} items")
+            answers.append(answer)
+        return answers
 
     async def post(self, path: str, payload: dict) -> dict:
         """POST one JSON payload as it is (no splitting)."""

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from rewards.ocr import check_image
+from rewards.scorer import ScoreResult
 
 JPEG_QUALITY = 95
 COMPRESSIBILITY_SCALE = 500.0
@@ -31,6 +32,33 @@ def jpeg_size_kb(image: np.ndarray, quality: int = JPEG_QUALITY) -> float:
     return buffer.tell() / 1000
 
 
+def reward_of_size(size_kb: float, kind: Literal["compressibility", "incompressibility"]) -> float:
+    return -size_kb / COMPRESSIBILITY_SCALE if kind == "compressibility" else size_kb
+
+
 def jpeg_reward(image: np.ndarray, kind: Literal["compressibility", "incompressibility"]) -> float:
-    size = jpeg_size_kb(image)
-    return -size / COMPRESSIBILITY_SCALE if kind == "compressibility" else size
+    return reward_of_size(jpeg_size_kb(image), kind)
+
+
+class JpegScorer:
+    """compressibility / incompressibility as a generic scorer of the reward service
+    (`POST /v1/rewards/compressibility`); prompts and metadata are ignored."""
+
+    def __init__(self, kind: Literal["compressibility", "incompressibility"]):
+        self.name = kind
+        self.version = f"jpeg-q{JPEG_QUALITY}"
+
+    def score(self, images: list[np.ndarray], prompts: list[str], metadatas: list[dict]) -> list[ScoreResult]:
+        results = []
+        for image in images:
+            size = jpeg_size_kb(image)
+            results.append(ScoreResult(reward_of_size(size, self.name), {"jpeg_kb": size}))
+        return results
+
+
+def compressibility_scorer(settings=None) -> JpegScorer:
+    return JpegScorer("compressibility")
+
+
+def incompressibility_scorer(settings=None) -> JpegScorer:
+    return JpegScorer("incompressibility")

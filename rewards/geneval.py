@@ -39,16 +39,21 @@ class GenevalScorer:
     """Scores images against GenEval metadata lines; one detector call per batch. Any `Detector`
     (e.g. an mmdet wrapper) and colour classifier can be plugged in."""
 
-    def __init__(self, detector: Detector, colours: ColourClassifier):
+    def __init__(self, detector: Detector, colours: ColourClassifier, version: str = "custom"):
         self.detector = detector
         self.colours = colours
+        self.version = version
+        """The detector and CLIP checkpoints behind the numbers: on /readyz and every answer."""
 
     @classmethod
     def from_config(cls, config: GenevalConfig) -> "GenevalScorer":
-        return cls(
-            Mask2FormerDetector.from_pretrained(config.detector, config.device, config.dtype),
-            ClipColourClassifier.from_pretrained(config.clip, config.device, config.dtype),
-        )
+        from rewards.clip_score import checkpoint_version
+
+        detector = Mask2FormerDetector.from_pretrained(config.detector, config.device, config.dtype)
+        colours = ClipColourClassifier.from_pretrained(config.clip, config.device, config.dtype)
+        version = (f"{checkpoint_version(config.detector, None, 'config.json')} + "
+                   f"{checkpoint_version(config.clip, None, 'config.json')}")
+        return cls(detector, colours, version)
 
     def score(self, images: list[np.ndarray], metadatas: list[GenevalMetadata]) -> list[GenevalResult]:
         """Correctness, graded reward and details of each uint8 RGB image for its metadata line."""

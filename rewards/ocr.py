@@ -113,6 +113,14 @@ def pixel_key(image: np.ndarray) -> bytes:
     return digest.digest()
 
 
+def _files_digest(paths: list[Path]) -> str:
+    digest = hashlib.blake2b(digest_size=6)
+    for path in paths:
+        with path.open("rb") as file:
+            digest.update(hashlib.file_digest(file, "blake2b").digest())
+    return digest.hexdigest()
+
+
 class OcrScorer:
     """PaddleOCR reader + Flow-GRPO reward; a plain class used in-process and behind the API."""
 
@@ -136,6 +144,8 @@ class OcrScorer:
             use_doc_unwarping=False,
             use_textline_orientation=False,
         )
+        self.version = f"{det}+{rec}#{_files_digest([root / det / 'inference.onnx', root / rec / 'inference.onnx'])}"
+        """The models behind the numbers (names + a hash of their weights): on /readyz and every answer."""
         self._cache: OrderedDict[bytes, str] = OrderedDict()
         self._cache_size = config.cache_size
         self.cache_hits = 0

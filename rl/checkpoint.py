@@ -8,9 +8,13 @@
             policy/          the AR policy as a Hugging Face directory: vLLM and transformers load it
             manifest.json    every file of the checkpoint and its size, written by the driver last
         latest               name of the newest COMPLETE checkpoint
+        best.json            {"step", "score"}: the checkpoint of the best in-run eval so far, kept by pruning
+        guard.json           the reward-hacking guard's state (rl/guard.py), rewritten after each
+                             checkpoint and rollback; a resume drops what it saw after its step
 
 A checkpoint is written into a temp folder and renamed into place, and `latest` is replaced
 atomically after that, so a run killed mid-save resumes from the previous complete checkpoint.
+`best.json` is written the same way (temp file + rename) after the checkpoint it names is committed.
 
 Several nodes: every learner rank writes its own ZeRO shards and then commits its part (fsync,
 then `parts/rank-K.json`). The driver commits the checkpoint only once it sees every rank's part
@@ -31,6 +35,7 @@ from pathlib import Path
 from rl.prompts import SamplerState
 
 LATEST = "latest"
+BEST_FILE = "best.json"
 TRAINER_FILE = "trainer.json"
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
@@ -131,6 +136,15 @@ class TrainerState:
         return cls(**raw)
 
 
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """The checkpoint of the best in-run eval so far (`best.json`)."""
+
+    step: int
+    score: float
+    """The eval's score (rl/inrun_eval.py: GenEval overall, OCR mean reward); higher is better."""
+
+
 class CheckpointDir:
     def __init__(self, root: Path, keep_last: int = 2):
         self.root = Path(root)
@@ -195,7 +209,91 @@ class CheckpointDir:
         names = (p.name.removeprefix("step-") for p in self.root.glob("step-*") if (p / TRAINER_FILE).is_file())
         return sorted(int(name) for name in names if name.isdigit())
 
+    def discard_after(self, step: int) -> None:
+        """A rollback to step `step`'s checkpoint: `latest` names it (first, atomically), then the
+        checkpoints of later steps are deleted; the run redoes those steps, so a resume must not
+        land on the abandoned ones."""
+        pointer = self.root / (LATEST + ".tmp")
+        pointer.write_text(self.path_for(step).name)
+        os.replace(pointer, self.root / LATEST)
+        for later in (s for s in self.complete_steps() if s > step):
+            shutil.rmtree(self.path_for(later), ignore_errors=True)
+
+    def mark_best(self, step: int, score: float) -> None:
+        """Pin step `step`'s committed checkpoint as the best-eval one (replacing the previous best,
+        which pruning may then delete). CheckpointError if that checkpoint is not complete."""
+        self.verify(self.path_for(step))
+        tmp = self.root / (BEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(BestCheckpoint(step, float(score)))))
+        os.replace(tmp, self.root / BEST_FILE)
+        self._prune()
+
+    def best_record(self) -> BestCheckpoint | None:
+        """Step and score of the best-eval checkpoint; None before the first `mark_best`."""
+        path = self.root / BEST_FILE
+        return BestCheckpoint(**json.loads(path.read_text())) if path.is_file() else None
+
+    def best(self) -> Path | None:
+        """The best-eval checkpoint (what a rollback restores); None if none was marked. CheckpointError
+        if it lost files since it was committed."""
+        record = self.best_record()
+        if record is None:
+            return None
+        path = self.path_for(record.step)
+        self.verify(path)
+        return path
+
     def _prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints and the best-eval one."""
         complete = self.complete_steps()
+        best = self.best_record()
         for step in complete[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(self.path_for(step), ignore_errors=True)
+            if best is None or step != best.step:
+                shutil.rmtree(self.path_for(step), ignore_errors=True)
+
+
+def _hash_tensors(tensors) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of (name, tensor) pairs, in the order given."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(named: dict) -> str:
+    """sha256 of a state dict's tensors, sorted by name, without tied aliases (a tensor at the same
+    address and shape as an earlier one: an export does not write it). Equal digests of this and
+    `policy_digest`: bit-identical weights."""
+    distinct, seen = {}, set()
+    for name, tensor in named.items():  # state-dict order: a tied alias (lm_head) comes after its weight
+        key = (tensor.data_ptr(), tuple(tensor.shape))  # not the storage: ZeRO views one flat buffer
+        if key not in seen:
+            seen.add(key)
+            distinct[name] = tensor
+    return _hash_tensors((name, distinct[name]) for name in sorted(distinct))
+
+
+def policy_digest(policy_dir: Path) -> str:
+    """`weights_digest` of a checkpoint's exported policy (its safetensors files), read one tensor at
+    a time (never the whole model in memory)."""
+    from safetensors import safe_open
+
+    where = {}
+    for path in sorted(Path(policy_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            where.update({name: path for name in handle.keys()})
+    if not where:
+        raise CheckpointError(f"{policy_dir} holds no safetensors weights")
+
+    def tensors():
+        for name in sorted(where):
+            with safe_open(str(where[name]), framework="pt") as handle:
+                yield name, handle.get_tensor(name)
+
+    return _hash_tensors(tensors())

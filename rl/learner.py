@@ -12,6 +12,12 @@
     publish_weights(version) on every rank: ZeRO-3 gathers the full weights collectively; rank 0
         hands them to the weight sender (rl/weight_sync.py), which waits for every worker.
 
+With `lora` set (policy/lora.py) the causal LM is wrapped with a peft LoRA adapter: only the adapter
+is optimised, published (PEFT names, kilobytes to megabytes) and checkpointed, and the KL reference is
+the same module with the adapter switched off (peft's `disable_adapter`), so no reference copy is
+loaded. The wrapped LM keeps its HF module tree (peft swaps the targeted Linears in place), so
+`ImageTokenLogits` and gradient checkpointing work on it unchanged.
+
 Each rank sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT itself (otherwise
 DeepSpeed falls back to MPI discovery). LOCAL_RANK is 0: Ray gives every GPU actor its own
 CUDA_VISIBLE_DEVICES, so each rank's device is its local device 0.
@@ -185,19 +191,22 @@ class LearnerRank:
         on_gpu = config.device == "cuda"
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         dtype = "bfloat16" if config.precision == "bf16" else "float32"
-        # beta = 0: no reference model at all. The reference is the AR part only, never SANA.
+        # beta = 0: no reference model at all. The reference is the AR part only, never SANA. With
+        # LoRA it is the policy itself with the adapter switched off (`_adapter_off`): no second copy.
+        self.has_reference = config.grpo.beta > 0
         self.reference = None
-        if config.grpo.beta > 0:
-            reference = _image_head(load_ar_model(paths, dtype, str(self.device)).requires_grad_(False), self.vocab)
-            # Under ZeRO-3 the frozen reference is sharded across the ranks like the policy (an
-            # engine without optimizer); below it, each rank holds a copy (its parameters only).
-            self.reference = deepspeed.initialize(model=reference, config=reference_deepspeed_config(config))[0]
+        if self.has_reference and config.lora is None:
+            self.reference = self._reference_engine(paths)
         # Loaded in the training dtype at once (no fp32 copy of a bf16 model on the way).
         model = load_ar_model(paths, dtype, str(self.device)).train()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.peft_model = None
+        if config.lora is not None:
+            model = self._add_adapter(model, config)
         policy = _image_head(model, self.vocab)  # only the image rows of the head, at image positions
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, betas=config.adam_betas,
+        trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the adapter only
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.adam_betas,
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         # ZeRO-3 partitions the already-loaded module here (no zero.Init needed for from_pretrained).
@@ -206,6 +215,53 @@ class LearnerRank:
         self.loss_fn = GRPOLoss(config.grpo, self.vocab.tokens_per_image)
         self.version = config.initial_version
         self.sender = None
+        self.paths = paths
+
+    def _reference_engine(self, paths):
+        """The frozen KL reference: the model directory's AR weights, as image-token logits."""
+        import deepspeed
+
+        dtype = "bfloat16" if self.config.precision == "bf16" else "float32"
+        reference = _image_head(load_ar_model(paths, dtype, str(self.device)).requires_grad_(False), self.vocab)
+        # Under ZeRO-3 the frozen reference is sharded across the ranks like the policy (an
+        # engine without optimizer); below it, each rank holds a copy (its parameters only).
+        return deepspeed.initialize(model=reference, config=reference_deepspeed_config(self.config))[0]
+
+    def set_hyperparameters(self, lr_scale: float, beta: float) -> None:
+        """Train from now on with peak lr = config lr x `lr_scale` (the schedule's shape and position
+        kept) and KL coefficient `beta`: the guard's rollback (rl/guard.py). Absolute, not cumulative:
+        the driver derives both from its rollback count after every checkpoint load, so a resumed run
+        trains with the same values. Raising beta from 0 loads the frozen reference (every rank calls
+        this: a collective under ZeRO-3)."""
+        scheduler = self.engine.lr_scheduler  # LambdaLR: lr = base_lr x lambda(step)
+        scheduler.base_lrs = [self.config.lr * lr_scale for _ in scheduler.base_lrs]
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        if beta > 0 and not self.has_reference and self.peft_model is None:
+            self.reference = self._reference_engine(self.paths)
+        if beta == 0:
+            self.reference = None
+        self.has_reference = beta > 0
+        self.config = self.config.model_copy(update={"grpo": self.config.grpo.model_copy(update={"beta": beta})})
+        self.loss_fn = GRPOLoss(self.config.grpo, self.vocab.tokens_per_image)
+
+    def _add_adapter(self, model, config: LearnerConfig):
+        """Wrap `model` with a LoRA adapter (peft freezes every base weight) and return the same causal
+        LM, its targeted Linears now LoRA layers (ImageTokenLogits keeps calling `lm.model` and
+        `lm.lm_head`). The adapter starts as peft initialises it (B = 0: version 0 is the base model),
+        from a seeded generator so every rank, and every run, starts from the same A."""
+        from peft import get_peft_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.peft_model = get_peft_model(model, config.lora.peft_config())
+        return self.peft_model.base_model.model
+
+    def _adapter_off(self):
+        """Context in which the policy is the base model (the KL reference under LoRA)."""
+        import contextlib
+
+        return self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()
 
     # ----- training ---------------------------------------------------------------------------
 
@@ -213,8 +269,12 @@ class LearnerRank:
         """Image-token logits [b, N, K] of the policy or the reference (each through its engine), and the codes."""
         tokens = batch.image_tokens[rows]  # [b, N]
         prompts = [batch.prompt_ids[r] for r in rows]
-        engine = self.reference if reference else self.engine
-        logits = engine.module.image_logits(prompts, tokens, self.pad_id, call=engine)  # [b, N, K]
+        if reference and self.reference is None:  # LoRA: the policy engine with its adapter switched off
+            with self._adapter_off():
+                logits = self.engine.module.image_logits(prompts, tokens, self.pad_id, call=self.engine)  # [b, N, K]
+        else:
+            engine = self.reference if reference else self.engine
+            logits = engine.module.image_logits(prompts, tokens, self.pad_id, call=engine)  # [b, N, K]
         return logits, self.vocab.to_codebook(tokens).to(self.device)  # [b, N, K], [b, N]
 
     def _logprobs(self, reference: bool, batch: RolloutBatch, rows: list[int], truncation: Truncation) -> torch.Tensor:
@@ -242,6 +302,16 @@ class LearnerRank:
         table[torch.cat(all_rows)] = torch.cat(all_lp)
         return table
 
+    def logprobs(self, batch: RolloutBatch, reference: bool = False) -> torch.Tensor:
+        """Log-probs [R, N] of every row of `batch` under the current policy (at the batch's
+        truncation, as the loss scores them) or the KL reference (untruncated, as the KL scores
+        them); every rank must call this. For checks of sampler-learner agreement."""
+        if reference and not self.has_reference:
+            raise ValueError("no KL reference (grpo.beta is 0)")
+        plan = plan_epoch(list(range(len(batch))), self.world, self.rank, self.config.micro_batch_size, 1, seed=0)
+        truncation = Truncation.off() if reference else batch.truncation
+        return self._logprob_table(reference, batch, plan, truncation).cpu()  # [R, N]
+
     def _micro_step(self, batch, advantages, mb: MicroBatch, denominator: float, proximal, reference) -> LossStats:
         mb = mb.without_padding()
         logits, codes = self._image_logits(False, batch, mb.rows)  # [b, N, K], [b, N]
@@ -249,7 +319,7 @@ class LearnerRank:
         logprobs = codebook_token_logprobs(logits, codes, temperature, truncation)  # [b, N]
         entropy = codebook_entropy(logits, codes, temperature, truncation)  # [b, N], no grad
         kl_logprobs = None  # the KL is taken on the untruncated distributions (see policy/logprobs.py)
-        if self.reference is not None and truncation.active:
+        if self.has_reference and truncation.active:
             kl_logprobs = codebook_token_logprobs(logits, codes, temperature)  # [b, N]
         ref = reference[mb.rows] if reference is not None else None  # [b, N]
         sampler = batch.logprobs[mb.rows].to(self.device)  # [b, N]
@@ -292,7 +362,7 @@ class LearnerRank:
         recompute = config.grpo.ppo_anchor == "learner" and n_steps > 1
         proximal = self._logprob_table(False, batch, plans[0], batch.truncation) if recompute else None
         # the KL's reference log-probs, untruncated (see policy/logprobs.py), once per row
-        reference = self._logprob_table(True, batch, plans[0], Truncation.off()) if self.reference is not None else None
+        reference = self._logprob_table(True, batch, plans[0], Truncation.off()) if self.has_reference else None
         total, losses, grad_norms = LossStats(), [], []
         for plan in plans:
             for step in plan:
@@ -308,7 +378,7 @@ class LearnerRank:
         self.version += 1
         summary = total.summary()
         summary.update(loss=sum(losses) / n_steps, pg_loss=total.pg_loss / n_steps, kl_loss=total.kl_loss / n_steps)
-        if self.reference is None:
+        if not self.has_reference:
             summary["kl"] = float("nan")  # beta 0: no reference, so no KL was measured (a gap, not a 0)
         return LearnerMetrics(
             policy_version=self.version, sampler_version=batch.policy_version, optimizer_steps=n_steps,
@@ -332,27 +402,54 @@ class LearnerRank:
 
     # ----- weights ----------------------------------------------------------------------------
 
-    def _gathered(self):
-        """Context in which every parameter is whole on every rank (a collective under ZeRO-3)."""
+    def _gathered(self, published_only: bool = False):
+        """Context in which every parameter (or, with `published_only` under LoRA, every adapter
+        parameter) is whole on every rank (a collective under ZeRO-3)."""
         import contextlib
 
         import deepspeed
 
         if self.config.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+            params = list(self.engine.module.parameters())
+            if published_only and self.peft_model is not None:
+                params = [p for p in params if p.requires_grad]  # the adapter: kilobytes, not the model
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
+        """What a publish sends: the full AR weights (HF names), or under LoRA the adapter only
+        (PEFT's saved names, policy/lora.py)."""
+        if self.peft_model is not None:
+            from peft import get_peft_model_state_dict
+
+            adapter = get_peft_model_state_dict(self.peft_model, save_embedding_layers=False)
+            return {name: t.detach() for name, t in adapter.items()}
+        return self._base_weights()
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The AR model's own weights in HF names (under LoRA: the frozen base, without the adapter)."""
         # remove_duplicate=False keeps tied aliases (e.g. lm_head.weight) as in the HF state_dict.
         lm = self.engine.module.lm  # HF names: the parameters of the wrapped causal LM
-        return {name: p.detach() for name, p in lm.named_parameters(remove_duplicate=False)}
+        named = lm.named_parameters(remove_duplicate=False)
+        if self.peft_model is None:
+            return {name: p.detach() for name, p in named}
+        return {name.replace(".base_layer.", "."): p.detach() for name, p in named if ".lora_" not in name}
 
     def gather_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full AR weights as CPU copies on rank 0 (None elsewhere); every rank must call this."""
-        with self._gathered():
+        """What a publish sends (full AR weights, or the LoRA adapter) as CPU copies on rank 0 (None
+        elsewhere); every rank must call this."""
+        with self._gathered(published_only=True):
             if self.rank != 0:
                 return None
             return {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
+
+    def gather_base_weights(self) -> dict[str, torch.Tensor] | None:
+        """The AR model's weights without any adapter (HF names) as CPU copies on rank 0; under full
+        fine-tuning the same as `gather_weights`. Every rank must call this."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            return {name: t.to("cpu", copy=True) for name, t in self._base_weights().items()}
 
     def connect_workers(self, workers: list, sync: WeightSyncConfig | None = None) -> None:
         """Rank 0: build the weight sender for these workers (the broadcast group forms here);
@@ -364,7 +461,7 @@ class LearnerRank:
 
     def publish_weights(self) -> SyncReport | None:
         """Gather (every rank) and send the current version to every worker (rank 0); rank 0's report."""
-        with self._gathered():
+        with self._gathered(published_only=True):
             if self.rank != 0:
                 return None
             if self.sender is None:
@@ -381,7 +478,9 @@ class LearnerRank:
         then this rank commits its part (rl/checkpoint.py). Returns the files it wrote and their sizes."""
         from rl.checkpoint import commit_rank_part
 
-        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"version": self.version})
+        # Under LoRA the frozen base is the model directory's: only the adapter and its optimizer state are saved.
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"version": self.version},
+                                    exclude_frozen_parameters=self.peft_model is not None)
         return commit_rank_part(Path(directory), self.rank)
 
     def write_probe(self, root: str, nonce: str) -> str:
@@ -390,21 +489,42 @@ class LearnerRank:
 
         return write_probe(Path(root), self.rank, nonce)
 
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore what `save_checkpoint` wrote; returns the restored version."""
-        path, client_state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    def load_checkpoint(self, directory: str, version: int | None = None) -> int:
+        """Restore what `save_checkpoint` wrote; returns the restored version. `version`: serve the
+        restored weights as this version instead of the saved one (a guard rollback: a worker only
+        takes versions newer than the one it serves)."""
+        # strict unless LoRA: its checkpoint holds the adapter only (the base stays as loaded at setup)
+        path, client_state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG,
+                                                         load_module_strict=self.peft_model is None)
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint '{CHECKPOINT_TAG}' in {directory}")
-        self.version = int(client_state["version"])
+        self.version = int(client_state["version"]) if version is None else version
         return self.version
 
     def export_policy(self, directory: str) -> None:
-        """The AR policy as a Hugging Face directory (weights + tokenizer) that vLLM and transformers load."""
-        with self._gathered():
-            if self.rank == 0:
-                weights = {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
-                self.engine.module.lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
-                self.tokenizer.save_pretrained(directory)
+        """The AR policy as vLLM loads it: a Hugging Face directory (weights + tokenizer), or under
+        LoRA the adapter in PEFT's format (a `LoRARequest` path; `blip3o-rl export --merge` folds it
+        into the model directory named in its adapter_config.json)."""
+        with self._gathered(published_only=True):
+            if self.rank != 0:
+                return
+            weights = {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
+            if self.peft_model is not None:
+                from policy.lora import write_adapter
+
+                write_adapter(Path(directory), self.config.lora, weights, base_model=str(self.paths.root))
+                return
+            self.engine.module.lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+
+    def weights_digest(self) -> str | None:
+        """sha256 of the weights `export_policy` writes (rl/checkpoint.py `weights_digest`) on rank 0,
+        None elsewhere; every rank must call this. A rollback proves with it that the learner holds
+        exactly the checkpoint's weights."""
+        from rl.checkpoint import weights_digest
+
+        with self._gathered(published_only=True):
+            return weights_digest(self._named_weights()) if self.rank == 0 else None
 
     def close(self) -> None:
         """Release the sender (its shared-memory file, its process group)."""

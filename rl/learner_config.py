@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policy.lora import LoRAConfig
+
 
 class GRPOConfig(BaseModel):
     """The GRPO objective (see `rl/grpo.py` for the formulas)."""
@@ -124,6 +126,10 @@ class LearnerConfig(BaseModel):
     """The loss."""
     sync: WeightSyncConfig = WeightSyncConfig()
     """The weight broadcast."""
+    lora: LoRAConfig | None = None
+    """Train a LoRA adapter on the AR model instead of all its weights (None = full fine-tuning).
+    Only the adapter is optimised, published and checkpointed; the KL reference is the same model
+    with the adapter switched off (no second copy)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "LearnerConfig":

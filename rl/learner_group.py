@@ -41,9 +41,11 @@ def _get_all(refs: list, timeout_s: float, what: str) -> list:
 class LearnerGroup:
     """The learner as one object: `train_step`, `connect_workers`, `publish_weights`, `gather_weights`."""
 
-    def __init__(self, config: LearnerConfig, timeout_s: float = 1800.0, resources: dict[str, float] | None = None):
+    def __init__(self, config: LearnerConfig, timeout_s: float = 1800.0, resources: dict[str, float] | None = None,
+                 rank_class: type = LearnerRank):
         """`resources`: custom Ray resources of each rank (the learner role's, rl/placement.py), in
-        its bundle and its actor options."""
+        its bundle and its actor options. `rank_class`: the rank actor (the diffusion learner's
+        `DiffusionLearnerRank` shares this placement and fan-out)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -55,7 +57,7 @@ class LearnerGroup:
             bundle["GPU"] = config.num_gpus_per_rank
         self.placement = placement_group([dict(bundle) for _ in range(config.world_size)], strategy="PACK")
         ray.get(self.placement.ready(), timeout=timeout_s)
-        actor_class = ray.remote(LearnerRank)
+        actor_class = ray.remote(rank_class)
         self.ranks = [
             actor_class.options(
                 num_cpus=config.num_cpus_per_rank,
@@ -85,8 +87,20 @@ class LearnerGroup:
         return _get_all([r.publish_weights.remote() for r in self.ranks], self.timeout_s, "publish_weights")[0]
 
     def gather_weights(self) -> dict[str, torch.Tensor]:
-        """Full AR weights (CPU copies), e.g. for checks and checkpoints."""
+        """What a publish sends (CPU copies): full AR weights, or the LoRA adapter."""
         return _get_all([r.gather_weights.remote() for r in self.ranks], self.timeout_s, "gather_weights")[0]
+
+    def gather_base_weights(self) -> dict[str, torch.Tensor]:
+        """The AR weights without any adapter (CPU copies): under LoRA the frozen base."""
+        return _get_all([r.gather_base_weights.remote() for r in self.ranks], self.timeout_s,
+                        "gather_base_weights")[0]
+
+    def logprobs(self, batch: RolloutBatch, reference: bool = False) -> torch.Tensor:
+        """Log-probs [R, N] of the batch's rows under the policy (or the KL reference), as the learner scores them."""
+        import ray
+
+        batch_ref = ray.put(batch)
+        return _get_all([r.logprobs.remote(batch_ref, reference) for r in self.ranks], self.timeout_s, "logprobs")[0]
 
     def save_checkpoint(self, directory: str) -> None:
         """Engine state of every rank (ZeRO shards, optimizer, lr schedule) and the version; returns
@@ -104,10 +118,19 @@ class LearnerGroup:
         hosts = _get_all([r.write_probe.remote(root, nonce) for r in self.ranks], self.timeout_s, "write_probe")
         check_probes(Path(root), hosts, nonce)
 
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore a `save_checkpoint`; returns the restored version."""
-        return _get_all([r.load_checkpoint.remote(directory) for r in self.ranks], self.timeout_s,
+    def load_checkpoint(self, directory: str, version: int | None = None) -> int:
+        """Restore a `save_checkpoint`; returns the restored version (`version`: serve it as this one)."""
+        return _get_all([r.load_checkpoint.remote(directory, version) for r in self.ranks], self.timeout_s,
                         "load_checkpoint")[0]
+
+    def set_hyperparameters(self, lr_scale: float, beta: float) -> None:
+        """Peak lr = config lr x `lr_scale` and KL coefficient `beta` from now on (a guard rollback)."""
+        _get_all([r.set_hyperparameters.remote(lr_scale, beta) for r in self.ranks], self.timeout_s,
+                 "set_hyperparameters")
+
+    def weights_digest(self) -> str:
+        """sha256 of the weights an export writes (rl/checkpoint.py `weights_digest`)."""
+        return _get_all([r.weights_digest.remote() for r in self.ranks], self.timeout_s, "weights_digest")[0]
 
     def export_policy(self, directory: str) -> None:
         """The AR policy as a Hugging Face directory (what vLLM loads)."""

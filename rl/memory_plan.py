@@ -20,6 +20,8 @@ N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
     gradients      d P / (W if z >= 2 else 1), plus the fp32 flat gradient of this rank's
                    partition at the step, 4 P / W (z >= 1)
     reference      beta > 0: d P / (W if z = 3 else 1)  (frozen, no optimizer)
+    LoRA           (learner.lora) the base as frozen weights (no optimizer, gradient or reference
+                   copy), and the lines above for the adapter's A = n_l r (in + out) parameters
     head transient tied head: the embedding's dense [V, h] gradient before it is summed, d V h
     activations    micro_batch_size * row, row = N K c  with c = 8 for float32 (the [N, K] logits
                    and the backward's one float32 gradient buffer, `head_bytes_per_logit`), or
@@ -230,6 +232,26 @@ def learner_state_lines(params: int, d: int, world: int, zero: int, reference: b
     return lines
 
 
+def lora_params(shape: ModelShape, lora) -> int:
+    """Adapter parameters of `lora` (policy/lora.py): r (in + out) per targeted projection and
+    layer. Target names other than Qwen3's seven projections are not counted."""
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return shape.layers * sum(lora.rank * (a + b) for name, (a, b) in sizes.items() if name in lora.target_modules)
+
+
+def lora_state_lines(params: int, adapter: int, d: int, world: int, zero: int) -> list[Line]:
+    """Under LoRA: the frozen base (sharded at stage 3, no optimizer, no gradient, and no reference
+    copy: the reference is the base with the adapter off), then the adapter's own states."""
+    shard = world if zero == 3 else 1
+    note = f"{d} B/param" + (f" / {world} ranks" if zero == 3 else "")
+    lines = [Line("frozen base weights", d * params / shard, note)]
+    return lines + [Line(f"adapter {line.what}", line.bytes, f"{adapter:,} params: {line.note}")
+                    for line in learner_state_lines(adapter, d, world, zero, reference=False)]
+
+
 def layer_activation_elements(shape: ModelShape, seq: int, probs: bool) -> int:
     """Elements one decoder layer keeps for backward per token (see module docstring)."""
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -258,8 +280,12 @@ def learner_row_bytes(shape: ModelShape, d: int, checkpointing: bool, probs: boo
 
 def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
     d = bytes_per_element(learner.precision)
-    lines = learner_state_lines(shape.ar_params, d, learner.world_size, learner.zero_stage, learner.grpo.beta > 0)
-    if shape.tied:
+    if learner.lora is None:
+        lines = learner_state_lines(shape.ar_params, d, learner.world_size, learner.zero_stage, learner.grpo.beta > 0)
+    else:
+        lines = lora_state_lines(shape.ar_params, lora_params(shape, learner.lora), d, learner.world_size,
+                                 learner.zero_stage)
+    if shape.tied and learner.lora is None:  # under LoRA the embedding is frozen: no gradient
         lines.append(Line("tied head gradient (transient)", d * shape.vocab_rows * shape.hidden, "[V, h] dense"))
     head, layers = learner_row_bytes(shape, d, learner.gradient_checkpointing, probs=not on_gpu)
     b = learner.micro_batch_size

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from rl.prompts import PromptItem, SamplerState
+from rl.reward_mix import MixedRewards, RewardComponentConfig, mix_rewards, resolve_mix
 from rl.scoring import RewardEndpoint, SampleReward, ScoredImages, score_images
 from rollout.pool import concat_batches
 from rollout.records import RolloutBatch
@@ -96,13 +97,17 @@ class ScoredStep:
     images: list[ChunkImages]
     """Where the images are (the object store, chunk by chunk): `sample_images` fetches a few rows."""
     rewards: list[SampleReward]
+    """Each row's breakdown: its task reward's details and every component's raw reward."""
+    mixed: MixedRewards
+    """The total the run trains on and its components (rl/reward_mix.py)."""
     timings: dict[str, float]
     """Busy seconds per stage summed over chunks (rollout, decode, reward) and the wall time (collect)."""
     retried_requests: list[str] = field(default_factory=list)
     """Reward requests that failed and were retried (replica restarts, blips)."""
 
     def reward_tensor(self) -> torch.Tensor:
-        return torch.tensor([r.reward for r in self.rewards], dtype=torch.float32)  # [R]
+        """The reward GRPO trains on: the mix's total (the task reward without `rewards.mix`)."""
+        return torch.tensor(self.mixed.total, dtype=torch.float32)  # [R]
 
     def sample_images(self, rows: list[int]) -> list[np.ndarray]:
         """The images [H, W, 3] uint8 of these rows of the step (only they travel to the driver)."""
@@ -119,7 +124,7 @@ def _remote_score_task():
         import ray
 
         def score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
-            return score_images(endpoint, images, items)
+            return score_images(endpoint, images, items, endpoint.mix)  # the run's reward mix
 
         _REMOTE_SCORE = ray.remote(num_cpus=0, max_retries=3)(score)  # retried if its process crashes
     return _REMOTE_SCORE
@@ -428,4 +433,20 @@ class PendingStep:
             "collect": time.perf_counter() - self.launched_at,
         }
         retried = [failure for s in scored for failure in s.failures]
-        return ScoredStep(self.items, batch, images, rewards, timings, retried)
+        mixed = step_mix(resolve_mix(self.endpoint.mix, {item.task for item in self.items}), rewards, scored,
+                         batch.group_index)
+        return ScoredStep(self.items, batch, images, rewards, mixed, timings, retried)
+
+
+def step_mix(components: tuple[RewardComponentConfig, ...], rewards: list[SampleReward], scored: list[ScoredImages],
+             group_index: list[int]) -> MixedRewards:
+    """The step's total from its rows' raw component rewards (groups never straddle chunks, but
+    normalizing over the whole step's rows by group is the same and simpler); a component answered
+    by different scorer versions in different chunks keeps them all, joined with "|"."""
+    raw = {c.name: np.array([r.scores.get(c.name, np.nan) for r in rewards], dtype=np.float64) for c in components}
+    versions: dict[str, str] = {}
+    for c in components:
+        seen = sorted({s.versions[c.name] for s in scored if c.name in s.versions})
+        if seen:
+            versions[c.name] = "|".join(seen)
+    return mix_rewards(components, raw, group_index, versions)

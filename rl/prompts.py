@@ -176,6 +176,20 @@ def check_not_eval(items: list[PromptItem], origin: str) -> None:
         )
 
 
+def check_not_trained(eval_items: list[PromptItem], train_items: list[PromptItem], origin: str) -> None:
+    """Raise EvalPromptOverlapError if an evaluation prompt (or, for text rendering, its quoted
+    target) is also a training prompt (target), compared after `normalise`: an in-run eval must score
+    prompts the policy never trained on, even when a source sets `allow_eval_prompts`."""
+    captions = {normalise(item.caption) for item in train_items}
+    targets = {normalise(extract_target(item.caption)) for item in train_items if item.task == "ocr"}
+    overlaps = [item for item in eval_items if normalise(item.caption) in captions
+                or (item.task == "ocr" and normalise(extract_target(item.caption)) in targets)]
+    if overlaps:
+        raise EvalPromptOverlapError(
+            f"{origin}: {len(overlaps)} of the {len(eval_items)} evaluation prompts are trained on, e.g. "
+            f"{overlaps[0].caption!r}; an eval of prompts the run trains on is meaningless")
+
+
 @dataclass
 class SamplerState:
     """Where the sampler stands: saved in checkpoints."""

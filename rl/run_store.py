@@ -13,14 +13,19 @@ Metric keys the dashboard knows how to chart (deploy/dashboard/static/dashboard.
 other key gets a panel of its own). A value that was not measured at a step is not logged (or is
 NaN, stored as NULL): the dashboard draws a gap there, never a placeholder 0.
     reward/mean                 mean total reward of the step's samples
-    reward/<function>           mean of each reward function (reward/ocr, reward/geneval, ...)
+    reward/<function>           mean raw reward of each reward component over the samples it scored
+                                (reward/ocr, reward/geneval, or the names in `rewards.mix`)
     geneval/<tag>               GenEval accuracy per tag (single_object, counting, position, ...)
     ocr/<name>                  OCR reward details (ocr/exact, ...), fractions
     policy/kl, policy/entropy, policy/clip_fraction, ...   learner numbers (absent without an update)
     time/<stage>                seconds per step by stage: rollout, decode, reward, update, sync
     throughput/<name>           e.g. throughput/images_per_s
-    eval/<bench>/<name>         in-run evaluation: one panel per `eval/<bench>` (connected points)
-    guard/<statistic>[/<name>]  reward-hacking guard image statistics: one panel per statistic
+    eval/<bench>/<name>         in-run evaluation: one panel per `eval/<bench>` (connected points);
+                                rl/inrun_eval.py logs eval/<bench>/score, eval/ocr/exact, eval/geneval/<tag>
+    time/eval                   seconds of the in-run eval at its steps (a sparse panel of its own)
+    images/<statistic>          the step's image statistics (rl/image_stats.py: dark_share, brightness,
+                                colour_entropy, edge_density, group_diversity): one panel each
+    guard/<statistic>[/<name>]  any other guard number: one panel per statistic
 
 Samples come in two kinds: "train" (the step's rollouts, table `samples`) and "eval" (images of
 the in-run evaluation, table `eval_samples`, same columns); each has its own gallery. The eval

@@ -8,6 +8,11 @@ Before the first step the run checks the service against what it will send: ever
 prompts need must be served, and its images must fit the service's request limits (a chunk bigger
 than one request is split by the client). With service "serve" the limits are in the config, so
 this is checked when the config loads; with "url" when the service first answers.
+
+A step is scored by the run's reward mix (rl/reward_mix.py, `rewards.mix`): every component at
+once, each through its own client, so each has its own retries and outage clock, and one that
+fails names itself and leaves the others' requests alone. Task rewards (ocr, geneval) and generic
+or python scorers go to the reward service; an http scorer is called at its own URL.
 """
 
 from __future__ import annotations
@@ -16,29 +21,38 @@ import asyncio
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import SecretStr
 
 from rewards.app.schemas import Limits
 from rl.prompts import PromptItem
+from rl.reward_mix import TASK_SCORERS, RewardComponentConfig, resolve_mix, uncovered_tasks
 from rl.train_config import ConfigError, RewardsSection, TrainConfig
 
 
 @dataclass(frozen=True)
 class RewardEndpoint:
-    """Where and how to reach the reward API."""
+    """Where and how to reach the reward API, and every scorer the run's reward mix calls."""
 
     url: str
     token: str | None
     timeout_s: float
     """Per request."""
     outage_budget_s: float
-    """How long a failing service is retried before scoring gives up (RewardServerError)."""
+    """How long a failing service is retried before scoring gives up (RewardServerError); each
+    scorer of the mix has its own clock (and may have its own budget)."""
     backoff_s: float
     limits: Limits | None = None
     """The service's request limits (None: each client asks the service)."""
+    mix: tuple[RewardComponentConfig, ...] = ()
+    """The run's reward components (rl/reward_mix.py; empty: the task reward of each prompt). The
+    training step scores them; an evaluation scores the task rewards only."""
+    scorer_limits: dict[str, Limits] = field(default_factory=dict)
+    """http components: name -> the limits the scorer declared (or its config's max_items)."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """The service's scorer versions from its /readyz (for the routes that answer none: ocr, geneval)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,8 @@ class SampleReward:
     """The reward of one sample and its breakdown."""
 
     reward: float
-    """The scalar GRPO trains on."""
+    """The task reward (OCR / GenEval) of the prompt; NaN when the run's mix does not score the task.
+    GRPO trains on the mix's total (ScoredStep.reward_tensor), which is this without a mix."""
     task: str
     """"ocr" or "geneval"."""
     recognized: str = ""
@@ -55,12 +70,19 @@ class SampleReward:
     """GenEval: strict correctness under the official rules."""
     geneval_tag: str = ""
     """GenEval: the prompt's tag (single_object, counting, ...)."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Raw reward of every mix component that scored this row, by component name."""
+
+    def component_rewards(self) -> dict[str, float]:
+        """Per-component raw rewards (the task reward under the task's name for a row scored without a mix)."""
+        return dict(self.scores) if self.scores else {self.task: self.reward}
 
     def components(self) -> dict[str, float]:
         """Per-reward-function values, as the run store and the dashboard show them."""
-        if self.task == "ocr":
-            return {"ocr": self.reward}
-        return {"geneval": self.reward, "geneval_correct": float(bool(self.geneval_correct))}
+        values = self.component_rewards()
+        if self.task == "geneval" and self.geneval_correct is not None:
+            values["geneval_correct"] = float(bool(self.geneval_correct))
+        return values
 
 
 @dataclass(frozen=True)
@@ -72,41 +94,119 @@ class ScoredImages:
     failures: list[str]
     """Failed requests that were retried (5xx, connection errors): what the run's events record."""
     seconds: float
+    versions: dict[str, str] = field(default_factory=dict)
+    """Component name -> version of the scorer that answered."""
 
 
-async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
-    from rewards.client import RewardClient
+@dataclass
+class _RowDetails:
+    """What the task routes say besides the reward (filled by whichever task component scores the row)."""
+
+    task_reward: float = math.nan
+    recognized: str = ""
+    geneval_correct: bool | None = None
+    geneval_tag: str = ""
+
+
+async def _score_component(endpoint: RewardEndpoint, component: RewardComponentConfig, images: np.ndarray,
+                           items: list[PromptItem], details: list[_RowDetails]) -> tuple[list[float], str, list[str]]:
+    """One component's raw rewards of the rows (NaN where it does not apply), its scorer's version
+    and the failed attempts its client rode out. Its own client: its own retries and outage clock."""
+    from rewards.client import UNVERSIONED, RewardClient
     from rewards.geneval_rules import GenevalMetadata
 
+    rows = [i for i, item in enumerate(items) if component.applies_to(item.task)]
+    values = [math.nan] * len(items)
+    if component.kind == "http":  # limits: learned at start (check_reward_service), else asked now
+        limits = endpoint.scorer_limits.get(component.name) or await http_scorer_limits(endpoint, component)
+        client = RewardClient(httpx_origin(component.url), token=component.token, timeout_s=endpoint.timeout_s,
+                              backoff_s=endpoint.backoff_s, limits=limits,
+                              retry_budget_s=component.outage_budget_s or endpoint.outage_budget_s)
+    else:
+        client = RewardClient(endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s,
+                              backoff_s=endpoint.backoff_s, limits=endpoint.limits,
+                              retry_budget_s=component.outage_budget_s or endpoint.outage_budget_s)
+    version = endpoint.versions.get(component.served_name or "", UNVERSIONED)
+    async with client:
+        if not rows:
+            return values, version, []
+        chosen = [images[i] for i in rows]
+        if component.scorer == "ocr":
+            for row, result in zip(rows, await client.ocr(chosen, prompts=[items[i].caption for i in rows])):
+                values[row] = details[row].task_reward = result.reward
+                details[row].recognized = result.recognized
+        elif component.scorer == "geneval":
+            metadata = [GenevalMetadata.model_validate_json(items[i].geneval_metadata) for i in rows]
+            for row, result in zip(rows, await client.geneval(chosen, metadata)):
+                values[row] = details[row].task_reward = result.reward
+                details[row].geneval_correct, details[row].geneval_tag = result.correct, result.tag
+        else:
+            answer = await client.score(component.served_name or component.name, chosen,
+                                        [items[i].caption for i in rows], [scorer_metadata(items[i]) for i in rows],
+                                        url=component.url)
+            for row, result in zip(rows, answer.results):
+                values[row] = result.reward
+            version = answer.version
+    return values, version, [f"{component.name}: {failure}" for failure in client.failures]
+
+
+def httpx_origin(url: str) -> str:
+    """scheme://host[:port] of a URL: where an http scorer's /readyz is."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def scorer_metadata(item: PromptItem) -> dict:
+    """What a generic scorer gets as an item's metadata: the prompt's task, and its GenEval line."""
+    import json
+
+    metadata: dict = {"task": item.task}
+    if item.geneval_metadata:
+        metadata["geneval"] = json.loads(item.geneval_metadata)
+    return metadata
+
+
+async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem],
+                 components: tuple[RewardComponentConfig, ...]) -> ScoredImages:
+    """Every component at once, each through its own client. A component that fails fails alone: the
+    others' requests run to their end, and the error names only the scorers that failed."""
+    from rewards.client import RewardRequestError, RewardServerError
+
     start = time.perf_counter()
-    results: list[SampleReward | None] = [None] * len(items)
-    ocr_rows = [i for i, item in enumerate(items) if item.task == "ocr"]
-    geneval_rows = [i for i, item in enumerate(items) if item.task == "geneval"]
-    async with RewardClient(
-        endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s, backoff_s=endpoint.backoff_s,
-        retry_budget_s=endpoint.outage_budget_s, limits=endpoint.limits,
-    ) as client:
-        if ocr_rows:
-            scored = await client.ocr([images[i] for i in ocr_rows], prompts=[items[i].caption for i in ocr_rows])
-            for row, result in zip(ocr_rows, scored):
-                results[row] = SampleReward(result.reward, "ocr", recognized=result.recognized)
-        if geneval_rows:
-            metadata = [GenevalMetadata.model_validate_json(items[i].geneval_metadata) for i in geneval_rows]
-            scored = await client.geneval([images[i] for i in geneval_rows], metadata)
-            for row, result in zip(geneval_rows, scored):
-                results[row] = SampleReward(result.reward, "geneval", geneval_correct=result.correct,
-                                            geneval_tag=result.tag)
-    if any(r is None for r in results):
-        raise RuntimeError(f"the reward API answered {sum(r is not None for r in results)} of {len(items)} items")
-    return ScoredImages(rewards=results, failures=list(client.failures), seconds=time.perf_counter() - start)
+    details = [_RowDetails() for _ in items]
+    outcomes = await asyncio.gather(*(_score_component(endpoint, c, images, items, details) for c in components),
+                                    return_exceptions=True)
+    failed = [(c, o) for c, o in zip(components, outcomes) if isinstance(o, BaseException)]
+    outages = [(c, o) for c, o in failed if isinstance(o, RewardServerError)]
+    if outages:  # the run stops on an outage: say which scorer, and only that one
+        raise RewardServerError("; ".join(f"reward {c.name} ({c.scorer}): {o}" for c, o in outages))
+    if failed:
+        component, error = failed[0]
+        if isinstance(error, RewardRequestError):
+            raise RewardRequestError(error.status, error.code, f"reward {component.name}: {error.message}", error.item)
+        raise error
+    rewards = []
+    for row, item in enumerate(items):
+        scores = {c.name: values[row] for c, (values, _, _) in zip(components, outcomes) if not math.isnan(values[row])}
+        d = details[row]
+        rewards.append(SampleReward(d.task_reward, item.task, recognized=d.recognized, geneval_correct=d.geneval_correct,
+                                    geneval_tag=d.geneval_tag, scores=scores))
+    return ScoredImages(rewards=rewards, failures=[f for _, _, failures in outcomes for f in failures],
+                        seconds=time.perf_counter() - start,
+                        versions={c.name: version for c, (_, version, _) in zip(components, outcomes)})
 
 
-def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
-    """Rewards of `images` [R, H, W, 3], row r scored against `items[r]`. Raises RewardServerError
-    once the service has been failing for longer than `endpoint.outage_budget_s`."""
+def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem],
+                 mix: tuple[RewardComponentConfig, ...] = ()) -> ScoredImages:
+    """Rewards of `images` [R, H, W, 3], row r scored against `items[r]`, by the components of `mix`
+    (empty: the task reward of each prompt). Raises RewardServerError once a scorer has been
+    failing for longer than its outage budget."""
     if len(images) != len(items):
         raise ValueError(f"{len(images)} images for {len(items)} prompt items")
-    return asyncio.run(_score(endpoint, images, items))
+    components = resolve_mix(mix, {item.task for item in items})
+    return asyncio.run(_score(endpoint, images, items, components))
 
 
 def start_reward_service(config: RewardsSection, resources: dict[str, float] | None = None) -> RewardEndpoint:
@@ -124,7 +224,11 @@ def start_reward_service(config: RewardsSection, resources: dict[str, float] | N
         from ray.serve.context import _get_global_client
 
         serve.start(http_options={"host": "127.0.0.1", "port": config.port or free_port()})
-        settings = config.server.model_copy(update={"token": SecretStr(token)} if token else {})
+        settings = config.server.model_copy(update={
+            **({"token": SecretStr(token)} if token else {}),
+            # the mix's python rewards are loaded inside the replicas, served under their names
+            "python_scorers": {**config.server.python_scorers, **python_scorers(config)},
+        })
         app = build_serve_app(settings, num_cpus=config.num_cpus, num_replicas=config.num_replicas,
                               num_gpus=config.num_gpus, resources=resources)
         serve.run(app, name="rewards", route_prefix="/")
@@ -149,9 +253,28 @@ def max_item_bytes(height: int, width: int) -> int:
     return 4 * math.ceil(png / 3) + TEXT_ALLOWANCE_BYTES
 
 
-def required_scorers(config: TrainConfig) -> set[str]:
-    """The reward service's scorers the prompt sources need (words are OCR prompts)."""
+def prompt_tasks(config: TrainConfig) -> set[str]:
+    """The tasks of the prompt sources (words are OCR prompts)."""
     return {"geneval" if source.kind == "geneval" else "ocr" for source in config.data.sources}
+
+
+def run_mix(config: TrainConfig) -> tuple[RewardComponentConfig, ...]:
+    """The run's reward components: `rewards.mix`, or the task rewards of its prompts."""
+    return resolve_mix(config.rewards.mix, prompt_tasks(config))
+
+
+def python_scorers(config: RewardsSection) -> dict[str, str]:
+    """The mix's python rewards: name -> "module:function", loaded inside the reward service."""
+    return {c.name: c.function for c in config.mix or () if c.kind == "python"}
+
+
+def required_scorers(config: TrainConfig) -> set[str]:
+    """The reward service's scorers the run needs: the task rewards of its prompts that the mix
+    scores, every generic and python scorer of the mix, and the in-run eval's bench."""
+    evaluated = {config.eval.bench} if config.eval is not None and config.eval.every > 0 else set()
+    tasks = prompt_tasks(config)
+    mixed = {c.served_name for c in run_mix(config) if c.kind != "http" and (c.kind != "task" or c.scorer in tasks)}
+    return mixed | evaluated
 
 
 def rows_fit(limits: Limits, image_shape: tuple[int, int], where: str) -> None:
@@ -167,30 +290,70 @@ def rows_fit(limits: Limits, image_shape: tuple[int, int], where: str) -> None:
 
 def _missing_scorers(config: TrainConfig, served: list[str], where: str) -> None:
     missing = sorted(required_scorers(config) - set(served))
-    if missing:
-        raise ConfigError(f"the prompts need the {', '.join(missing)} reward, but the reward service ({where}) runs "
-                          f"only: {', '.join(sorted(served)) or 'none'}")
+    if not missing:
+        return
+    tasks = [name for name in missing if name in TASK_SCORERS]
+    named = [name for name in missing if name not in TASK_SCORERS]
+    needs = ([f"the prompts need the {', '.join(tasks)} reward"] if tasks else []) + \
+            ([f"rewards.mix names the {', '.join(named)} scorer"] if named else [])
+    raise ConfigError(f"{' and '.join(needs)}, but the reward service ({where}) runs only: "
+                      f"{', '.join(sorted(served)) or 'none'}")
+
+
+def check_mix(config: TrainConfig) -> None:
+    """Every prompt gets a reward from the mix; with service "serve", its python rewards import."""
+    uncovered = uncovered_tasks(run_mix(config), prompt_tasks(config))
+    if uncovered:
+        raise ConfigError(f"rewards.mix gives the {', '.join(uncovered)} prompts no reward: add their task reward "
+                          f"(scorer: {uncovered[0]}) or a reward that scores every prompt")
+    if config.rewards.service != "serve":
+        return  # they run inside the external service, whose code this machine need not have
+    from rewards.scorer import load_factory
+
+    for name, spec in python_scorers(config.rewards).items():
+        try:
+            load_factory(spec)
+        except ValueError as error:
+            raise ConfigError(f"rewards.mix {name}: {error}") from None
 
 
 def check_rows_fit_config(config: TrainConfig) -> None:
-    """At load time, what the config alone settles (service "serve": the server settings are in
-    it): every needed scorer is configured and a decoded image fits one request."""
+    """At load time, what the config alone settles: the mix scores every prompt; with service
+    "serve" (the server settings are in the config) every needed scorer is configured and a
+    decoded image fits one request."""
+    check_mix(config)
     if config.rewards.service != "serve":
         return
     from rollout.decoder_worker import decoded_image_shape
 
     server = config.rewards.server
-    _missing_scorers(config, list(server.scorers), "rewards.server.scorers")
+    served = [*server.scorers, *server.python_scorers, *python_scorers(config.rewards)]
+    _missing_scorers(config, served, "rewards.server.scorers")
     limits = Limits(max_items=server.max_items, max_body_bytes=server.max_body_bytes,
                     max_image_pixels=server.max_image_pixels)
     rows_fit(limits, decoded_image_shape(config.decoder.decoder), "rewards.server")
 
 
+async def http_scorer_limits(endpoint: RewardEndpoint, component: RewardComponentConfig) -> Limits:
+    """An http scorer's request limits: those of its /readyz, else its `max_items` and the reward
+    server's default body and image limits. RewardServerError if it does not answer within its budget."""
+    from rewards.app.settings import Settings
+    from rewards.client import RewardClient
+
+    default = Limits(max_items=component.max_items, max_body_bytes=Settings.model_fields["max_body_bytes"].default,
+                     max_image_pixels=Settings.model_fields["max_image_pixels"].default)
+    async with RewardClient(httpx_origin(component.url), token=component.token, timeout_s=endpoint.timeout_s,
+                            backoff_s=endpoint.backoff_s,
+                            retry_budget_s=component.outage_budget_s or endpoint.outage_budget_s) as client:
+        return await client.scorer_limits(default)
+
+
 def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> RewardEndpoint:
     """Ask the running service which scorers it runs and what it accepts (waiting while it loads,
-    up to the outage budget); ConfigError if the run cannot be scored by it. Returns the endpoint
-    with the service's limits, so scoring never has to ask again."""
-    from rewards.client import RewardClient
+    up to the outage budget), and each http scorer of the mix for its limits; ConfigError if the
+    run cannot be scored. Returns the endpoint with the mix, the limits and the service's scorer
+    versions, so scoring never has to ask again."""
+    from rewards.client import RewardClient, RewardServerError
     from rollout.decoder_worker import decoded_image_shape
 
     async def ask():
@@ -200,8 +363,19 @@ def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> Rewar
 
     readiness = asyncio.run(ask())
     _missing_scorers(config, readiness.scorers, endpoint.url)
-    rows_fit(readiness.limits, decoded_image_shape(config.decoder.decoder), endpoint.url)
-    return dataclasses.replace(endpoint, limits=readiness.limits)
+    shape = decoded_image_shape(config.decoder.decoder)
+    rows_fit(readiness.limits, shape, endpoint.url)
+    mix = run_mix(config)
+    scorer_limits = {}
+    for component in (c for c in mix if c.kind == "http"):
+        try:
+            scorer_limits[component.name] = asyncio.run(http_scorer_limits(endpoint, component))
+        except RewardServerError as error:
+            raise ConfigError(f"reward {component.name}: the http scorer at {component.url} does not answer: "
+                              f"{error}") from None
+        rows_fit(scorer_limits[component.name], shape, component.url)
+    return dataclasses.replace(endpoint, limits=readiness.limits, mix=mix, scorer_limits=scorer_limits,
+                               versions=dict(readiness.versions))
 
 
 def stop_reward_service(config: RewardsSection) -> None:

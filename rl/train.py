@@ -18,6 +18,10 @@ in-flight step is abandoned (its prompts go back to the sampler), the last finis
 checkpointed, the run is marked stopped, and `--resume` continues it. Any other error during the
 loop (a stage's own error such as an out-of-memory decoder or a 4xx from the reward API, a learner
 error) stops it the same way, marked failed (exit 4). Every fault is an event in the run store.
+
+Reward hacking (config `guard`, rl/guard.py): every step logs its images' statistics
+(rl/image_stats.py); the guard sees each step's metrics once (`_guard_step`) and a firing warns,
+stops the run the same clean way (exit 5), or rolls back to the best-eval checkpoint and goes on.
 """
 
 from __future__ import annotations
@@ -35,12 +39,17 @@ from pathlib import Path
 import numpy as np
 
 from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
-from rl.checkpoint import CheckpointDir, CheckpointError, TrainerState
+from rl.checkpoint import CheckpointDir, CheckpointError, TrainerState, policy_digest
+from rl.evaluate import ActorWorkers
 from rl.fleet import Fleet, WorkerFailedError
 from rl.grpo import group_advantages
+from rl.guard import Guard, GuardState, rollback_hyperparameters
+from rl.image_stats import step_image_metrics
+from rl.inrun_eval import InRunEval
 from rl.pipeline import ChunkFault, PendingStep, RewardOutageError, ScoredStep
 from rl.placement import check_cluster_fits, role_demands, role_resources
 from rl.prompts import PromptSampler, SamplerState
+from rl.reward_mix import reward_notes
 from rl.run_store import RunStore, SampleRecord
 from rl.scoring import (
     RewardEndpoint,
@@ -57,6 +66,10 @@ class StopRequested(Exception):
     """SIGTERM / Ctrl-C asked the run to stop."""
 
 
+class GuardTripped(Exception):
+    """The reward-hacking guard fired with action `stop`, or after its last allowed rollback."""
+
+
 class RunStopped(Exception):
     """The run stopped before its last step, after checkpointing what it finished."""
 
@@ -64,7 +77,8 @@ class RunStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         """0: a stop someone asked for (SIGTERM / Ctrl-C); 3: reward outage; 4: a failure (a worker
-        that cannot come back, a stage's own error, any other error in the loop)."""
+        that cannot come back, a stage's own error, any other error in the loop); 5: the
+        reward-hacking guard stopped it (config `guard`)."""
 
 
 def one_line(error: BaseException) -> str:
@@ -85,12 +99,16 @@ def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str,
     """The step's numbers under the run store's key scheme (see rl/run_store.py)."""
     rewards = scored.reward_tensor()
     metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0}
-    for task in sorted({r.task for r in scored.rewards}):
-        values = [r.reward for r in scored.rewards if r.task == task]
-        metrics[f"reward/{task}"] = float(np.mean(values))
-    if any(r.task == "ocr" for r in scored.rewards):
-        metrics["ocr/exact"] = float(np.mean([r.reward == 1.0 for r in scored.rewards if r.task == "ocr"]))
-    tags = sorted({r.geneval_tag for r in scored.rewards if r.task == "geneval"})
+    per_component: dict[str, list[float]] = {}  # reward/<name>: each component's raw mean over the rows it scored
+    for r in scored.rewards:
+        for name, value in r.component_rewards().items():
+            per_component.setdefault(name, []).append(value)
+    for name in sorted(per_component):
+        metrics[f"reward/{name}"] = float(np.mean(per_component[name]))
+    ocr = [r.reward for r in scored.rewards if r.task == "ocr" and not math.isnan(r.reward)]  # NaN: no OCR in the mix
+    if ocr:
+        metrics["ocr/exact"] = float(np.mean([value == 1.0 for value in ocr]))
+    tags = sorted({r.geneval_tag for r in scored.rewards if r.task == "geneval" and r.geneval_correct is not None})
     for tag in tags:
         metrics[f"geneval/{tag}"] = float(np.mean([bool(r.geneval_correct) for r in scored.rewards if r.geneval_tag == tag]))
     if learner.optimizer_steps > 0:  # no update (every group zero-signal and filtered): these were never
@@ -125,7 +143,7 @@ def sample_records(scored: ScoredStep, count: int, group_size: int) -> list[Samp
         SampleRecord(
             prompt=scored.items[row // group_size].caption,
             image=image,
-            reward=scored.rewards[row].reward,
+            reward=float(scored.mixed.total[row]),  # what GRPO trained on; the components hold each reward
             components=scored.rewards[row].components(),
         )
         for row, image in zip(rows, images)
@@ -208,9 +226,37 @@ class Trainer:
         self.checkpoints = CheckpointDir(Path(config.logging.runs_dir) / "checkpoints" / self.run_id,
                                          keep_last=config.checkpoint.keep_last)
         self.sampler = PromptSampler(config.data.sources, config.seed, self.state.sampler)
+        self.evaluation = None if config.eval is None or config.eval.every == 0 else InRunEval(
+            config.eval, config.rollout.engine.sampling, config.schedule.chunk_prompts * config.data.group_size,
+            Path(config.logging.runs_dir) / self.run_id / "eval")
         self.checkpointed_step = self.state.step
         self.learner_ahead = False
         self.stop_reason: str | None = None
+        self.reward_versions: dict[str, str] = {}
+        """Reward component -> the scorer version last recorded (empty at a start or resume: all are recorded again)."""
+        self.guard = self._open_guard()
+
+    def _open_guard(self) -> Guard | None:
+        """The reward-hacking guard (config `guard`); a resumed run's continues from `guard.json` (its
+        rollback count kept, what it saw after the resumed step dropped)."""
+        if self.config.guard is None:
+            return None
+        saved = self.checkpoints.root / "guard.json"
+        if self.state.step == 0 or not saved.is_file():
+            return Guard(self.config.guard)
+        try:
+            guard = Guard(self.config.guard, GuardState.model_validate_json(saved.read_text()))
+        except ValueError as error:
+            raise ConfigError(f"{saved} cannot be resumed with this config's guard: {error}") from None
+        guard.forget_after(self.state.step)
+        return guard
+
+    def _save_guard_state(self) -> None:
+        """Write the guard's state beside the checkpoints (temp file + rename)."""
+        if self.guard is not None:
+            tmp = self.checkpoints.root / "guard.json.tmp"
+            tmp.write_text(self.guard.state().model_dump_json())
+            os.replace(tmp, self.checkpoints.root / "guard.json")
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop at the next safe point (a signal handler calls this)."""
@@ -258,11 +304,22 @@ class Trainer:
             raise ConfigError(str(error)) from None
         if self.state.step > 0:
             self.fleet.learner.load_checkpoint(str(self.resume_from / "learner"))
+            if self.guard is not None and self.guard.rollbacks:  # the lr and beta of the rollbacks so far
+                hyper = rollback_hyperparameters(config.guard.rollback, config.learner.grpo.beta, self.guard.rollbacks)
+                self.fleet.learner.set_hyperparameters(hyper.lr_scale, hyper.beta)
             report = self.fleet.learner.publish_weights()  # workers start from the checkpoint's weights
             self.store.log_event(self.run_id, "resume", f"weights v{self.state.policy_version} published in {report.seconds:.2f} s")
         self.fleet.check_versions(self.state.policy_version, config.faults.restart_timeout_s)  # engines load first
         print(f"run {self.run_id}: workers, learner and reward API ({self.endpoint.url}) up in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+    def _note_rewards(self, step: int, scored: ScoredStep) -> None:
+        """The step's reward events (rl/reward_mix.py): each scorer's version when first seen and when
+        it changes (a reward model replaced mid-run), and a warning for a reward constant over the step."""
+        for note in reward_notes(step, scored.mixed, self.endpoint.mix, self.reward_versions):
+            self.store.log_event(self.run_id, note.kind, note.message)
+            if note.console:
+                print(f"warning: {note.message}" if note.kind == "reward_constant" else note.message, flush=True)
 
     def _log_event(self, kind: str, message: str) -> None:
         self.store.log_event(self.run_id, kind, message)
@@ -331,6 +388,44 @@ class Trainer:
     def _is_checkpoint_step(self, step: int) -> bool:
         return step % self.config.checkpoint.every == 0 or step == self.config.steps
 
+    def _is_eval_step(self, step: int) -> bool:
+        return self.evaluation is not None and self.config.eval.due(step, self.config.steps)
+
+    def _maybe_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        """After an eval step's update (config `eval`, rl/inrun_eval.py): score the weights the workers
+        now serve on the evaluation prompts. Its metrics join the step's (`metrics` is updated and the
+        step logged again), its images the eval gallery; a score above the best so far checkpoints this
+        step (unless already done) and pins it as the best (`CheckpointDir.mark_best`)."""
+        from rewards.client import RewardServerError
+
+        if not self._is_eval_step(step):
+            return
+
+        def stop_if_asked(_progress) -> None:  # SIGTERM / Ctrl-C: a long eval stops between its chunks
+            if self.stop_reason:
+                raise StopRequested(self.stop_reason)
+
+        workers = ActorWorkers(self.fleet.rollout_actors[0], self.fleet.decoder_actors[0],
+                               timeout_s=self.config.schedule.stage_timeout_s)
+        try:
+            result = self.evaluation.run(workers, self.endpoint, step, f"run {self.run_id}", progress=stop_if_asked)
+        except RewardServerError as outage:  # the same clean stop as an outage during a step
+            raise RewardOutageError(f"during the eval of step {step}: {outage}") from None
+        metrics.update(result.metrics)
+        self.store.log_metrics(self.run_id, step, metrics)
+        self.store.log_samples(self.run_id, step, result.gallery, kind="eval")
+        best = self.checkpoints.best_record()
+        line = result.describe(self.config.steps)
+        if best is None or result.score > best.score:
+            if self.checkpointed_step < step:
+                self.save_checkpoint()
+            self.checkpoints.mark_best(step, result.score)
+            line += f" | new best (checkpoint step {step} kept)"
+        else:
+            line += f" | best {best.score:.4f} at step {best.step}"
+        self.store.log_event(self.run_id, "eval", line)
+        print(line, flush=True)
+
     def run(self) -> None:
         """Train until `config.steps`. A stop request, a reward outage or any error checkpoints the
         finished steps, marks the run stopped or failed and raises RunStopped."""
@@ -338,7 +433,7 @@ class Trainer:
         first = self.state.step + 1
         pending = self._launch(first) if first <= config.steps else None
         try:
-            for step in range(first, config.steps + 1):
+            while (step := self.state.step + 1) <= config.steps:  # a guard rollback moves self.state back
                 if self.stop_reason:
                     raise StopRequested(self.stop_reason)
                 t_step = time.perf_counter()
@@ -350,7 +445,8 @@ class Trainer:
                     pending = self._launch(step, again=pending)
                     scored = self._collect(pending)
                     staleness = self.state.policy_version - scored.batch.policy_version
-                overlap = config.schedule.mode == "async" and step < config.steps and not self._is_checkpoint_step(step)
+                overlap = (config.schedule.mode == "async" and step < config.steps and not self._is_checkpoint_step(step)
+                           and not self._is_eval_step(step))  # an eval step may become a (best) checkpoint
                 pending = self._launch(step + 1) if overlap else None  # sampled with the current weights
                 advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
                 t_update = time.perf_counter()
@@ -364,11 +460,17 @@ class Trainer:
                 timings = dict(scored.timings, update=t_sync - t_update, sync=t_done - t_sync, step=t_done - t_step)
                 metrics = step_metrics(scored, learner_metrics, staleness, timings)
                 metrics.update({"sync/seconds": sync.seconds, "sync/gb_per_s": sync.gb_per_s})
+                metrics.update(step_image_metrics(scored))  # images/*: what the guard watches
                 self.store.log_metrics(self.run_id, step, metrics)
                 self.store.log_samples(self.run_id, step, sample_records(scored, config.logging.samples_per_step,
                                                                          config.data.group_size))
                 print(progress_line(step, config.steps, metrics), flush=True)
-                if self._is_checkpoint_step(step):
+                self._note_rewards(step, scored)
+                self._maybe_evaluate(step, metrics)
+                if self._guard_step(step, metrics):  # rolled back to a checkpoint: train on from there
+                    pending = self._launch(self.state.step + 1)
+                    continue
+                if self._is_checkpoint_step(step) and self.checkpointed_step < step:  # a new best eval saved it
                     self.save_checkpoint()
                 if pending is None and step < config.steps:
                     pending = self._launch(step + 1)
@@ -380,6 +482,8 @@ class Trainer:
                                       f"{outage}", "stopped", exit_code=3) from None
         except WorkerFailedError as failure:
             raise self._stop(pending, f"worker failure: {failure}", "failed", exit_code=4) from None
+        except GuardTripped as trip:
+            raise self._stop(pending, f"reward-hacking guard: {trip}", "stopped", exit_code=5) from None
         except Exception as error:  # a stage's own error (StageError), a learner error, a bug
             traceback.print_exc()  # the whole story for whoever debugs it; the store keeps one line
             raise self._stop(pending, f"error: {one_line(error)}", "failed", exit_code=4) from None
@@ -415,8 +519,70 @@ class Trainer:
         self.fleet.learner.export_policy(str(tmp / "policy"))
         path = self.checkpoints.commit(tmp, self.state, learner_ranks=self.config.learner.world_size)
         self.checkpointed_step = self.state.step
+        self._save_guard_state()
         print(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
         return path
+
+    # ----- the reward-hacking guard (rl/guard.py) ----------------------------------------------
+
+    def _guard_step(self, step: int, metrics: dict[str, float]) -> bool:
+        """Show the step's metrics (eval included) to the guard. Each firing is a `guard` event and a
+        console line; then the action: warn (nothing more), stop (GuardTripped: the clean stop, exit
+        5) or rollback (True: the loop trains on from the restored checkpoint's step)."""
+        if self.guard is None:
+            return False
+        firings = self.guard.observe(step, metrics)
+        if self.checkpointed_step == step:  # an eval step saved its checkpoint before the guard saw it
+            self._save_guard_state()
+        for firing in firings:
+            self.store.log_event(self.run_id, "guard", firing.describe())
+            print(f"guard: {firing.describe()}", flush=True)
+        action, limit = self.config.guard.action, self.config.guard.rollback.max_rollbacks
+        if not firings or action == "warn":
+            return False
+        if action == "stop":
+            raise GuardTripped(firings[0].describe())
+        if self.guard.rollbacks >= limit:
+            raise GuardTripped(f"{firings[0].describe()}; guard.rollback.max_rollbacks ({limit}) already taken")
+        self._rollback(step, firings[0].describe())
+        return True
+
+    def _rollback(self, step: int, why: str) -> None:
+        """Restore the best-eval checkpoint (else the latest) exactly, as a resume would (weights,
+        optimizer, lr schedule, sampler, step), under a new version number (workers only take newer
+        ones); then train on with the rollback's lr and beta. The later steps are redone: their
+        checkpoints and store records are dropped."""
+        config = self.config
+        target = self.checkpoints.best() or self.checkpoints.latest()
+        if target is None:
+            raise GuardTripped(f"{why}; no checkpoint to roll back to yet")
+        restored = self.checkpoints.load_state(target)
+        version = self.state.policy_version + 1
+        self.learner_ahead = True  # until self.state is the checkpoint's, a stop must not checkpoint
+        self.fleet.learner.load_checkpoint(str(target / "learner"), version)
+        digest, expected = self.fleet.learner.weights_digest(), policy_digest(target / "policy")
+        if digest != expected:
+            raise RuntimeError(f"rollback to {target.name}: the learner's weights (sha256 {digest[:16]}) differ from "
+                               f"the checkpoint's export ({expected[:16]})")
+        rollbacks = self.guard.count_rollback()
+        hyper = rollback_hyperparameters(config.guard.rollback, config.learner.grpo.beta, rollbacks)
+        self.fleet.learner.set_hyperparameters(hyper.lr_scale, hyper.beta)
+        self.state = TrainerState(restored.step, version, self.run_id, copy.deepcopy(restored.sampler))
+        self.sampler.state = copy.deepcopy(restored.sampler)
+        self.learner_ahead = False
+        self.guard.forget_after(restored.step)
+        self.checkpoints.discard_after(restored.step)
+        self.checkpointed_step = restored.step
+        self._save_guard_state()
+        self.store.resume_run(self.run_id, restored.step)
+        self.fleet.publish(version, step)
+        self.fleet.check_versions(version, config.faults.call_timeout_s)
+        message = (f"rollback {rollbacks}/{config.guard.rollback.max_rollbacks} to {target.name}: learner weights "
+                   f"sha256 {digest} (equal to the checkpoint's) served as v{version}; training on from step "
+                   f"{restored.step + 1} with lr x{hyper.lr_scale:g} ({config.learner.lr * hyper.lr_scale:g}), "
+                   f"beta {hyper.beta:g}")
+        self.store.log_event(self.run_id, "rollback", message)
+        print(f"guard: {message}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from policy.model_dir import looks_like_hub_id
 from rewards.app.settings import Settings as RewardServerSettings
 from rl.learner_config import LearnerConfig
+from rl.reward_mix import RewardMix
 from rl.prompts import PromptSourceConfig, load_source
 from rollout.config import RolloutConfig
 from rollout.decoder_config import DecoderConfig
@@ -115,6 +116,9 @@ class RewardsSection(BaseModel):
     long; past it the run checkpoints and stops with a message (resume with --resume)."""
     backoff_s: float = Field(0.5, ge=0)
     """First retry delay; doubles each retry (at most 10 s)."""
+    mix: RewardMix | None = None
+    """The rewards the run trains on and their weights (rl/reward_mix.py); None: the task reward of
+    each prompt (OCR or GenEval), as before mixes existed."""
 
     @model_validator(mode="after")
     def _url_when_needed(self) -> "RewardsSection":
@@ -175,6 +179,97 @@ class CheckpointSection(BaseModel):
     """Save every this many steps (and after the last step)."""
     keep_last: int = Field(2, ge=1)
     """Complete checkpoints kept."""
+
+
+class EvalSection(BaseModel):
+    """In-run evaluation (rl/inrun_eval.py): the current policy on a benchmark's evaluation prompts
+    (rl/data/eval/, never trained on), through the run's own workers and reward API."""
+
+    model_config = STRICT
+
+    every: int = Field(ge=0)
+    """Evaluate after every this many steps and after the last step; 0 = off."""
+    bench: Literal["geneval", "ocr"]
+    """geneval: GenEval's evaluation prompts, score = mean of the tag accuracies; ocr: Flow-GRPO's
+    OCR test prompts, score = mean OCR reward (exact-match share logged beside it)."""
+    prompts: int | None = Field(None, ge=1)
+    """Evaluation prompts per eval (GenEval: spread over the tags; OCR: the first ones); None = all."""
+    images_per_prompt: int | None = Field(None, ge=1)
+    """Images per prompt; None = the bench's default (GenEval 4, OCR 1)."""
+    seed: int = Field(0, ge=0)
+    """Image (prompt p, sample s) is sampled with seed + p*N + s at every eval: successive evals differ
+    only by the weights. Independent of the training seeds."""
+    gallery_images: int = Field(16, ge=0)
+    """Eval images shown in the dashboard's eval gallery (the first image of each prompt, in order)."""
+
+    def due(self, step: int, last_step: int) -> bool:
+        """True after the steps that are evaluated: every `every`-th and the last."""
+        return self.every > 0 and (step % self.every == 0 or step == last_step)
+
+
+class BandRuleConfig(BaseModel):
+    """Fires when a metric leaves a band around its value in the run's first steps (rl/guard.py)."""
+
+    model_config = STRICT
+
+    kind: Literal["band"]
+    metric: str = Field(min_length=1)
+    """A key the trainer logs every step, e.g. `images/dark_share` (rl/image_stats.py)."""
+    baseline_steps: int = Field(3, ge=1)
+    """W: the band's centre is the metric's mean over the first W steps that logged it."""
+    tolerance: float = Field(gt=0)
+    """Half-width of the band: a fraction of |centre| (`relative`), else in the metric's unit."""
+    relative: bool = True
+    """tolerance as a fraction of the centre (True) or absolute (False)."""
+    patience: int = Field(1, ge=1)
+    """Steps in a row outside the band before the rule fires."""
+
+
+class RewardEvalRuleConfig(BaseModel):
+    """Fires when the training reward rose while the in-run eval score fell (rl/guard.py); without
+    in-run eval (`eval`) there are no eval points and it never fires."""
+
+    model_config = STRICT
+
+    kind: Literal["reward_up_eval_down"]
+    window: int = Field(10, ge=1)
+    """Steps looked back: a new eval point is compared with the oldest one at most this many steps before it."""
+    eval_metric: str | None = None
+    """Eval key to watch; None: the in-run eval's score (`eval/<bench>/score`)."""
+    reward_metric: str = "reward/mean"
+    """Training reward key."""
+    reward_average: int = Field(3, ge=1)
+    """The training reward at a step is the mean of this many steps ending there (one step is noisy)."""
+    min_eval_drop: float = Field(0.0, ge=0)
+    """The eval score must fall by more than this."""
+    min_reward_rise: float = Field(0.0, ge=0)
+    """...while the training reward rises by more than this."""
+
+
+class RollbackSection(BaseModel):
+    model_config = STRICT
+
+    lr_scale: float = Field(0.5, gt=0, le=1)
+    """Each rollback multiplies the learning rate by this: after n rollbacks lr = learner.lr x lr_scale^n."""
+    beta: float | None = Field(None, ge=0)
+    """KL coefficient from the first rollback on (None: learner.grpo.beta). Raising it from 0 loads the
+    frozen reference (the model's initial weights) on every learner rank then."""
+    max_rollbacks: int = Field(2, ge=1)
+    """A firing after this many rollbacks stops the run instead (exit code 5)."""
+
+
+class GuardSection(BaseModel):
+    """The reward-hacking guard (rl/guard.py): rules over each step's metrics and what a firing does."""
+
+    model_config = STRICT
+
+    rules: list[Annotated[BandRuleConfig | RewardEvalRuleConfig, Field(discriminator="kind")]] = Field(min_length=1)
+    """Checked every step, in order."""
+    action: Literal["warn", "stop", "rollback"] = "warn"
+    """warn: a `guard` event and a console line; stop: also the clean stop with a checkpoint (exit 5);
+    rollback: also restore the best-eval checkpoint (else the latest) and continue with `rollback`'s lr and beta."""
+    rollback: RollbackSection = RollbackSection()
+    """How training continues after a rollback."""
 
 
 class WandbSection(BaseModel):
@@ -239,6 +334,10 @@ class TrainConfig(BaseModel):
     schedule: ScheduleSection = ScheduleSection()
     faults: FaultsSection = FaultsSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection | None = None
+    """In-run evaluation; None (absent) = off."""
+    guard: GuardSection | None = None
+    """Reward-hacking guard; None (absent) = off (the `images/*` statistics are logged either way)."""
     logging: LoggingSection = LoggingSection()
     ray: RaySection = RaySection()
 
@@ -257,6 +356,28 @@ class TrainConfig(BaseModel):
             raw["learner"].setdefault("model", path)
         return raw
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_defaults(cls, raw):
+        """The workers serve the adapter the learner trains: `learner.lora` is copied to the rollout
+        engine and the decoder unless they name their own (which must then be the same)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("learner"), dict) or raw["learner"].get("lora") is None:
+            return raw
+        for section, key in (("rollout", "engine"), ("decoder", "decoder")):
+            inner = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+            if isinstance(inner, dict):
+                inner.setdefault("lora", raw["learner"]["lora"])
+        return raw
+
+    @model_validator(mode="after")
+    def _same_lora_everywhere(self) -> "TrainConfig":
+        for where, lora in (("rollout.engine.lora", self.rollout.engine.lora), ("decoder.decoder.lora",
+                                                                                self.decoder.decoder.lora)):
+            if lora != self.learner.lora:
+                raise ValueError(f"{where} ({lora}) must equal learner.lora ({self.learner.lora}): the workers "
+                                 "serve the weights the learner publishes")
+        return self
+
     @model_validator(mode="after")
     def _sampling_matches_learner(self) -> "TrainConfig":
         sampling = self.rollout.engine.sampling
@@ -265,6 +386,19 @@ class TrainConfig(BaseModel):
                 f"rollout.engine.sampling.temperature ({sampling.temperature}) must equal "
                 f"learner.grpo.temperature ({self.learner.grpo.temperature}): log-probs must match sampling"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_prompts_not_trained(self) -> "TrainConfig":
+        """The in-run eval's prompts are in no training source, `allow_eval_prompts` ones included."""
+        if self.eval is None or self.eval.every == 0:
+            return self
+        from rl.inrun_eval import chosen_eval_prompts
+        from rl.prompts import check_not_trained, load_source
+
+        eval_items = chosen_eval_prompts(self.eval)
+        for index, source in enumerate(self.data.sources):  # an overlap is a ValueError: pydantic reports it
+            check_not_trained(eval_items, load_source(source), f"eval ({self.eval.bench}) vs data.sources.{index}")
         return self
 
 
@@ -280,6 +414,13 @@ PATH_KEYS = {
     "rewards.server.geneval.detector": "model",
     "rewards.server.geneval.clip": "model",
     "rewards.server.ocr.models_dir": "path",
+    "rewards.server.clipscore.model": "model",
+    "rewards.server.clipscore.processor": "model",
+    "rewards.server.pickscore.model": "model",
+    "rewards.server.pickscore.processor": "model",
+    "rewards.server.aesthetic.model": "model",
+    "rewards.server.aesthetic.processor": "model",
+    "rewards.server.aesthetic.head": "model",
     "decoder.decoder.glyph.font_path": "path",
     "data.sources.*.path": "path",
     "logging.runs_dir": "path",

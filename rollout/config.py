@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from policy.logprobs import Truncation
+from policy.lora import LoRAConfig
 from policy.model_dir import SamplingDefaults
 from policy.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 
@@ -71,3 +72,9 @@ class RolloutConfig(BaseModel):
     """Instruction wrapped around each caption in the rollout prompt (must contain {caption})."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Default sampling settings; `generate` may override them per call."""
+    lora: LoRAConfig | None = None
+    """Serve the policy as this LoRA adapter on the base model (the learner's `lora`; a run config
+    copies it here): weight updates are then adapters, served as one vLLM `LoRARequest` per version."""
+    adapter_dir: str = "/dev/shm"
+    """Where the served adapter versions are written for vLLM to load (a folder per worker, one
+    version at a time; removed when the worker goes)."""

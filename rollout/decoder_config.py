@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from policy.lora import LoRAConfig
+
 DEJAVU_SANS_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 
 
@@ -69,3 +71,6 @@ class DecoderConfig(BaseModel):
     """CPUs the Ray actor reserves."""
     num_gpus: float = Field(0.0, ge=0.0)
     """GPUs the Ray actor reserves (set 1 with device "cuda")."""
+    lora: LoRAConfig | None = None
+    """Weight updates are this LoRA adapter (the learner's `lora`; a run config copies it here): a
+    decoder that conditions on the AR model merges each version into a copy of the base weights."""

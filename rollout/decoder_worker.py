@@ -14,6 +14,11 @@ before any work) and the driver samples the chunk again (rl/pipeline.py).
     driver --decode.remote(batch, seed)--> DiffusionDecoderActor --> DecodedImages (row for row)
     pipeline --decode_split.remote(batch, seed)--> (DecodeInfo -> driver, images -> scoring task)
     learner --update_weights.remote(v, weights)--> DiffusionDecoderActor --> v
+
+For Flow-GRPO on the decoder (SANA only), a second, independently versioned stream:
+
+    driver --decode_sde.remote(batch, seed, sampling)--> (DecodedImages, DiffusionRollout)
+    diffusion learner --update_decoder_weights(v, transformer weights)--> v (rollout/decoder_weights.py)
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ import ray
 import torch
 
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
+from policy.lora import LoRAMerger, adapter_specs
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.vocab import ImageVocab
 from policy.weights import VersionedWeights
 from rollout.decoder_config import DecoderConfig
+from rollout.decoder_weights import transformer_contract
+from rollout.diffusion_rollout import DiffusionRollout, SdeSampling
 from rollout.records import DecodedImages, RolloutBatch
 
 
@@ -101,8 +109,20 @@ class DiffusionDecoderWorker:
         self.config = config
         self.paths = resolve_model_dir(config.model)
         self.decoder = build_decoder(config, self.paths)
-        # the same contract as the AR rollout workers: names and shapes of the served checkpoint
-        self._weights = VersionedWeights.from_checkpoint(self.paths.ar, torch_dtype(config.dtype))
+        # the same contract as the AR rollout workers: names and shapes of the served checkpoint, or
+        # under LoRA of the adapter, merged into a copy of the base weights of its layers (SANA only:
+        # the glyph decoder does not read the AR weights)
+        dtype = torch_dtype(config.dtype)
+        self._merger = None
+        if config.lora is None:
+            self._weights = VersionedWeights.from_checkpoint(self.paths.ar, dtype)
+        else:
+            self._weights = VersionedWeights(adapter_specs(self.paths.ar, config.lora, dtype))
+            if self.decoder.conditions_on_ar_weights:
+                self._merger = LoRAMerger.from_checkpoint(self.paths.ar, config.lora, dtype)
+        # the second stream: SANA's transformer, trained by the diffusion learner (sana decoder only)
+        transformer = getattr(self.decoder, "transformer", None)
+        self._transformer_weights = transformer_contract(transformer) if transformer is not None else None
 
     def served_version(self) -> int:
         return self._weights.version
@@ -116,14 +136,7 @@ class DiffusionDecoderWorker:
             raise DecoderVersionError(served, batch.policy_version)
         if not self.decoder.conditions_on_ar_weights:
             served = batch.policy_version  # the images are the tokens' own, whatever weights it holds
-        vocab = self.decoder.vocab
-        tokens = batch.image_tokens  # [B*G, N]
-        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] != vocab.tokens_per_image:
-            raise ValueError(f"image_tokens must be [rows > 0, {vocab.tokens_per_image}], got {tuple(tokens.shape)}")
-        if len(batch.prompt_ids) != tokens.shape[0]:
-            raise ValueError(f"batch has {len(batch.prompt_ids)} prompts for {tokens.shape[0]} token rows")
-        if not bool(vocab.is_image_token(tokens).all()):
-            raise ValueError("image_tokens holds ids outside the image-token range (pass vocabulary ids, not codes)")
+        tokens = self._checked_tokens(batch)  # [B*G, N]
         start = time.perf_counter()
         rows = tokens.shape[0]
         step = self.config.micro_batch_size or rows
@@ -137,6 +150,65 @@ class DiffusionDecoderWorker:
         timings["decode_total"] = time.perf_counter() - start
         return DecodedImages(images=np.concatenate(parts), policy_version=served, timings=timings)  # [B*G, H, W, 3]
 
+    def _checked_tokens(self, batch: RolloutBatch) -> torch.Tensor:
+        """The batch's image tokens [B*G, N] after the shape and range checks (ValueError)."""
+        vocab = self.decoder.vocab
+        tokens = batch.image_tokens  # [B*G, N]
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] != vocab.tokens_per_image:
+            raise ValueError(f"image_tokens must be [rows > 0, {vocab.tokens_per_image}], got {tuple(tokens.shape)}")
+        if len(batch.prompt_ids) != tokens.shape[0]:
+            raise ValueError(f"batch has {len(batch.prompt_ids)} prompts for {tokens.shape[0]} token rows")
+        if not bool(vocab.is_image_token(tokens).all()):
+            raise ValueError("image_tokens holds ids outside the image-token range (pass vocabulary ids, not codes)")
+        return tokens
+
+    def _sana(self):
+        """The SANA decoder; the SDE sampler and the transformer weights exist only there."""
+        from rollout.sana_decoder import SanaDecoder
+
+        if not isinstance(self.decoder, SanaDecoder):
+            raise TypeError(f"the SDE sampler and transformer weights need the sana decoder, this worker runs "
+                            f"{type(self.decoder).__name__}")
+        return self.decoder
+
+    def decode_sde(self, batch: RolloutBatch, seed: int, sampling: SdeSampling) -> tuple[DecodedImages, DiffusionRollout]:
+        """Flow-GRPO sampling for the diffusion learner: the images (for the rewards) and, row for
+        row, what the learner needs to recompute every SDE step's log-prob exactly. Row r's initial
+        and step noises come from seed + r (any micro-batching gives the same rows). The same
+        version rule as `decode` (DecoderVersionError); the rollout records both versions."""
+        decoder = self._sana()
+        served = self._weights.version
+        if batch.policy_version != served:
+            raise DecoderVersionError(served, batch.policy_version)
+        tokens = self._checked_tokens(batch)  # [B*G, N]
+        start = time.perf_counter()
+        rows, sde_steps = tokens.shape[0], sampling.sde_steps()
+        step = self.config.micro_batch_size or rows
+        images, parts = [], []
+        for first in range(0, rows, step):
+            out = decoder.decode_sde(batch.prompt_ids[first:first + step], tokens[first:first + step], seed + first,
+                                     sampling.steps, sampling.noise_level, sde_steps)
+            images.append(out.images)  # [m, H, W, 3]
+            part = DiffusionRollout.from_trajectory(
+                out.trajectory, out.hidden_states, out.timesteps, decoder.guidance_scale,
+                batch.group_index[first:first + step], seed + first, served, self._transformer_weights.version)
+            part.timings = out.timings
+            parts.append(part)
+        rollout = DiffusionRollout.concat(parts)
+        rollout.seed = seed
+        rollout.timings["decode_total"] = time.perf_counter() - start
+        return DecodedImages(np.concatenate(images), served, dict(rollout.timings)), rollout
+
+    def update_decoder_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        """Load SANA transformer weights `{parameter name: tensor}` (the diffusion learner's) as
+        `version`; refuse whole, keeping the old version serving, if anything is off."""
+        return self._transformer_weights.update(version, weights, self._sana().load_transformer_weights)
+
+    def served_decoder_version(self) -> int:
+        """Version of the SANA transformer served (0 = the weights on disk)."""
+        self._sana()
+        return self._transformer_weights.version
+
     @ray.method(num_returns=2)
     def decode_split(self, batch: RolloutBatch, seed: int) -> tuple[DecodeInfo, np.ndarray]:
         """`decode` as two Ray objects: the small `DecodeInfo` the driver reads, and the images
@@ -146,9 +218,16 @@ class DiffusionDecoderWorker:
         return DecodeInfo(len(decoded.images), decoded.policy_version, decoded.timings), decoded.images
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Load full AR weights `{hf_name: tensor}` as `version`; refuse (and keep serving) if bad
-        (`VersionedWeights`: the same checks as the AR rollout workers)."""
-        return self._weights.update(version, weights, self.decoder.load_ar_weights)
+        """Load full AR weights `{hf_name: tensor}` (or under LoRA an adapter, merged into the base) as
+        `version`; refuse (and keep serving) if bad (`VersionedWeights`: the same checks as the AR
+        rollout workers)."""
+        return self._weights.update(version, weights, self._load)
+
+    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.config.lora is None:
+            self.decoder.load_ar_weights(weights)
+        elif self._merger is not None:
+            self.decoder.load_ar_weights(self._merger.merged(weights))
 
 
 # The same class as a Ray actor (one decoder per actor process).

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,6 +56,44 @@ def latents_to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (BLIP3o-NEXT's `(x / 2 + 0.5).clamp(0, 1)`)."""
     unit = (pixels.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
     return (unit * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
+
+
+@dataclass(frozen=True)
+class SdeDecode:
+    """One SDE decode of a batch (`SanaDecoder.decode_sde`)."""
+
+    images: np.ndarray
+    """[B, H, W, 3] uint8."""
+    hidden_states: torch.Tensor
+    """[B, N+1, h] the AR states that conditioned SANA."""
+    trajectory: SdeTrajectory
+    timesteps: torch.Tensor
+    """[T] the transformer's timesteps."""
+    timings: dict[str, float]
+
+
+def null_and_cond_captions(connector, hidden_states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SANA's cross-attention input for the null (all-zero AR states) and the real condition:
+    [B, N+1, h] -> [2B, N+1, d], null rows first. Shared by the decoder and the diffusion learner,
+    so both score a step with the same ops."""
+    null_and_cond = torch.cat([torch.zeros_like(hidden_states), hidden_states])  # [2B, N+1, h]
+    return connector(null_and_cond.to(dtype))  # [2B, N+1, d]
+
+
+def guided_velocity(transformer, timestep_scale: float, latents: torch.Tensor, t: torch.Tensor,
+                    captions: torch.Tensor, guidance_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """v_null + w (v_cond - v_null) at timestep t: [B, C, h, w] -> [B, C, h, w] float32.
+    `transformer` is the SANA module or any callable wrapping it (the learner's DeepSpeed engine)."""
+    batch_size = latents.shape[0]
+    model_input = torch.cat([latents, latents]).to(dtype)  # [2B, C, h, w]
+    velocity = transformer(
+        model_input,
+        encoder_hidden_states=captions,
+        timestep=(t * timestep_scale).expand(2 * batch_size),
+        return_dict=False,
+    )[0].float()  # [2B, C, h, w]
+    v_null, v_cond = velocity.chunk(2)  # [B, C, h, w] each
+    return v_null + guidance_scale * (v_cond - v_null)  # [B, C, h, w]
 
 
 class SanaDecoder:
@@ -110,8 +149,7 @@ class SanaDecoder:
     def captions(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """SANA's cross-attention input for the null (all-zero AR states) and the real condition:
         [B, N+1, h] -> [2B, N+1, d], null rows first."""
-        null_and_cond = torch.cat([torch.zeros_like(hidden_states), hidden_states])  # [2B, N+1, h]
-        return self.connector(null_and_cond.to(self.dtype))  # [2B, N+1, d]
+        return null_and_cond_captions(self.connector, hidden_states, self.dtype)  # [2B, N+1, d]
 
     def schedule(self, steps: int) -> tuple[torch.Tensor, list[float]]:
         """Timesteps [T] and the T+1 sigmas (1 .. 1/T, then 0) of BLIP3o-NEXT's Euler schedule."""
@@ -120,16 +158,8 @@ class SanaDecoder:
 
     def guided_velocity(self, latents: torch.Tensor, t: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """v_null + w (v_cond - v_null) at timestep t: [B, C, h, w] -> [B, C, h, w] float32."""
-        batch_size = latents.shape[0]
-        model_input = torch.cat([latents, latents]).to(self.dtype)  # [2B, C, h, w]
-        velocity = self.transformer(
-            model_input,
-            encoder_hidden_states=captions,
-            timestep=(t * self.transformer.config.timestep_scale).expand(2 * batch_size),
-            return_dict=False,
-        )[0].float()  # [2B, C, h, w]
-        v_null, v_cond = velocity.chunk(2)  # [B, C, h, w] each
-        return v_null + self.guidance_scale * (v_cond - v_null)  # [B, C, h, w]
+        return guided_velocity(self.transformer, self.transformer.config.timestep_scale, latents, t, captions,
+                               self.guidance_scale, self.dtype)
 
     @torch.no_grad()
     def sample_latents(self, hidden_states: torch.Tensor, seed: int) -> torch.Tensor:
@@ -187,3 +217,26 @@ class SanaDecoder:
         end = time.perf_counter()
         timings = {"ar_forward": after_ar - start, "diffusion": after_diffusion - after_ar, "vae_decode": end - after_diffusion}
         return images, timings
+
+    def decode_sde(self, prompt_ids: list[list[int]], image_tokens: torch.Tensor, seed: int, steps: int,
+                   noise_level: float, sde_steps: list[int]) -> SdeDecode:
+        """`decode` with the SDE sampler: images plus what the diffusion learner needs (the
+        condition, the trajectory with its log-probs, the timesteps), and the seconds per stage."""
+        start = time.perf_counter()
+        hidden_states = self.ar_hidden_states(prompt_ids, image_tokens)  # [B, N+1, h]
+        after_ar = time.perf_counter()
+        trajectory = self.sample_sde(hidden_states, seed, steps, noise_level, sde_steps)
+        timesteps, _ = self.schedule(steps)  # [T], the timesteps sample_sde used
+        after_diffusion = time.perf_counter()
+        images = self.decode_latents(trajectory.latents[-1].to(self.device))  # [B, H, W, 3]
+        end = time.perf_counter()
+        timings = {"ar_forward": after_ar - start, "diffusion": after_diffusion - after_ar, "vae_decode": end - after_diffusion}
+        return SdeDecode(images, hidden_states, trajectory, timesteps, timings)
+
+    @torch.no_grad()
+    def load_transformer_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy validated SANA transformer weights (the diffusion learner's publish) in place, cast
+        to the served dtype and device."""
+        parameters = dict(self.transformer.named_parameters())
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor)

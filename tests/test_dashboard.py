@@ -62,11 +62,12 @@ def step_metrics(step: int, offset: float = 0.0) -> dict[str, float]:
         "time/rollout": 1.0, "time/decode": 0.5, "time/reward": 0.3, "time/update": 0.8, "time/sync": 0.1,
         "throughput/images_per_s": 8.0, "loss": 0.1,
         "guard/dark_share": 0.3 + 0.01 * step, "guard/brightness": 120.0 + step,
+        "images/dark_share": 0.45 + 0.04 * step, "images/colour_entropy": 2.0 + 0.1 * step,
     }
     if step not in NO_UPDATE_STEPS:
         metrics.update({"policy/kl": 0.001 * step, "policy/entropy": 3.0 - 0.1 * step, "policy/clip_fraction": 0.05})
     if step % EVAL_EVERY == 0:
-        metrics.update({"eval/ocr/reward": 0.5 * reward, "eval/ocr/exact": 0.25 * reward})
+        metrics.update({"eval/ocr/score": 0.5 * reward, "eval/ocr/exact": 0.25 * reward, "time/eval": 2.0})
     return metrics
 
 
@@ -329,8 +330,10 @@ PANELS = {
     "reward-std": ["reward/std"], "geneval": ["geneval/counting", "geneval/position"], "ocr": ["ocr/exact"],
     "kl": ["policy/kl"], "entropy": ["policy/entropy"], "clip-fraction": ["policy/clip_fraction"],
     "version": ["policy/version"], "staleness": ["policy/staleness"], "zero-signal": ["groups/zero_signal_share"],
-    "time": ["time/decode", "time/reward", "time/rollout", "time/sync", "time/update"],
-    "throughput": ["throughput/images_per_s"], "eval-ocr": ["eval/ocr/exact", "eval/ocr/reward"],
+    "eval-time": ["time/eval"], "time": ["time/decode", "time/reward", "time/rollout", "time/sync", "time/update"],
+    "throughput": ["throughput/images_per_s"],
+    "images-dark_share": ["images/dark_share"], "images-colour_entropy": ["images/colour_entropy"],
+    "eval-ocr": ["eval/ocr/exact", "eval/ocr/score"],
     "guard-brightness": ["guard/brightness"], "guard-dark_share": ["guard/dark_share"],
     "metric-loss": ["loss"], "metric-rollout-rows": ["rollout/rows"],
 }
@@ -373,12 +376,13 @@ def test_page_panels_have_sensible_scales_gaps_and_their_own_axes(server, runs):
 
         # scales: fractions 0..1 (also when constant at 0), a small KL from 0 to just above its
         # largest value, a statistic outside 0..1 on its own data range, a constant on a padded range
-        for fraction in ("ocr", "geneval", "zero-signal", "eval-ocr", "guard-dark_share"):
+        for fraction in ("ocr", "geneval", "zero-signal", "eval-ocr", "guard-dark_share", "images-dark_share"):
             assert panels[fraction]["y"] == [0, 1], fraction
         kl = [v for v in panels["kl"]["data"][1] if v is not None]
         assert panels["kl"]["y"] == pytest.approx([0, 1.15 * max(kl)])
         assert panels["clip-fraction"]["y"] == pytest.approx([0, 1.15 * 0.05])
         assert panels["staleness"]["y"] == [0, 1]  # all 0: not 0..100
+        assert panels["images-colour_entropy"]["y"] == pytest.approx([0, 1.15 * (2.0 + 0.1 * (STEPS - 1))])  # bits
         low, high = panels["guard-brightness"]["y"]
         assert 110 < low < 120 and 120 + STEPS - 1 < high < 140  # brightness 120..131
         low, high = panels["metric-rollout-rows"]["y"]
@@ -396,7 +400,7 @@ def test_page_panels_have_sensible_scales_gaps_and_their_own_axes(server, runs):
         assert None not in panels["reward-mean"]["data"][1]
         # eval results exist every EVAL_EVERY steps: points joined across the steps in between
         evals = panels["eval-ocr"]
-        assert evals["spanGaps"] == [True, True]
+        assert evals["spanGaps"] == [True, True] and panels["eval-time"]["spanGaps"] == [True]
         assert [step for step, v in zip(evals["data"][0], evals["data"][2]) if v is not None] == \
                list(range(0, STEPS, EVAL_EVERY))
 

@@ -374,8 +374,8 @@ def test_a_stage_error_mid_run_stops_it_failed_with_a_checkpoint_of_the_last_fin
     assert record.status == "failed"
     events = store.events(record.id)
     assert events[-1].kind == "failed" and "CUDA out of memory" in events[-1].message
-    assert [e.message[:71] for e in events if e.kind == "reward_retry"] == [
-        "step 1: 1 reward requests failed and were retried; first: HTTP 503: {\"e"]
+    assert [e.message[:76] for e in events if e.kind == "reward_retry"] == [  # each failure names its reward
+        "step 1: 1 reward requests failed and were retried; first: ocr: HTTP 503: {\"e"]
     latest = CheckpointDir(config.logging.runs_dir / "checkpoints" / record.id).latest()
     assert latest is not None and latest.name == "step-000001"
     assert (latest / "learner" / "version").read_text() == "1"

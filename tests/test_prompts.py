@@ -106,6 +106,7 @@ def test_every_shipped_training_source_is_disjoint_from_every_evaluation_set():
         "gpu-blip3o-next-grpo-geneval.yaml data.sources.0": 5000,
         "gpu-blip3o-next-grpo-text.yaml data.sources.0": 4000,
         "tiny-cpu-glyph-ocr.yaml data.sources.0": 1,  # the word "cat": no OCR test target
+        "tiny-cpu-glyph-ocr-lora.yaml data.sources.0": 1,
         "tiny-cpu-sana.yaml data.sources.0": 5000,
         "tiny-cpu-sana.yaml data.sources.1": 4000,
     }
@@ -160,7 +161,8 @@ def test_config_load_refuses_an_overlapping_source_unless_allowed(tmp_path):
     assert "sources.1: prompt source 'ocr'" in message and str(test_set) in message
     assert "1018 of its 1018 prompts are evaluation prompts" in message
     sources[1]["allow_eval_prompts"] = True
-    config = load_config(CONFIGS / "tiny-cpu-glyph-ocr.yaml", {"data.sources": sources})
+    # without the demo's in-run eval, which scores some of these prompts (tests/test_inrun_eval.py)
+    config = load_config(CONFIGS / "tiny-cpu-glyph-ocr.yaml", {"data.sources": sources, "eval": None})
     assert config.data.sources[1].allow_eval_prompts
     # a missing file is also a config error now, not a failure at the first step
     with pytest.raises(ConfigError, match="sources.0: prompt file .*missing.txt .*does not exist"):

@@ -190,7 +190,7 @@ def test_concurrent_requests_each_get_their_own_answer_and_are_batched(url, stub
 def test_readyz_tells_clients_the_scorers_and_the_request_limits(http):
     assert http.get("/readyz").json() == {
         "status": "ready", "scorers": [],
-        "limits": {"max_items": 8, "max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000},
+        "limits": {"max_items": 8, "max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000}, "versions": {},
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_real_ocr_through_server_with_concurrent_clients(real):
 
 
 @pytest.mark.slow
-def test_real_geneval_through_server_matches_in_process(real):
+def test_real_geneval_through_server_matches_in_process(real, tiny_geneval_dirs):
     url, geneval = real
     image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
     metadata = GenevalMetadata.model_validate(
@@ -76,6 +77,10 @@ def test_real_geneval_through_server_matches_in_process(real):
     assert served.correct is local.correct is True and served.reward == local.reward == 1.0
     assert [o.score for o in served.details.objects] == pytest.approx([d.score for d in local.objects["dog"]])
     assert served.details.include[0].found == 4
+    # both checkpoints are named, with a hash of their files, on /readyz and in every answer
+    detector_dir, clip_dir = (re.escape(str(path)) for path in tiny_geneval_dirs)
+    assert re.fullmatch(rf"{detector_dir}#[0-9a-f]{{12}} \+ {clip_dir}#[0-9a-f]{{12}}", geneval.version)
+    assert httpx.get(f"{url}/readyz").json()["versions"]["geneval"] == geneval.version
 
 
 def test_cli_refuses_bad_flags_in_one_line():

@@ -101,7 +101,8 @@ def _path_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
     for name, field in model.model_fields.items():
         key, annotation = f"{prefix}{name}", field.annotation
         args = typing.get_args(annotation)
-        if annotation is Path or Path in args or (annotation is str and name in ("path", "model", "detector", "clip")):
+        names_a_model = name in ("path", "model", "detector", "clip", "processor", "head")
+        if annotation is Path or Path in args or (names_a_model and (annotation is str or str in args)):
             found.add(key)
         if typing.get_origin(annotation) is list:
             key, args = f"{key}.*", args
@@ -130,6 +131,13 @@ USED_ON = {
     "rewards.server.geneval.detector": {"reward"},
     "rewards.server.geneval.clip": {"reward"},
     "rewards.server.ocr.models_dir": {"reward"},
+    "rewards.server.clipscore.model": {"reward"},
+    "rewards.server.clipscore.processor": {"reward"},
+    "rewards.server.pickscore.model": {"reward"},
+    "rewards.server.pickscore.processor": {"reward"},
+    "rewards.server.aesthetic.model": {"reward"},
+    "rewards.server.aesthetic.processor": {"reward"},
+    "rewards.server.aesthetic.head": {"reward"},
     "decoder.decoder.glyph.font_path": {"decoder"},
     "data.sources.*.path": {"head"},
     "logging.runs_dir": {"head", "learner"},  # the store on the head; learner ranks write checkpoints

@@ -16,8 +16,10 @@ DEMO = REPO / "deploy" / "configs" / "tiny-cpu-glyph-ocr.yaml"
 
 
 def small_config(tmp_path: Path, model: Path, **changes) -> Path:
-    """The demo config, smaller: 2 prompts x 16 samples per step."""
+    """The demo config, smaller: 2 prompts x 16 samples per step, without the demo's in-run eval
+    (`eval=...` in `changes` turns one on)."""
     raw = yaml.safe_load(DEMO.read_text())
+    raw.pop("eval", None)
     raw["model"] = {"path": str(model)}
     raw["data"]["prompts_per_step"] = 2
     raw["logging"]["runs_dir"] = str(tmp_path / "runs")

@@ -14,6 +14,7 @@ from rewards.app.errors import ApiError
 from rewards.app.settings import Settings
 from rewards.geneval_rules import GenevalMetadata, GenevalResult
 from rewards.ocr import OcrResult
+from rewards.scorer import ServedScorer
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token, when the server was started with one")
 
@@ -67,6 +68,14 @@ def get_ocr_scorer(request: Request) -> OcrScorerLike:
 
 def get_geneval_scorer(request: Request) -> GenevalScorerLike:
     return _scorer(request, "geneval")
+
+
+def get_generic_scorer(request: Request, name: str) -> ServedScorer:
+    """A generic scorer (not a route-specific one such as ocr/geneval); 404 like `_scorer`."""
+    scorer = _scorer(request, name)
+    if not isinstance(scorer, ServedScorer):
+        raise ApiError(404, "scorer_not_loaded", f"{name} has its own route, not /v1/rewards/{{name}}")
+    return scorer
 
 
 def get_batcher(request: Request) -> Batcher:

@@ -16,9 +16,10 @@ from rewards.app.deps import require_token
 from rewards.app.errors import install_error_handlers
 from rewards.app.metrics import Metrics
 from rewards.app.middleware import BodyLimit
-from rewards.app.routers import geneval, health, ocr
+from rewards.app.routers import geneval, health, ocr, scores
 from rewards.app.schemas import ErrorBody
 from rewards.app.settings import Settings
+from rewards.scorer import BUILTIN_SCORERS, ServedScorer, build_builtin, build_python
 
 log = logging.getLogger(__name__)
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
@@ -36,6 +37,11 @@ def load_scorers(settings: Settings) -> dict[str, object]:
         from rewards.geneval import GenevalScorer
 
         scorers["geneval"] = GenevalScorer.from_config(settings.geneval)
+    for name in settings.scorers:
+        if name in BUILTIN_SCORERS:
+            scorers[name] = build_builtin(name, settings)
+    for name, spec in settings.python_scorers.items():  # a user's module:function (import errors: ValueError)
+        scorers[name] = build_python(name, spec)
     return scorers
 
 
@@ -47,7 +53,9 @@ def create_app(settings: Settings | None = None, scorers: dict[str, object] | No
     async def lifespan(app: FastAPI):
         app.state.scorers = scorers if scorers is not None else load_scorers(settings)
         app.state.batchers = {}
-        for name, path in (("ocr", "/v1/rewards/ocr"), ("geneval", "/v1/rewards/geneval")):
+        generic = [name for name, scorer in app.state.scorers.items() if isinstance(scorer, ServedScorer)]
+        for name in ["ocr", "geneval", *generic]:
+            path = f"/v1/rewards/{name}"
             batcher = Batcher(settings.batch_size, settings.batch_wait_ms / 1000, app.state.metrics.batch_observer(name))
             batcher.start()
             app.state.batchers[path] = batcher
@@ -60,7 +68,8 @@ def create_app(settings: Settings | None = None, scorers: dict[str, object] | No
 
     app = FastAPI(
         title="blip3o-rl rewards",
-        description="GenEval and OCR rewards for images. Errors are JSON: {error, message, item}.",
+        description="Rewards for images: GenEval, OCR, and generic scorers at /v1/rewards/{name} "
+                    "(see /readyz for the ones running). Errors are JSON: {error, message, item}.",
         version="0.1.0",
         lifespan=lifespan,
     )
@@ -73,12 +82,13 @@ def create_app(settings: Settings | None = None, scorers: dict[str, object] | No
     app.include_router(health.router)
     app.include_router(ocr.router, dependencies=auth, responses=ERRORS)
     app.include_router(geneval.router, dependencies=auth, responses=ERRORS)
+    app.include_router(scores.router, dependencies=auth, responses=ERRORS)  # after the named routes: they win
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.monotonic()
         response = await call_next(request)
-        endpoint = request.url.path if request.url.path in _PATHS else "other"
+        endpoint = request.url.path if request.url.path in _PATHS or request.url.path in app.state.batchers else "other"
         app.state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         app.state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         return response

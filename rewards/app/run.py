@@ -16,13 +16,15 @@ log = logging.getLogger(__name__)
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
-    parser.add_argument("--scorers", help="comma-separated: ocr,geneval (default both)")
+    parser.add_argument("--scorers", help="comma-separated: ocr, geneval, compressibility, incompressibility, clipscore, pickscore, aesthetic (default ocr,geneval)")
     parser.add_argument("--token", help="require this bearer token (or BLIP3O_RL_REWARDS_TOKEN)")
     parser.add_argument("--ocr-size", choices=["small", "tiny"], help="PP-OCRv6 model size (default small)")
     parser.add_argument("--max-items", type=int, help="most items per request (default 64)")
     parser.add_argument("--batch-size", type=int, help="most items per model call (default 16)")
     parser.add_argument("--detector", help="Mask2Former checkpoint (hub id or directory)")
     parser.add_argument("--clip", help="CLIP checkpoint (hub id or directory)")
+    parser.add_argument("--python-scorer", action="append", metavar="NAME=MODULE:FUNCTION",
+                        help="serve a user function f(images, prompts, metadatas) as /v1/rewards/NAME (repeatable)")
 
 
 class UserError(Exception):
@@ -36,6 +38,11 @@ def settings_from_args(args: argparse.Namespace):
     overrides = {key: value for key, value in given.items() if value is not None}
     if args.scorers is not None:
         overrides["scorers"] = [name.strip() for name in args.scorers.split(",") if name.strip()]
+    if args.python_scorer:
+        pairs = [entry.partition("=") for entry in args.python_scorer]
+        if any(not name or not spec for name, _, spec in pairs):
+            raise UserError("--python-scorer wants NAME=module:function")
+        overrides["python_scorers"] = {name: spec for name, _, spec in pairs}
     if args.ocr_size is not None:
         overrides["ocr"] = {"size": args.ocr_size}
     geneval = {key: getattr(args, key) for key in ("detector", "clip") if getattr(args, key) is not None}
@@ -53,6 +60,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
     """Load the scorers, then serve until interrupted."""
     import uvicorn
 
+    from policy.model_dir import CheckpointNotFoundError
     from rewards.app.main import create_app, load_scorers
 
     try:
@@ -65,7 +73,8 @@ def serve_from_args(args: argparse.Namespace) -> None:
             print(f"blip3o-rl: warning: serving on {settings.host} without a token", file=sys.stderr)
         try:
             scorers = load_scorers(settings)  # before binding: a missing model is an error, not a half-up server
-        except (FileNotFoundError, OSError) as error:
+        # ValueError: a python scorer (--python-scorer) that does not import
+        except (FileNotFoundError, OSError, ValueError, CheckpointNotFoundError) as error:
             raise UserError(f"cannot load scorers: {error}") from None
     except UserError as error:
         print(f"blip3o-rl: error: {error}", file=sys.stderr)

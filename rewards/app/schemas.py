@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,6 +49,7 @@ class OcrItemResult(BaseModel):
 
 class OcrResponse(BaseModel):
     results: list[OcrItemResult]
+    version: str = Field("", description="the OCR models behind the numbers (as on /readyz)")
 
 
 class GenevalItem(BaseModel):
@@ -115,6 +116,7 @@ class GenevalItemResult(BaseModel):
 
 class GenevalResponse(BaseModel):
     results: list[GenevalItemResult]
+    version: str = Field("", description="the detector and CLIP checkpoints behind the numbers (as on /readyz)")
 
 
 class Health(BaseModel):
@@ -131,6 +133,38 @@ class Limits(BaseModel):
 
 
 class Readiness(Health):
-    """/readyz: whether the scorers are loaded, which ones, and the request limits."""
+    """/readyz: whether the scorers are loaded, which ones (with the version of each: the model and
+    revision behind its numbers), and the request limits."""
 
     limits: Limits
+    versions: dict[str, str] = Field(default_factory=dict, description="scorer name -> version")
+
+
+class ScoreItem(BaseModel):
+    """One image for a generic scorer (rewards/scorer.py): the prompt and metadata are passed to the
+    scorer as they are; which ones it reads is up to the scorer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Base64Image
+    prompt: str = Field("", description="the caption the image was generated from")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="anything else the scorer reads")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: Annotated[list[ScoreItem], Field(min_length=1)]
+
+
+class ScoreItemResult(BaseModel):
+    reward: float
+    details: dict[str, Any] = Field(default_factory=dict, description="the scorer's breakdown (scorer-specific)")
+
+
+class ScoreResponse(BaseModel):
+    """Results in item order, and which scorer (model and revision) produced them."""
+
+    results: list[ScoreItemResult]
+    scorer: str
+    version: str

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rewards.aesthetic import AestheticConfig
+from rewards.clip_score import ClipScoreConfig, PickScoreConfig
 from rewards.geneval import GenevalConfig
 from rewards.ocr import OcrConfig
+from rewards.scorer import BUILTIN_SCORERS
 
 
 class Settings(BaseSettings):
@@ -22,8 +24,9 @@ class Settings(BaseSettings):
     """Interface to bind; loopback unless told otherwise."""
     port: int = 8000
     """TCP port (0 = any free port)."""
-    scorers: list[Literal["ocr", "geneval"]] = ["ocr", "geneval"]
-    """Scorers to load at startup; a request for another one answers 404 `scorer_not_loaded`."""
+    scorers: list[str] = ["ocr", "geneval"]
+    """Scorers to load at startup: ocr, geneval, or a generic one (rewards/scorer.py BUILTIN_SCORERS);
+    a request for another one answers 404 `scorer_not_loaded`."""
     token: SecretStr | None = None
     """Bearer token required on /v1 endpoints (none = open)."""
     max_items: int = Field(64, ge=1)
@@ -36,7 +39,39 @@ class Settings(BaseSettings):
     """Most items per model call; concurrent requests are grouped up to this."""
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long the first queued item waits for others to join its batch."""
+    python_scorers: dict[str, str] = {}
+    """User scorers to load at startup: name -> "module:function", a function of (images, prompts,
+    metadatas) answering one reward per image (rewards/scorer.py FunctionScorer), served at
+    /v1/rewards/{name} like the built-in generic scorers."""
     ocr: OcrConfig = OcrConfig()
     """OCR scorer."""
     geneval: GenevalConfig = GenevalConfig()
     """GenEval scorer."""
+    clipscore: ClipScoreConfig = ClipScoreConfig()
+    """CLIPScore scorer (rewards/clip_score.py)."""
+    pickscore: PickScoreConfig = PickScoreConfig()
+    """PickScore scorer (rewards/clip_score.py)."""
+    aesthetic: AestheticConfig = AestheticConfig()
+    """LAION aesthetic predictor (rewards/aesthetic.py)."""
+
+    @field_validator("scorers")
+    @classmethod
+    def _known_scorers(cls, names: list[str]) -> list[str]:
+        known = ["ocr", "geneval", *BUILTIN_SCORERS]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"unknown scorers {unknown}; known: {known}")
+        return names
+
+    @field_validator("python_scorers")
+    @classmethod
+    def _python_scorer_names(cls, specs: dict[str, str]) -> dict[str, str]:
+        """A user scorer may not shadow a built-in one; its spec must at least look like module:function
+        (it is imported when the scorers load)."""
+        for name, spec in specs.items():
+            if name in ("ocr", "geneval", *BUILTIN_SCORERS) or not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"python scorer name '{name}' is taken by a built-in scorer or is not [A-Za-z0-9_-]+")
+            module, _, function = spec.partition(":")
+            if not module or not function:
+                raise ValueError(f"python scorer {name}: '{spec}' is not 'module:function'")
+        return specs

@@ -24,4 +24,4 @@ async def score_geneval(
     check_item_count(len(body.items), settings)
     images = [decode_image(item.image, settings.max_image_pixels, i) for i, item in enumerate(body.items)]
     results = await batcher.submit(scorer.score, images, [item.metadata for item in body.items])
-    return GenevalResponse(results=[GenevalItemResult.of(r) for r in results])
+    return GenevalResponse(results=[GenevalItemResult.of(r) for r in results], version=getattr(scorer, "version", ""))

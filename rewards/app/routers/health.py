@@ -24,10 +24,12 @@ async def readyz(request: Request):
     settings = request.app.state.settings
     limits = Limits(max_items=settings.max_items, max_body_bytes=settings.max_body_bytes,
                     max_image_pixels=settings.max_image_pixels)
-    names = sorted(request.app.state.scorers)
+    scorers = request.app.state.scorers
+    names = sorted(scorers)
     if not request.app.state.ready:
         return JSONResponse(Readiness(status="loading", scorers=names, limits=limits).model_dump(), status_code=503)
-    return Readiness(status="ready", scorers=names, limits=limits)
+    versions = {name: scorers[name].version for name in names if isinstance(getattr(scorers[name], "version", None), str)}
+    return Readiness(status="ready", scorers=names, limits=limits, versions=versions)
 
 
 @router.get("/metrics", response_class=Response)

