@@ -29,19 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from policy.loading import load_tokenizer, load_vocab  # noqa: E402
+from bench.bench_learner import CAPTIONS, GROUP, make_batch  # noqa: E402
 from policy.lora import LoRAConfig  # noqa: E402
 from policy.model_dir import ModelPaths  # noqa: E402
-from policy.prompt import rollout_prompt_ids  # noqa: E402
 from policy.tiny import PRESETS, TinySpec, make_tiny  # noqa: E402
-from rl.grpo import group_advantages  # noqa: E402
 from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig  # noqa: E402
-from rollout.records import RolloutBatch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora.json"
 MODELS = {
@@ -49,20 +44,6 @@ MODELS = {
     "tiny": TinySpec(codebook_size=1024, hidden_size=256, num_layers=4, intermediate_size=1024, decoder="glyph"),
     "blip3o-next-shape": PRESETS["blip3o-next-shape"],
 }
-CAPTIONS = ["a red cat", "two dogs"]
-GROUP = 4
-
-
-def make_batch(model_dir: Path) -> RolloutBatch:
-    """CAPTIONS x GROUP rows of random image tokens (log-probs filled in by the learner)."""
-    paths = ModelPaths(model_dir)
-    tokenizer = load_tokenizer(paths)
-    vocab = load_vocab(paths, tokenizer)
-    prompts = [rollout_prompt_ids(tokenizer, c) for c in CAPTIONS for _ in range(GROUP)]
-    codes = torch.randint(0, vocab.codebook_size, (len(prompts), vocab.tokens_per_image),
-                          generator=torch.Generator().manual_seed(0))  # [B*G, N]
-    return RolloutBatch(prompts, [b for b in range(len(CAPTIONS)) for _ in range(GROUP)], vocab.to_token_ids(codes),
-                        torch.zeros(codes.shape), policy_version=0, seed=0)
 
 
 def memory_of(rank_actor) -> dict[str, int]:
@@ -105,9 +86,8 @@ def bench_mode(mode: str, model_dir: Path, lora: LoRAConfig | None, args: argpar
         torch_threads=args.threads, grpo=GRPOConfig(beta=0.001), lora=lora), timeout_s=3600)
     setup_s = time.perf_counter() - started
     try:
-        batch = make_batch(model_dir)
+        batch, advantages = make_batch(model_dir)  # the learner benchmark's batch and advantages
         batch.logprobs = learner.logprobs(batch)  # on-policy
-        advantages = group_advantages(torch.linspace(0, 1, len(batch)), batch.group_index, GRPOConfig())
         learner.connect_workers([worker], WeightSyncConfig(transport=args.transport, timeout_s=3600))
         ray.get(worker.served_version.remote(), timeout=3600)  # the engine is up
         after_setup = memory_of(learner.ranks[0])
