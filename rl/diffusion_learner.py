@@ -7,19 +7,26 @@
         [logp_old [S, R] of every image before any update: ppo_anchor 'learner' with several
          optimizer steps]
         per micro-batch, per SDE step t (S of them):
-              guided velocity at x_t (the trained transformer; the frozen one without grad when
-              beta > 0) -> Gaussian step -> log p(x_{t+1} | x_t) -> flow_grpo_step_loss -> backward;
+              guided velocity at x_t (the trained transformer; the reference without grad when
+              beta > 0: the frozen copy, or under LoRA the same transformer with its adapter off)
+              -> Gaussian step -> log p(x_{t+1} | x_t) -> flow_grpo_step_loss -> backward;
               engine.step() (DeepSpeed accumulates gas * S backwards into one optimizer step)
     publish_weights() on every rank: ZeRO-3 gathers the weights collectively; rank 0 sends the
-        transformer with rl/weight_sync.py's sender to every decoder's transformer stream
-        (rollout/decoder_weights.py: validated and versioned like the AR weights)
+        transformer (or under LoRA its adapter) with rl/weight_sync.py's sender to every decoder's
+        transformer stream (rollout/decoder_weights.py: validated and versioned like the AR weights)
 
 The rank is the AR learner's `LearnerRank` with another model, batch and loss: joining the group,
-checkpoints (save/load/probe), gathering and publishing weights are inherited unchanged.
+checkpoints (save/load/probe), gathering and publishing weights are inherited unchanged, and so is
+its LoRA (`lora`, policy/sana_lora.py): `_add_adapter` wraps the transformer with peft, only the
+adapter trains, is published (PEFT names) and checkpointed (with its optimizer state), and the KL
+reference is `_adapter_off`. `export_policy` then writes the adapter directory, as the AR learner's
+does; policy/sana_lora.py `export_merged_transformer` folds it into the base transformer.
 
 Where this differs from Flow-GRPO (yifan123/flow_grpo `scripts/train_sd3.py`), on purpose:
-- full fine-tuning of the transformer; the KL reference is a frozen copy (Flow-GRPO: LoRA, and the
-  reference is the same model with the adapter off). LoRA is not built here yet.
+- full fine-tuning of the transformer by default, with a frozen copy as the KL reference; `lora`
+  is Flow-GRPO's way (the reference is the same model with the adapter off), on SANA's attention
+  projections (policy/sana_lora.py), initialised as peft's default (A Kaiming-uniform, B = 0;
+  Flow-GRPO: A Gaussian, B = 0): version 0 is the base model either way.
 - every SDE step of the rollout is trained (Flow-GRPO: the first int(0.99 T) steps).
 - `ppo_anchor: learner` by default: logp_old is the learner's own at the start of the update, so
   the first ratio is exactly 1; `sampler` is Flow-GRPO's (the decoder's recorded log-probs).
@@ -33,6 +40,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,8 +119,9 @@ class _Tally:
 
 
 class DiffusionLearnerRank(LearnerRank):
-    """One DeepSpeed rank: SANA's transformer (trained), its frozen copy (beta > 0), the frozen
-    connector; rank 0 also sends the transformer weights to the decoders."""
+    """One DeepSpeed rank: SANA's transformer (trained, or frozen under a trained LoRA adapter), its
+    frozen copy (beta > 0, full fine-tuning only), the frozen connector; rank 0 also sends the
+    transformer weights (or the adapter) to the decoders."""
 
     config: DiffusionLearnerConfig
 
@@ -140,13 +149,19 @@ class DiffusionLearnerRank(LearnerRank):
 
         # frozen, as in BLIP3o-NEXT: the connector maps the AR states into SANA's caption space
         self.connector = load_connector(paths, dtype_name, str(self.device)).eval().requires_grad_(False)
+        # beta = 0: no reference. Under LoRA the reference is the policy with its adapter off (no copy).
+        self.has_reference = config.flow.beta > 0
         self.reference = None
-        if config.flow.beta > 0:  # the KL's frozen decoder, sharded like the policy under ZeRO-3
+        if self.has_reference and config.lora is None:  # the frozen copy, sharded like the policy under ZeRO-3
             self.reference = deepspeed.initialize(model=transformer().eval().requires_grad_(False),
                                                   config=reference_deepspeed_config(config))[0]
         model = transformer().train()
         self.timestep_scale = model.config.timestep_scale
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.adam_betas,
+        self.peft_model = None
+        if config.lora is not None:  # the same transformer module, its targeted Linears now LoRA layers
+            model = self._add_adapter(model, config)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the adapter only
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.adam_betas,
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -154,8 +169,7 @@ class DiffusionLearnerRank(LearnerRank):
         self.backwards_per_step = config.gradient_accumulation_steps * len(config.sampling.sde_steps())
         self.version = config.initial_version
         self.sender = None
-        # what the inherited checkpoint and publish methods read (no LoRA here: every parameter trains)
-        self.paths, self.peft_model, self.has_reference = paths, None, self.reference is not None
+        self.paths = paths  # the adapter's base model, as exports name it
 
     # ----- one SDE step, as the decoder samples it ----------------------------------------------
 
@@ -174,16 +188,31 @@ class DiffusionLearnerRank(LearnerRank):
                         next_latents=part.latent(step + 1).to(self.device))
 
     @torch.no_grad()
-    def _logprobs(self, part: DiffusionRollout) -> torch.Tensor:
-        """[S, b] per-step log-probs of `part` under the current weights (no grad)."""
-        captions = self._captions(part)
-        return torch.stack([step_log_prob(self._transition(self.engine, part, captions, t)) for t in part.train_steps])
+    def _reference_transition(self, part: DiffusionRollout, captions: torch.Tensor, step: int) -> SdeStep:
+        """`_transition` under the KL reference: the frozen copy, or the policy with its adapter off."""
+        if self.reference is not None:
+            return self._transition(self.reference, part, captions, step)
+        with self._adapter_off():
+            return self._transition(self.engine, part, captions, step)
 
-    def recompute_log_probs(self, rollout: DiffusionRollout) -> torch.Tensor:
-        """[S, B] log-probs of every image's SDE steps under the current weights, in micro-batches
-        (every rank runs all of them: the same forwards everywhere under ZeRO-3)."""
+    @torch.no_grad()
+    def _logprobs(self, part: DiffusionRollout, reference: bool = False) -> torch.Tensor:
+        """[S, b] per-step log-probs of `part` under the current weights or the reference (no grad)."""
+        captions = self._captions(part)
+        if reference:
+            steps = [self._reference_transition(part, captions, t) for t in part.train_steps]
+        else:
+            steps = [self._transition(self.engine, part, captions, t) for t in part.train_steps]
+        return torch.stack([step_log_prob(step) for step in steps])
+
+    def recompute_log_probs(self, rollout: DiffusionRollout, reference: bool = False) -> torch.Tensor:
+        """[S, B] log-probs of every image's SDE steps under the current weights (or the KL
+        reference), in micro-batches (every rank runs all of them: the same forwards everywhere
+        under ZeRO-3)."""
+        if reference and not self.has_reference:
+            raise ValueError("no KL reference (flow.beta is 0)")
         micro = self.config.micro_batch_size
-        parts = [self._logprobs(rollout.select(list(range(first, min(first + micro, len(rollout))))))
+        parts = [self._logprobs(rollout.select(list(range(first, min(first + micro, len(rollout))))), reference)
                  for first in range(0, len(rollout), micro)]
         return torch.cat(parts, dim=1).cpu()  # [S, B]
 
@@ -234,9 +263,8 @@ class DiffusionLearnerRank(LearnerRank):
             transition = self._transition(self.engine, part, captions, t)
             logp = step_log_prob(transition)  # [b]
             kl = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    reference = self._transition(self.reference, part, captions, t)
+            if self.has_reference:
+                reference = self._reference_transition(part, captions, t)  # no grad
                 kl = gaussian_kl(transition.mean, reference.mean, transition.scale)  # [b]
             sampler = part.log_probs[s].to(self.device)  # [b]
             if flow.ppo_anchor == "sampler":
@@ -304,7 +332,7 @@ class DiffusionLearnerRank(LearnerRank):
             policy_version=self.version, sampler_version=rollout.decoder_version, optimizer_steps=n_steps,
             rows=len(kept), zero_signal_share=advantages.zero_signal_share, losses=losses, grad_norms=grad_norms,
             loss=float(np.mean(losses)), policy_loss=total["policy_loss"] / per,
-            kl=total["kl"] / per if self.reference is not None else float("nan"),
+            kl=total["kl"] / per if self.has_reference else float("nan"),
             clip_fraction=total["clipped"] / per, ratio_mean=total["ratio"] / per,
             ratio_max=ratio_max, ratio_min=-neg_ratio_min,
             logprob_max_abs_diff=diff if math.isfinite(diff) else float("nan"),
@@ -314,15 +342,29 @@ class DiffusionLearnerRank(LearnerRank):
 
     # ----- weights ------------------------------------------------------------------------------
 
-    def _named_weights(self) -> dict[str, torch.Tensor]:
-        """The transformer's parameters by diffusers name (what the decoders' contract expects)."""
-        return {name: p.detach() for name, p in self.engine.module.named_parameters()}
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The transformer's parameters by diffusers name (what the decoders' full contract expects;
+        under LoRA the frozen base, without the adapter). The inherited `_named_weights` publishes
+        these, or under LoRA the adapter in PEFT's names."""
+        named = self.engine.module.named_parameters()
+        if self.peft_model is None:
+            return {name: p.detach() for name, p in named}
+        return {name.replace(".base_layer.", "."): p.detach() for name, p in named if ".lora_" not in name}
 
     def export_policy(self, directory: str) -> None:
-        """The trained transformer as a diffusers directory (a model directory's sana/transformer)."""
-        with self._gathered():
-            if self.rank == 0:
+        """The trained transformer as a diffusers directory (a model directory's sana/transformer),
+        or under LoRA the adapter in PEFT's format, naming the model directory as its base (as the AR
+        learner's export; policy/sana_lora.py `export_merged_transformer` merges it)."""
+        with self._gathered(published_only=True):
+            if self.rank != 0:
+                return
+            if self.peft_model is None:
                 self.engine.module.save_pretrained(directory, safe_serialization=True)
+                return
+            from policy.lora import write_adapter
+
+            weights = {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
+            write_adapter(Path(directory), self.config.lora, weights, base_model=str(self.paths.root))
 
 
 class DiffusionLearnerGroup(LearnerGroup):
@@ -334,17 +376,25 @@ class DiffusionLearnerGroup(LearnerGroup):
                  resources: dict[str, float] | None = None):
         super().__init__(config, timeout_s, resources, rank_class=DiffusionLearnerRank)
 
-    def train_step(self, rollout: DiffusionRollout, advantages: GroupAdvantages) -> DiffusionLearnerMetrics:
-        return super().train_step(rollout, advantages)
+    def train_step(self, rollout, advantages: GroupAdvantages) -> DiffusionLearnerMetrics:
+        """`rollout`: a `DiffusionRollout`, or the ObjectRef of one (a run's step: it stays in the
+        object store, read by every rank, never copied through the driver)."""
+        import ray
+
+        if not isinstance(rollout, ray.ObjectRef):
+            return super().train_step(rollout, advantages)
+        advantages_ref = ray.put(advantages)
+        return _get_all([r.train_step.remote(rollout, advantages_ref) for r in self.ranks], self.timeout_s,
+                        "train_step")[0]
 
     def connect_workers(self, decoders: list, sync: WeightSyncConfig | None = None) -> None:
         """Publish the transformer to these decoder actors (DiffusionDecoderActor handles) from now on."""
         super().connect_workers([TransformerWeightsHandle(decoder) for decoder in decoders], sync)
 
-    def recompute_log_probs(self, rollout: DiffusionRollout) -> torch.Tensor:
-        """[S, B] per-step log-probs of `rollout` under the learner's current weights."""
+    def recompute_log_probs(self, rollout: DiffusionRollout, reference: bool = False) -> torch.Tensor:
+        """[S, B] per-step log-probs of `rollout` under the learner's current weights (or its KL reference)."""
         import ray
 
         ref = ray.put(rollout)
-        return _get_all([r.recompute_log_probs.remote(ref) for r in self.ranks], self.timeout_s,
+        return _get_all([r.recompute_log_probs.remote(ref, reference) for r in self.ranks], self.timeout_s,
                         "recompute_log_probs")[0]

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policy.sana_lora import TransformerLoRAConfig
 from rl.learner_config import WeightSyncConfig, deepspeed_config
 from rollout.diffusion_rollout import SdeSampling
 
@@ -35,6 +36,13 @@ class FlowGRPOConfig(BaseModel):
     same weights, tested)."""
     max_staleness: int = Field(0, ge=0)
     """How many versions older than the learner's the sampling transformer may be (0: on-policy)."""
+    scale_by_std: bool = True
+    """Group advantages (r - mean) / (std + eps) (Flow-GRPO's per-prompt stat tracker); False: r - mean."""
+    advantage_eps: float = Field(1e-4, gt=0)
+    """eps of the advantage's denominator (Flow-GRPO: 1e-4; its std is the biased one, ours the
+    unbiased one as for the AR policy: rl/grpo.py)."""
+    filter_zero_signal_groups: bool = False
+    """Leave groups whose rewards are all equal out of the update (their advantages are 0 anyway)."""
 
 
 class DiffusionLearnerConfig(BaseModel):
@@ -90,6 +98,11 @@ class DiffusionLearnerConfig(BaseModel):
     """The loss."""
     sync: WeightSyncConfig = WeightSyncConfig()
     """How transformer weights reach the decoder workers."""
+    lora: TransformerLoRAConfig | None = None
+    """Train a LoRA adapter on the transformer (Flow-GRPO's way) instead of every weight: only the
+    adapter is optimised, published and checkpointed, and the KL reference is the transformer with
+    the adapter off (no frozen copy). Decoders need the same config as `transformer_lora`. None:
+    full fine-tuning."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "DiffusionLearnerConfig":

@@ -45,10 +45,13 @@ class EvalModel:
     decoder: object
     """DecoderConfig."""
     checkpoint: Path | None
-    """step-N directory whose `policy/` weights are loaded into the workers (None: the model's own)."""
+    """step-N directory whose `policy/` (AR) and `diffusion_policy/` (SANA transformer) weights are
+    loaded into the workers, those the run trained (None: the model's own)."""
     policy_version: int
     label: str
     """How reports name it."""
+    decoder_version: int = 0
+    """The checkpoint's transformer version (a run that trained the decoder)."""
 
 
 def split_step(spec: str) -> tuple[str, int | None]:
@@ -87,15 +90,15 @@ def resolve_eval_model(spec: str, *, base_model: str | None = None) -> EvalModel
             raise EvalCommandError(f"run directory {path} has no complete checkpoint of step {step}; complete steps: "
                                    f"{', '.join(map(str, complete))}")
     state = CheckpointDir(checkpoint.parent).load_state(checkpoint)
-    if not (checkpoint / "policy").is_dir():
-        raise EvalCommandError(f"checkpoint {checkpoint} has no policy/ export to evaluate")
+    if not any((checkpoint / export).is_dir() for export in ("policy", "diffusion_policy")):
+        raise EvalCommandError(f"checkpoint {checkpoint} has no policy/ or diffusion_policy/ export to evaluate")
     if base_model is not None:
         model_dir = str(resolve_model_dir(base_model).root.resolve())
         rollout, decoder = RolloutConfig(model=model_dir), DecoderConfig(model=model_dir)
     else:
         rollout, decoder = run_configs(checkpoint.parent.parent.parent, state.run_id)
     label = f"{checkpoint.resolve()} (run {state.run_id}, step {state.step}) on {rollout.model}"
-    return EvalModel(rollout, decoder, checkpoint, state.policy_version, label)
+    return EvalModel(rollout, decoder, checkpoint, state.policy_version, label, state.decoder_version)
 
 
 def run_configs(runs_dir: Path, run_id: str):
@@ -142,10 +145,12 @@ def start_workers(model: EvalModel):
 
     rollout = ARRolloutWorker(model.rollout)
     decoder = DiffusionDecoderWorker(model.decoder)
-    if model.checkpoint is not None:
+    if model.checkpoint is not None and (model.checkpoint / "policy").is_dir():  # absent: the AR policy was frozen
         weights = load_policy_weights(model.checkpoint / "policy")
         rollout.update_weights(model.policy_version, weights)
         decoder.update_weights(model.policy_version, weights)
+    if model.checkpoint is not None and (model.checkpoint / "diffusion_policy").is_dir():  # the trained transformer
+        decoder.update_decoder_weights(model.decoder_version, load_policy_weights(model.checkpoint / "diffusion_policy"))
     return LocalWorkers(rollout, decoder)
 
 
@@ -196,7 +201,7 @@ def apply_overrides(model: EvalModel, args: argparse.Namespace) -> EvalModel:
     if args.threads:
         engine["num_threads"] = decoder["num_threads"] = args.threads
     return EvalModel(model.rollout.model_copy(update=engine), model.decoder.model_copy(update=decoder),
-                     model.checkpoint, model.policy_version, model.label)
+                     model.checkpoint, model.policy_version, model.label, model.decoder_version)
 
 
 def _stop_started_server(pending) -> None:

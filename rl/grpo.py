@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 
@@ -66,8 +67,17 @@ class GroupAdvantages:
         return torch.nonzero(self.keep).flatten().tolist()
 
 
+class AdvantageSettings(Protocol):
+    """What `group_advantages` reads of a config: the AR learner's `grpo` and the diffusion
+    learner's `flow` (rl/diffusion_learner_config.py) both have these."""
+
+    scale_by_std: bool
+    advantage_eps: float
+    filter_zero_signal_groups: bool
+
+
 def group_advantages(
-    rewards: torch.Tensor, group_index: torch.Tensor | list[int], config: GRPOConfig
+    rewards: torch.Tensor, group_index: torch.Tensor | list[int], config: AdvantageSettings
 ) -> GroupAdvantages:
     """A_b = (r_b - mean_g(r)) / (std_g(r) + eps), or r_b - mean_g(r) without std scaling (Dr. GRPO).
 

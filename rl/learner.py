@@ -16,7 +16,8 @@ With `lora` set (policy/lora.py) the causal LM is wrapped with a peft LoRA adapt
 is optimised, published (PEFT names, kilobytes to megabytes) and checkpointed, and the KL reference is
 the same module with the adapter switched off (peft's `disable_adapter`), so no reference copy is
 loaded. The wrapped LM keeps its HF module tree (peft swaps the targeted Linears in place), so
-`ImageTokenLogits` and gradient checkpointing work on it unchanged.
+`ImageTokenLogits` and gradient checkpointing work on it unchanged; an adapter on `lm_head` is added
+by `AdaptedHeadImageLogits` (ImageTokenLogits reads the head's weight directly, which would skip it).
 
 Each rank sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT itself (otherwise
 DeepSpeed falls back to MPI discovery). LOCAL_RANK is 0: Ray gives every GPU actor its own
@@ -38,6 +39,7 @@ import torch
 
 from policy.loading import load_ar_model, load_tokenizer, load_vocab
 from policy.logprobs import ImageTokenLogits, Truncation, codebook_entropy, codebook_token_logprobs
+from policy.lora import AdaptedHeadImageLogits, LoRAConfig
 from policy.model_dir import resolve_model_dir
 from rl.grpo import GroupAdvantages, GRPOLoss, LossInputs, LossStats
 from rl.learner_config import LearnerConfig, WeightSyncConfig, deepspeed_config, reference_deepspeed_config
@@ -89,14 +91,16 @@ def plan_epoch(kept: list[int], world: int, rank: int, micro: int, gas: int, see
     return steps
 
 
-def _image_head(causal_lm, vocab) -> ImageTokenLogits:
-    """The model as image-token logits. ZeRO-3 gathers a parameter for the forward of the module
-    that owns it; the head weight (the embedding, when tied) is read in the wrapper's forward, so
-    it is registered there as an external parameter (a no-op below stage 3)."""
+def _image_head(causal_lm, vocab, lora: LoRAConfig | None = None) -> ImageTokenLogits:
+    """The model as image-token logits (with the head's adapter added when `lora` adapts the head).
+    ZeRO-3 gathers a parameter for the forward of the module that owns it; the head's weight (the
+    embedding, when tied) and its adapter are read in the wrapper's forward, so they are registered
+    there as external parameters (a no-op below stage 3)."""
     import deepspeed
 
-    module = ImageTokenLogits(causal_lm, vocab)
-    deepspeed.zero.register_external_parameter(module, causal_lm.lm_head.weight)
+    module = (AdaptedHeadImageLogits if lora is not None and lora.adapts_head else ImageTokenLogits)(causal_lm, vocab)
+    for param in causal_lm.lm_head.parameters():  # the weight, and under LoRA on the head its A and B
+        deepspeed.zero.register_external_parameter(module, param)
     return module
 
 
@@ -204,7 +208,7 @@ class LearnerRank:
         self.peft_model = None
         if config.lora is not None:
             model = self._add_adapter(model, config)
-        policy = _image_head(model, self.vocab)  # only the image rows of the head, at image positions
+        policy = _image_head(model, self.vocab, config.lora)  # only the image rows of the head, at image positions
         trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the adapter only
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.adam_betas,
                                       weight_decay=config.weight_decay)
@@ -233,10 +237,7 @@ class LearnerRank:
         the driver derives both from its rollback count after every checkpoint load, so a resumed run
         trains with the same values. Raising beta from 0 loads the frozen reference (every rank calls
         this: a collective under ZeRO-3)."""
-        scheduler = self.engine.lr_scheduler  # LambdaLR: lr = base_lr x lambda(step)
-        scheduler.base_lrs = [self.config.lr * lr_scale for _ in scheduler.base_lrs]
-        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        self.set_lr_scale(lr_scale)
         if beta > 0 and not self.has_reference and self.peft_model is None:
             self.reference = self._reference_engine(self.paths)
         if beta == 0:
@@ -244,6 +245,13 @@ class LearnerRank:
         self.has_reference = beta > 0
         self.config = self.config.model_copy(update={"grpo": self.config.grpo.model_copy(update={"beta": beta})})
         self.loss_fn = GRPOLoss(self.config.grpo, self.vocab.tokens_per_image)
+
+    def set_lr_scale(self, lr_scale: float) -> None:
+        """Peak lr = config lr x `lr_scale` from now on, the schedule's shape and position kept."""
+        scheduler = self.engine.lr_scheduler  # LambdaLR: lr = base_lr x lambda(step)
+        scheduler.base_lrs = [self.config.lr * lr_scale for _ in scheduler.base_lrs]
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
 
     def _add_adapter(self, model, config: LearnerConfig):
         """Wrap `model` with a LoRA adapter (peft freezes every base weight) and return the same causal

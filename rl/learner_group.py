@@ -128,6 +128,10 @@ class LearnerGroup:
         _get_all([r.set_hyperparameters.remote(lr_scale, beta) for r in self.ranks], self.timeout_s,
                  "set_hyperparameters")
 
+    def set_lr_scale(self, lr_scale: float) -> None:
+        """Peak lr = config lr x `lr_scale` (a guard rollback of a learner without the AR's beta)."""
+        _get_all([r.set_lr_scale.remote(lr_scale) for r in self.ranks], self.timeout_s, "set_lr_scale")
+
     def weights_digest(self) -> str:
         """sha256 of the weights an export writes (rl/checkpoint.py `weights_digest`)."""
         return _get_all([r.weights_digest.remote() for r in self.ranks], self.timeout_s, "weights_digest")[0]

@@ -234,12 +234,15 @@ def learner_state_lines(params: int, d: int, world: int, zero: int, reference: b
 
 def lora_params(shape: ModelShape, lora) -> int:
     """Adapter parameters of `lora` (policy/lora.py): r (in + out) per targeted projection and
-    layer. Target names other than Qwen3's seven projections are not counted."""
+    layer, plus r (hidden + vocabulary rows) for an adapter on the (untied) head. Target names other
+    than Qwen3's seven projections and `lm_head` are not counted."""
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    return shape.layers * sum(lora.rank * (a + b) for name, (a, b) in sizes.items() if name in lora.target_modules)
+    layers = shape.layers * sum(lora.rank * (a + b) for name, (a, b) in sizes.items() if name in lora.target_modules)
+    head = lora.rank * (h + shape.vocab_rows) if "lm_head" in lora.target_modules else 0
+    return layers + head
 
 
 def lora_state_lines(params: int, adapter: int, d: int, world: int, zero: int) -> list[Line]:
@@ -363,13 +366,15 @@ def _runtime(role: str, on_gpu: bool) -> Line:
 
 def plan_config(config, shape: ModelShape) -> list[RolePlan]:
     """Every role of a TrainConfig."""
-    learner = config.learner
-    learner_d = bytes_per_element(learner.precision)
+    learner = config.learner  # None: the AR policy is frozen (no AR learner, no AR update received)
+    learner_d = bytes_per_element(learner.precision) if learner is not None else 0
     engine, decoder = config.rollout.engine, config.decoder.decoder
     batch = config.schedule.chunk_prompts * config.data.group_size
     plans = [plan_rollout(shape, engine, learner_d, engine.device != "cpu", config.rollout.workers),
-             plan_decoder(shape, decoder, learner_d, batch, decoder.device != "cpu", config.decoder.workers),
-             plan_learner(shape, learner, learner.device != "cpu")]
+             plan_decoder(shape, decoder, learner_d, batch, decoder.device != "cpu", config.decoder.workers)]
+    if learner is not None:
+        plans.append(plan_learner(shape, learner, learner.device != "cpu"))
+    # not planned yet: the diffusion learner (`diffusion_learner`, issue 17) and the decoders' SDE rollouts
     if config.rewards.service == "serve":
         server = config.rewards.server
         plans.append(plan_reward(server, batch, "geneval" in server.scorers and server.geneval.device != "cpu"))

@@ -42,6 +42,7 @@ from rollout.records import RolloutBatch
 
 if TYPE_CHECKING:
     from rollout.decoder_worker import DecodeInfo
+    from rollout.diffusion_rollout import DiffusionRollout, SdeSampling
 
 
 class RewardOutageError(RuntimeError):
@@ -56,6 +57,31 @@ class ChunkImages:
     rows: int
     ref: Any
     """ObjectRef of the decoder's [rows, H, W, 3] uint8 array."""
+
+
+def _concat_rollouts(group_offsets: list[int], *parts: DiffusionRollout) -> DiffusionRollout:
+    """The step's SDE rollouts in row order, each chunk's prompt indices moved to the step's."""
+    from dataclasses import replace
+
+    from rollout.diffusion_rollout import DiffusionRollout
+
+    moved = [replace(part, group_index=[g + offset for g in part.group_index])
+             for part, offset in zip(parts, group_offsets)]
+    return DiffusionRollout.concat(moved)
+
+
+_REMOTE_CONCAT = None
+
+
+def diffusion_rollout_ref(parts: list[tuple[int, Any]]):
+    """ObjectRef of the step's `DiffusionRollout`, from each chunk's (first prompt, rollout ref): a
+    Ray task concatenates them, so the latents and hidden states never reach the driver."""
+    global _REMOTE_CONCAT
+    import ray
+
+    if _REMOTE_CONCAT is None:
+        _REMOTE_CONCAT = ray.remote(num_cpus=0)(_concat_rollouts)
+    return _REMOTE_CONCAT.remote([offset for offset, _ in parts], *[ref for _, ref in parts])
 
 
 def _take_rows(images: np.ndarray, rows: list[int]) -> np.ndarray:
@@ -104,6 +130,15 @@ class ScoredStep:
     """Busy seconds per stage summed over chunks (rollout, decode, reward) and the wall time (collect)."""
     retried_requests: list[str] = field(default_factory=list)
     """Reward requests that failed and were retried (replica restarts, blips)."""
+    diffusion_parts: list[tuple[int, Any]] = field(default_factory=list)
+    """With SDE decoding (the diffusion learner trains): each chunk's (first prompt, ObjectRef of its
+    `DiffusionRollout`); `diffusion_rollout_ref` joins them for the learner."""
+
+    def diffusion_rollout(self):
+        """ObjectRef of the step's `DiffusionRollout`, row for row with `batch` (SDE decoding only)."""
+        if not self.diffusion_parts:
+            raise RuntimeError("this step was decoded without the SDE sampler: it has no diffusion rollout")
+        return diffusion_rollout_ref(self.diffusion_parts)
 
     def reward_tensor(self) -> torch.Tensor:
         """The reward GRPO trains on: the mix's total (the task reward without `rewards.mix`)."""
@@ -154,6 +189,8 @@ class ChunkResult:
     images_ref: Any
     """The images themselves stay in the object store."""
     scored: ScoredImages
+    diffusion_ref: Any = None
+    """SDE decoding: the chunk's `DiffusionRollout`, also left in the object store."""
 
 
 @dataclass
@@ -171,11 +208,15 @@ class Chunk:
     """DiffusionDecoderActor handle."""
     launched_version: int
     """The policy version every worker served when the chunk was submitted."""
+    launched_decoder_version: int = 0
+    """The SANA transformer version every decoder served then (checked with SDE decoding only)."""
     rollout_ref: Any = None
     decode_ref: Any = None
     """The decode's `DecodeInfo` (small: what the driver reads)."""
     images_ref: Any = None
     """The decode's images (read by the scoring task only)."""
+    diffusion_ref: Any = None
+    """SDE decoding: the decode's `DiffusionRollout` (read by the diffusion learner only)."""
     score_ref: Any = None
     attempts: int = 0
     """Tries that count against `faults.max_chunk_attempts` (a resample is not a failure)."""
@@ -260,15 +301,19 @@ class PendingStep:
 
     def __init__(self, items: list[PromptItem], group_size: int, seed: int, rollout_actors: list,
                  decoder_actors: list, endpoint: RewardEndpoint, chunk_prompts: int, policy_version: int,
-                 sampler_state: SamplerState):
+                 sampler_state: SamplerState, sde: SdeSampling | None = None, decoder_version: int = 0):
+        """`sde`: decode with the SDE sampler (`decode_sde_split`) and keep each chunk's
+        `DiffusionRollout` for the diffusion learner; every decoder must then serve transformer
+        `decoder_version`."""
         self.items, self.group_size, self.seed, self.endpoint = items, group_size, seed, endpoint
+        self.sde = sde
         self.sampler_state = copy.deepcopy(sampler_state)
         """The prompt sampler's state before this step drew its prompts (to give them back if it is abandoned)."""
         self.launched_at = time.perf_counter()
         self.chunks = [
             Chunk(index=c, start=start, items=items[start : start + chunk_prompts], seed=seed + start * group_size,
                   sampler=rollout_actors[c % len(rollout_actors)], decoder=decoder_actors[c % len(decoder_actors)],
-                  launched_version=policy_version)
+                  launched_version=policy_version, launched_decoder_version=decoder_version)
             for c, start in enumerate(range(0, len(items), chunk_prompts))
         ]
         self.lanes = {_actor_key(a): Lane(a) for a in [*rollout_actors, *decoder_actors]}
@@ -283,7 +328,11 @@ class PendingStep:
             chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed)
             self.lanes[_actor_key(chunk.sampler)].tasks.append(StageTask(chunk.index, "rollout", chunk.rollout_ref))
         if stage in ("rollout", "decode"):
-            chunk.decode_ref, chunk.images_ref = chunk.decoder.decode_split.remote(chunk.rollout_ref, chunk.seed)
+            if self.sde is None:
+                chunk.decode_ref, chunk.images_ref = chunk.decoder.decode_split.remote(chunk.rollout_ref, chunk.seed)
+            else:
+                chunk.decode_ref, chunk.images_ref, chunk.diffusion_ref = chunk.decoder.decode_sde_split.remote(
+                    chunk.rollout_ref, chunk.seed, self.sde)
             self.lanes[_actor_key(chunk.decoder)].tasks.append(
                 StageTask(chunk.index, "decode", chunk.decode_ref, after=chunk.rollout_ref))
         row_items = [item for item in chunk.items for _ in range(self.group_size)]
@@ -364,14 +413,14 @@ class PendingStep:
         if chunk.decode_ref not in ready:
             return None
         try:
-            decoded: DecodeInfo = ray.get(chunk.decode_ref)
+            decoded: DecodeInfo | None = ray.get(chunk.decode_ref)
             served = decoded.policy_version
         except RayActorError as error:
             return fault("decode", "died", str(error).splitlines()[0][:200], chunk.decoder)
         except Exception as error:
             if not isinstance(_cause(error), DecoderVersionError):
                 raise StageError(chunk.index, "decode", _cause(error)) from None
-            served = _cause(error).served
+            served, decoded = _cause(error).served, None
         # The images must come from the weights the tokens were sampled with (the decoder's
         # hidden states condition SANA): a publish between the two stages breaks that.
         if served < batch.policy_version:  # a restarted decoder that was not reloaded yet
@@ -380,6 +429,11 @@ class PendingStep:
         if served > batch.policy_version:  # new weights landed on the decoder after sampling
             return fault("rollout", "resample", f"tokens sampled at v{batch.policy_version}, decoder serves "
                                                 f"v{served}", None)
+        # SDE rollouts train the transformer version the step was launched with (on-policy): a
+        # restarted decoder serves the weights on disk until recovery publishes the current ones
+        if self.sde is not None and decoded.decoder_version != chunk.launched_decoder_version:
+            return fault("decode", "stale_weights", f"decoder serves transformer v{decoded.decoder_version}, the "
+                                                    f"step needs v{chunk.launched_decoder_version}", chunk.decoder)
         if chunk.score_ref not in ready:
             return None
         try:
@@ -388,7 +442,7 @@ class PendingStep:
             if isinstance(error, RewardServerError) or isinstance(_cause(error), RewardServerError):
                 raise RewardOutageError(str(_cause(error)).strip().splitlines()[-1]) from None
             raise StageError(chunk.index, "reward", _cause(error)) from None
-        chunk.result = ChunkResult(batch, decoded, chunk.images_ref, scored)
+        chunk.result = ChunkResult(batch, decoded, chunk.images_ref, scored, chunk.diffusion_ref)
         return None
 
     def restart_stage_clocks(self) -> None:
@@ -435,7 +489,8 @@ class PendingStep:
         retried = [failure for s in scored for failure in s.failures]
         mixed = step_mix(resolve_mix(self.endpoint.mix, {item.task for item in self.items}), rewards, scored,
                          batch.group_index)
-        return ScoredStep(self.items, batch, images, rewards, mixed, timings, retried)
+        diffusion = [(chunk.start, chunk.result.diffusion_ref) for chunk in self.chunks] if self.sde else []
+        return ScoredStep(self.items, batch, images, rewards, mixed, timings, retried, diffusion)
 
 
 def step_mix(components: tuple[RewardComponentConfig, ...], rewards: list[SampleReward], scored: list[ScoredImages],

@@ -5,6 +5,7 @@ check that the cluster has them all before any model loads.
     rollout   rollout.workers          CPU, GPU (rollout.num_*_per_worker)         + {"rollout": 1}
     decoder   decoder.workers          CPU, GPU (decoder.decoder.num_*)            + {"decoder": 1}
     learner   learner.world_size       CPU, GPU (learner.num_*_per_rank), a bundle + {"learner": 1}
+              (+ diffusion_learner.world_size, likewise, when the decoder is trained)
     reward    rewards.num_replicas     CPU, GPU (rewards.num_*), a Serve replica   + {"reward": 1}
 
 The custom role resources (`+ {...}`) are asked for only with `ray.role_resources`: the cluster
@@ -60,10 +61,12 @@ def role_demands(config: TrainConfig) -> list[RoleDemand]:
         RoleDemand("decoder", config.decoder.workers,
                    _unit(config.decoder.decoder.num_cpus, config.decoder.decoder.num_gpus,
                          role_resources(config, "decoder"))),
-        RoleDemand("learner", config.learner.world_size,
-                   _unit(config.learner.num_cpus_per_rank, config.learner.num_gpus_per_rank,
-                         role_resources(config, "learner"))),
     ]
+    for learner in (config.learner, config.diffusion_learner):  # both learners run on learner nodes
+        if learner is not None:
+            demands.append(RoleDemand("learner", learner.world_size,
+                                      _unit(learner.num_cpus_per_rank, learner.num_gpus_per_rank,
+                                            role_resources(config, "learner"))))
     if config.rewards.service == "serve":
         demands.append(RoleDemand("reward", config.rewards.num_replicas,
                                   _unit(config.rewards.num_cpus, config.rewards.num_gpus,

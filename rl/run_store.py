@@ -18,7 +18,14 @@ NaN, stored as NULL): the dashboard draws a gap there, never a placeholder 0.
     geneval/<tag>               GenEval accuracy per tag (single_object, counting, position, ...)
     ocr/<name>                  OCR reward details (ocr/exact, ...), fractions
     policy/kl, policy/entropy, policy/clip_fraction, ...   learner numbers (absent without an update)
+    diffusion/<name>            the diffusion decoder's Flow-GRPO learner (issue 17), beside the AR
+                                policy's policy/* in a joint run: kl (per SDE step), clip_fraction (share
+                                of (image, SDE step) pairs), loss, policy_loss, grad_norm, ratio_max,
+                                ratio_min, lr, version, logprob_diff (max |learner - sampler| per-step
+                                log-prob), zero_signal_share. A diffusion-only run logs policy/version
+                                (constant: the AR policy is frozen) and no other policy/* learner key.
     time/<stage>                seconds per step by stage: rollout, decode, reward, update, sync
+                                (update_diffusion, sync_diffusion when the decoder learns)
     throughput/<name>           e.g. throughput/images_per_s
     eval/<bench>/<name>         in-run evaluation: one panel per `eval/<bench>` (connected points);
                                 rl/inrun_eval.py logs eval/<bench>/score, eval/ocr/exact, eval/geneval/<tag>

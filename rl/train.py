@@ -19,6 +19,13 @@ checkpointed, the run is marked stopped, and `--resume` continues it. Any other 
 loop (a stage's own error such as an out-of-memory decoder or a 4xx from the reward API, a learner
 error) stops it the same way, marked failed (exit 4). Every fault is an event in the run store.
 
+Two policies (config `train`): the AR policy (GRPO on the image tokens, `learner`) and SANA's
+transformer (Flow-GRPO, `diffusion_learner`; rl/diffusion_learner.py). With the diffusion learner
+every step is decoded with the SDE sampler, whose per-step log-probs stay in the object store for
+it; after the step's rewards, each trained policy updates from its own advantages (its own
+optimizer, lr and version) and publishes to its workers: the AR weights to every worker, the
+transformer to the decoders. `schedule.alternate` updates one of the two per step, in turn.
+
 Reward hacking (config `guard`, rl/guard.py): every step logs its images' statistics
 (rl/image_stats.py); the guard sees each step's metrics once (`_guard_step`) and a firing warns,
 stops the run the same clean way (exit 5), or rolls back to the best-eval checkpoint and goes on.
@@ -34,16 +41,18 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
 from rl.checkpoint import CheckpointDir, CheckpointError, TrainerState, policy_digest
 from rl.evaluate import ActorWorkers
-from rl.fleet import Fleet, WorkerFailedError
+from rl.fleet import Fleet, Versions, WorkerFailedError
 from rl.grpo import group_advantages
-from rl.guard import Guard, GuardState, rollback_hyperparameters
+from rl.guard import Guard, GuardState, Hyperparameters, rollback_hyperparameters
 from rl.image_stats import step_image_metrics
 from rl.inrun_eval import InRunEval
 from rl.pipeline import ChunkFault, PendingStep, RewardOutageError, ScoredStep
@@ -60,6 +69,18 @@ from rl.scoring import (
 )
 from rl.train_config import ConfigError, TrainConfig, load_config
 from rl.wandb_logger import attach_wandb
+
+if TYPE_CHECKING:
+    from rl.diffusion_learner import DiffusionLearnerMetrics
+    from rl.learner import LearnerMetrics
+
+
+@dataclass
+class Updated:
+    """The learners' metrics of one step (None: that policy was not updated in this step)."""
+
+    learner: LearnerMetrics | None = None
+    diffusion: DiffusionLearnerMetrics | None = None
 
 
 class StopRequested(Exception):
@@ -95,8 +116,10 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 65_537) % (2**31 - 1)
 
 
-def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str, float]) -> dict[str, float]:
-    """The step's numbers under the run store's key scheme (see rl/run_store.py)."""
+def step_metrics(scored: ScoredStep, learner, diffusion, versions: Versions, staleness: int,
+                 timings: dict[str, float]) -> dict[str, float]:
+    """The step's numbers under the run store's key scheme (see rl/run_store.py). `learner` /
+    `diffusion`: the AR / diffusion learner's metrics of this step (None: that policy was not updated)."""
     rewards = scored.reward_tensor()
     metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0}
     per_component: dict[str, list[float]] = {}  # reward/<name>: each component's raw mean over the rows it scored
@@ -111,8 +134,8 @@ def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str,
     tags = sorted({r.geneval_tag for r in scored.rewards if r.task == "geneval" and r.geneval_correct is not None})
     for tag in tags:
         metrics[f"geneval/{tag}"] = float(np.mean([bool(r.geneval_correct) for r in scored.rewards if r.geneval_tag == tag]))
-    if learner.optimizer_steps > 0:  # no update (every group zero-signal and filtered): these were never
-        metrics.update({                # measured, so they stay absent (a gap on the dashboard), not 0
+    if learner is not None and learner.optimizer_steps > 0:  # no update (every group zero-signal and
+        metrics.update({  # filtered): these were never measured, so they stay absent (a gap on the dashboard), not 0
             **({"policy/kl": learner.kl} if not math.isnan(learner.kl) else {}),  # NaN: no reference (beta 0)
             "policy/entropy": learner.entropy,
             "policy/clip_fraction": learner.clip_low_frac + learner.clip_high_frac,
@@ -123,10 +146,27 @@ def step_metrics(scored: ScoredStep, learner, staleness: int, timings: dict[str,
             "policy/ratio_max": learner.ratio_max,
             "policy/lr": learner.lr,
         })
+    if diffusion is not None and diffusion.optimizer_steps > 0:
+        metrics.update({
+            **({"diffusion/kl": diffusion.kl} if not math.isnan(diffusion.kl) else {}),  # NaN: beta 0
+            **({"diffusion/logprob_diff": diffusion.logprob_max_abs_diff}
+               if not math.isnan(diffusion.logprob_max_abs_diff) else {}),
+            "diffusion/clip_fraction": diffusion.clip_fraction,
+            "diffusion/loss": diffusion.loss,
+            "diffusion/policy_loss": diffusion.policy_loss,
+            "diffusion/grad_norm": diffusion.grad_norm,
+            "diffusion/ratio_max": diffusion.ratio_max,
+            "diffusion/ratio_min": diffusion.ratio_min,
+            "diffusion/lr": diffusion.lr,
+        })
+    if diffusion is not None:
+        metrics["diffusion/zero_signal_share"] = diffusion.zero_signal_share
+    if versions.decoder or diffusion is not None:
+        metrics["diffusion/version"] = float(versions.decoder)
     metrics.update({
-        "policy/version": float(learner.policy_version),
+        "policy/version": float(versions.policy),
         "policy/staleness": float(staleness),
-        "groups/zero_signal_share": learner.zero_signal_share,
+        "groups/zero_signal_share": (learner or diffusion).zero_signal_share,
         "rollout/rows": float(len(rewards)),
     })
     metrics.update({f"time/{stage}": seconds for stage, seconds in timings.items()})
@@ -157,9 +197,16 @@ def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
         kl = f"{metrics['policy/kl']:.4f}"
     else:
         kl = "- (no update)" if "policy/loss" not in metrics else "- (beta 0)"
+    diffusion = ""
+    if "diffusion/version" in metrics:
+        if "diffusion/kl" in metrics:
+            diffusion = f" | decoder kl {metrics['diffusion/kl']:.2e}"
+        elif "diffusion/loss" in metrics:
+            diffusion = " | decoder kl - (beta 0)"
+        diffusion += f" | decoder v{int(metrics['diffusion/version'])}"
     return (
         f"step {step}/{steps} | reward {metrics['reward/mean']:.3f} | kl {kl} | "
-        f"zero-signal {metrics['groups/zero_signal_share']:.0%} | v{int(metrics['policy/version'])} | "
+        f"zero-signal {metrics['groups/zero_signal_share']:.0%} | v{int(metrics['policy/version'])}{diffusion} | "
         f"{stages} (busy: {busy}) | step {metrics['time/step']:.2f}s"
     )
 
@@ -266,7 +313,9 @@ class Trainer:
         if resume is None:
             run_id = self.store.create_run(self.config.name, self.config.model_dump(mode="json"))
             fresh = SamplerState(cursors=[0] * len(self.config.data.sources))
-            return run_id, TrainerState(0, self.config.learner.initial_version, run_id, fresh)
+            learner, diffusion = self.config.learner, self.config.diffusion_learner
+            return run_id, TrainerState(0, learner.initial_version if learner else 0, run_id, fresh,
+                                        diffusion.initial_version if diffusion else 0)
         run_id = resume if resume != "latest" else self._latest_run_id()
         try:
             checkpoint = CheckpointDir(Path(self.config.logging.runs_dir) / "checkpoints" / run_id).latest()
@@ -278,6 +327,18 @@ class Trainer:
         self.resume_from = checkpoint
         self.store.resume_run(run_id, state.step)
         return run_id, state
+
+    @property
+    def versions(self) -> Versions:
+        """The weight versions of the last finished step: what every worker must serve."""
+        return Versions(self.state.policy_version, self.state.decoder_version)
+
+    def _updates(self, step: int) -> tuple[str, ...]:
+        """The policies updated after `step` (config `train`; `schedule.alternate`: the AR policy
+        after odd steps, the decoder after even ones)."""
+        if self.config.schedule.alternate:
+            return ("ar",) if step % 2 == 1 else ("diffusion",)
+        return tuple(self.config.train)
 
     def _latest_run_id(self) -> str:
         runs = [r for r in self.store.list_runs() if r.name == self.config.name]
@@ -297,21 +358,46 @@ class Trainer:
         self.endpoint: RewardEndpoint = start_reward_service(config.rewards, role_resources(config, "reward"))
         # before any model loads: the service must run every reward the prompts need, and take our images
         self.endpoint = check_reward_service(self.endpoint, config)
-        self.fleet = Fleet.start(config, self.state.policy_version, self._log_event)
+        self.fleet = Fleet.start(config, self.versions, self._log_event)
         try:  # every learner node writes its part of a checkpoint: the driver must see their files
-            self.fleet.learner.prove_shared_directory(str(self.checkpoints.root))
+            for group in self.fleet.learners:
+                group.prove_shared_directory(str(self.checkpoints.root))
         except CheckpointError as error:
             raise ConfigError(str(error)) from None
         if self.state.step > 0:
-            self.fleet.learner.load_checkpoint(str(self.resume_from / "learner"))
+            self._load_learners(self.resume_from)
             if self.guard is not None and self.guard.rollbacks:  # the lr and beta of the rollbacks so far
-                hyper = rollback_hyperparameters(config.guard.rollback, config.learner.grpo.beta, self.guard.rollbacks)
-                self.fleet.learner.set_hyperparameters(hyper.lr_scale, hyper.beta)
-            report = self.fleet.learner.publish_weights()  # workers start from the checkpoint's weights
-            self.store.log_event(self.run_id, "resume", f"weights v{self.state.policy_version} published in {report.seconds:.2f} s")
-        self.fleet.check_versions(self.state.policy_version, config.faults.restart_timeout_s)  # engines load first
+                self._set_rollback_hyperparameters(self.guard.rollbacks)
+            t_publish = time.perf_counter()
+            for group in self.fleet.learners:  # workers start from the checkpoint's weights
+                group.publish_weights()
+            self.store.log_event(self.run_id, "resume", f"weights {self._describe(self.versions)} published in "
+                                                        f"{time.perf_counter() - t_publish:.2f} s")
+        self.fleet.check_versions(self.versions, config.faults.restart_timeout_s)  # engines load first
         print(f"run {self.run_id}: workers, learner and reward API ({self.endpoint.url}) up in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+    def _describe(self, versions: Versions) -> str:
+        return f"v{versions.policy}" + (f", transformer v{versions.decoder}" if self.fleet.diffusion_learner else "")
+
+    def _load_learners(self, checkpoint: Path, versions: Versions | None = None) -> None:
+        """Restore each learner from `checkpoint` (a resume; a rollback serves it as `versions`)."""
+        if self.fleet.learner is not None:
+            self.fleet.learner.load_checkpoint(str(checkpoint / "learner"), versions and versions.policy)
+        if self.fleet.diffusion_learner is not None:
+            self.fleet.diffusion_learner.load_checkpoint(str(checkpoint / "diffusion_learner"),
+                                                         versions and versions.decoder)
+
+    def _set_rollback_hyperparameters(self, rollbacks: int) -> Hyperparameters:
+        """Every learner's lr (and the AR policy's beta) after `rollbacks` rollbacks."""
+        config = self.config
+        beta = config.learner.grpo.beta if config.learner is not None else 0.0
+        hyper = rollback_hyperparameters(config.guard.rollback, beta, rollbacks)
+        if self.fleet.learner is not None:
+            self.fleet.learner.set_hyperparameters(hyper.lr_scale, hyper.beta)
+        if self.fleet.diffusion_learner is not None:  # its own beta (flow.beta) is kept
+            self.fleet.diffusion_learner.set_lr_scale(hyper.lr_scale)
+        return hyper
 
     def _note_rewards(self, step: int, scored: ScoredStep) -> None:
         """The step's reward events (rl/reward_mix.py): each scorer's version when first seen and when
@@ -344,7 +430,7 @@ class Trainer:
         for actor in {f.actor._actor_id.hex(): f.actor for f in failures if f.kind == "hung" and f.actor}.values():
             self.fleet.restart(actor)
         if failures:
-            self.fleet.recover(self.state.policy_version, f"step {step}: {', '.join(sorted(set(names)))}")
+            self.fleet.recover(self.versions, f"step {step}: {', '.join(sorted(set(names)))}")
             pending.restart_stage_clocks()
         for fault in faults:
             pending.redo(fault)
@@ -365,9 +451,10 @@ class Trainer:
             items = self.sampler.next_batch(config.data.prompts_per_step)
         else:
             before, items = again.sampler_state, again.items
+        sde = config.diffusion_learner.sampling if config.diffusion_learner is not None else None
         return PendingStep(items, config.data.group_size, step_seed(config.seed, step), self.fleet.rollout_actors,
                            self.fleet.decoder_actors, self.endpoint, config.schedule.chunk_prompts,
-                           self.state.policy_version, before)
+                           self.state.policy_version, before, sde=sde, decoder_version=self.state.decoder_version)
 
     def _collect(self, pending: PendingStep) -> ScoredStep:
         """Wait for the step, redoing the chunks of dead, hung or stale workers (and resampling
@@ -448,18 +535,17 @@ class Trainer:
                 overlap = (config.schedule.mode == "async" and step < config.steps and not self._is_checkpoint_step(step)
                            and not self._is_eval_step(step))  # an eval step may become a (best) checkpoint
                 pending = self._launch(step + 1) if overlap else None  # sampled with the current weights
-                advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, config.learner.grpo)
-                t_update = time.perf_counter()
-                self.learner_ahead = True  # until the step is recorded, the learner is past self.state
-                learner_metrics = self.fleet.learner.train_step(scored.batch, advantages)
-                t_sync = time.perf_counter()
-                sync = self.fleet.publish(learner_metrics.policy_version, step)
-                t_done = time.perf_counter()
-                self.state.step, self.state.policy_version = step, learner_metrics.policy_version
+                self.learner_ahead = True  # until the step is recorded, a learner is past self.state
+                updated, timings = self._update(step, scored)
+                versions = Versions(updated.learner.policy_version if updated.learner else self.state.policy_version,
+                                    updated.diffusion.policy_version if updated.diffusion else self.state.decoder_version)
+                syncs = self._publish(step, versions, updated, timings)
+                self.state.step = step
+                self.state.policy_version, self.state.decoder_version = versions.policy, versions.decoder
                 self.learner_ahead = False
-                timings = dict(scored.timings, update=t_sync - t_update, sync=t_done - t_sync, step=t_done - t_step)
-                metrics = step_metrics(scored, learner_metrics, staleness, timings)
-                metrics.update({"sync/seconds": sync.seconds, "sync/gb_per_s": sync.gb_per_s})
+                timings.update(scored.timings, step=time.perf_counter() - t_step)
+                metrics = step_metrics(scored, updated.learner, updated.diffusion, versions, staleness, timings)
+                metrics.update(syncs)
                 metrics.update(step_image_metrics(scored))  # images/*: what the guard watches
                 self.store.log_metrics(self.run_id, step, metrics)
                 self.store.log_samples(self.run_id, step, sample_records(scored, config.logging.samples_per_step,
@@ -488,7 +574,42 @@ class Trainer:
             traceback.print_exc()  # the whole story for whoever debugs it; the store keeps one line
             raise self._stop(pending, f"error: {one_line(error)}", "failed", exit_code=4) from None
         # a finished run leaves every worker on its last weights
-        self.fleet.check_versions(self.state.policy_version, config.faults.call_timeout_s)
+        self.fleet.check_versions(self.versions, config.faults.call_timeout_s)
+
+    def _update(self, step: int, scored: ScoredStep) -> tuple[Updated, dict[str, float]]:
+        """Each policy due this step learns from the step's rewards with its own advantages; the
+        diffusion learner reads the step's SDE rollouts straight from the object store."""
+        config, updated, timings = self.config, Updated(), {"update": 0.0}
+        rewards, groups = scored.reward_tensor(), scored.batch.group_index
+        for policy in self._updates(step):
+            t0 = time.perf_counter()
+            if policy == "ar":
+                advantages = group_advantages(rewards, groups, config.learner.grpo)
+                updated.learner = self.fleet.learner.train_step(scored.batch, advantages)
+            else:
+                advantages = group_advantages(rewards, groups, config.diffusion_learner.flow)
+                updated.diffusion = self.fleet.diffusion_learner.train_step(scored.diffusion_rollout(), advantages)
+                timings["update_diffusion"] = time.perf_counter() - t0
+            timings["update"] += time.perf_counter() - t0
+        return updated, timings
+
+    def _publish(self, step: int, versions: Versions, updated: Updated, timings: dict[str, float]) -> dict[str, float]:
+        """Publish every updated policy (after all updates: a recovery on the way publishes every
+        stream at `versions`); adds the sync times to `timings`, returns the sync metrics."""
+        metrics, timings["sync"] = {}, 0.0
+        for name, metrics_of, publish in (("", updated.learner, self.fleet.publish),
+                                          ("_diffusion", updated.diffusion, self.fleet.publish_decoder)):
+            if metrics_of is None:
+                continue
+            t0 = time.perf_counter()
+            report = publish(versions, step)  # None: recovered on the way (no clean measurement)
+            seconds = time.perf_counter() - t0
+            timings["sync"] += seconds
+            if name:
+                timings[f"sync{name}"] = seconds
+            if report is not None:
+                metrics.update({f"sync{name}/seconds": report.seconds, f"sync{name}/gb_per_s": report.gb_per_s})
+        return metrics
 
     def _stop(self, pending: PendingStep | None, reason: str, status: str, exit_code: int) -> RunStopped:
         """Abandon the in-flight step, checkpoint the finished ones, mark the run stopped / failed."""
@@ -513,11 +634,20 @@ class Trainer:
         return RunStopped(message, exit_code)
 
     def save_checkpoint(self) -> Path:
+        """The trained policies' learners (`learner/`, `diffusion_learner/`) and exports (`policy/`:
+        what vLLM loads; `diffusion_policy/`: the transformer as a diffusers directory), the driver's state."""
         t0 = time.perf_counter()
         tmp = self.checkpoints.begin(self.state.step)
-        self.fleet.learner.save_checkpoint(str(tmp / "learner"))
-        self.fleet.learner.export_policy(str(tmp / "policy"))
-        path = self.checkpoints.commit(tmp, self.state, learner_ranks=self.config.learner.world_size)
+        learner, diffusion = self.fleet.learner, self.fleet.diffusion_learner
+        if learner is not None:
+            learner.save_checkpoint(str(tmp / "learner"))
+            learner.export_policy(str(tmp / "policy"))
+        if diffusion is not None:
+            diffusion.save_checkpoint(str(tmp / "diffusion_learner"))
+            diffusion.export_policy(str(tmp / "diffusion_policy"))
+        config = self.config
+        path = self.checkpoints.commit(tmp, self.state, learner_ranks=config.learner.world_size if learner else 0,
+                                       diffusion_ranks=config.diffusion_learner.world_size if diffusion else 0)
         self.checkpointed_step = self.state.step
         self._save_guard_state()
         print(f"checkpoint {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -557,17 +687,24 @@ class Trainer:
         if target is None:
             raise GuardTripped(f"{why}; no checkpoint to roll back to yet")
         restored = self.checkpoints.load_state(target)
-        version = self.state.policy_version + 1
+        learner, diffusion = self.fleet.learner, self.fleet.diffusion_learner
+        versions = Versions(self.state.policy_version + (learner is not None),
+                            self.state.decoder_version + (diffusion is not None))
         self.learner_ahead = True  # until self.state is the checkpoint's, a stop must not checkpoint
-        self.fleet.learner.load_checkpoint(str(target / "learner"), version)
-        digest, expected = self.fleet.learner.weights_digest(), policy_digest(target / "policy")
-        if digest != expected:
-            raise RuntimeError(f"rollback to {target.name}: the learner's weights (sha256 {digest[:16]}) differ from "
-                               f"the checkpoint's export ({expected[:16]})")
+        self._load_learners(target, versions)
+        digests = []
+        for group, export in ((learner, "policy"), (diffusion, "diffusion_policy")):
+            if group is None:
+                continue
+            digest, expected = group.weights_digest(), policy_digest(target / export)
+            if digest != expected:
+                raise RuntimeError(f"rollback to {target.name}: the {export} learner's weights (sha256 {digest[:16]}) "
+                                   f"differ from the checkpoint's export ({expected[:16]})")
+            digests.append(f"{export} sha256 {digest}")
         rollbacks = self.guard.count_rollback()
-        hyper = rollback_hyperparameters(config.guard.rollback, config.learner.grpo.beta, rollbacks)
-        self.fleet.learner.set_hyperparameters(hyper.lr_scale, hyper.beta)
-        self.state = TrainerState(restored.step, version, self.run_id, copy.deepcopy(restored.sampler))
+        hyper = self._set_rollback_hyperparameters(rollbacks)
+        self.state = TrainerState(restored.step, versions.policy, self.run_id, copy.deepcopy(restored.sampler),
+                                  versions.decoder)
         self.sampler.state = copy.deepcopy(restored.sampler)
         self.learner_ahead = False
         self.guard.forget_after(restored.step)
@@ -575,12 +712,17 @@ class Trainer:
         self.checkpointed_step = restored.step
         self._save_guard_state()
         self.store.resume_run(self.run_id, restored.step)
-        self.fleet.publish(version, step)
-        self.fleet.check_versions(version, config.faults.call_timeout_s)
+        if learner is not None:
+            self.fleet.publish(versions, step)
+        if diffusion is not None:
+            self.fleet.publish_decoder(versions, step)
+        self.fleet.check_versions(versions, config.faults.call_timeout_s)
+        lrs = ", ".join(f"{section.lr * hyper.lr_scale:g}" for section in (config.learner, config.diffusion_learner)
+                        if section is not None)
         message = (f"rollback {rollbacks}/{config.guard.rollback.max_rollbacks} to {target.name}: learner weights "
-                   f"sha256 {digest} (equal to the checkpoint's) served as v{version}; training on from step "
-                   f"{restored.step + 1} with lr x{hyper.lr_scale:g} ({config.learner.lr * hyper.lr_scale:g}), "
-                   f"beta {hyper.beta:g}")
+                   f"{'; '.join(digests)} (equal to the checkpoint's) served as {self._describe(versions)}; training "
+                   f"on from step {restored.step + 1} with lr x{hyper.lr_scale:g} ({lrs})"
+                   + (f", beta {hyper.beta:g}" if learner is not None else ""))
         self.store.log_event(self.run_id, "rollback", message)
         print(f"guard: {message}", flush=True)
 

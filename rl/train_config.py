@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from policy.model_dir import looks_like_hub_id
 from rewards.app.settings import Settings as RewardServerSettings
+from rl.diffusion_learner_config import DiffusionLearnerConfig
 from rl.learner_config import LearnerConfig
 from rl.reward_mix import RewardMix
 from rl.prompts import PromptSourceConfig, load_source
@@ -149,6 +150,9 @@ class ScheduleSection(BaseModel):
     stage_timeout_s: float = Field(600.0, gt=0)
     """Longest a chunk's rollout -> decode -> score may take; a worker still busy with it then is
     treated as hung: killed, restarted by Ray and given the chunk again."""
+    alternate: bool = False
+    """With `train: [ar, diffusion]`: update the AR policy after odd steps and the decoder after even
+    ones (one policy moves at a time) instead of both after every step."""
 
     @model_validator(mode="after")
     def _async_needs_staleness(self) -> "ScheduleSection":
@@ -330,7 +334,16 @@ class TrainConfig(BaseModel):
     rollout: RolloutSection
     decoder: DecoderSection
     rewards: RewardsSection = RewardsSection()
-    learner: LearnerConfig
+    train: list[Literal["ar", "diffusion"]] = Field(["ar"], min_length=1)
+    """The policies the run updates from its one reward: `ar` (GRPO on the image tokens, `learner`),
+    `diffusion` (Flow-GRPO on SANA's transformer, `diffusion_learner`), or both, each from its own
+    advantages with its own optimizer and learning rate. A policy not listed stays frozen."""
+    learner: LearnerConfig | None = None
+    """The AR policy's learner; required when `train` has `ar`."""
+    diffusion_learner: DiffusionLearnerConfig | None = None
+    """The SANA decoder's learner; required when `train` has `diffusion`. With it every step is
+    decoded with its SDE sampler (`diffusion_learner.sampling`) instead of `decoder.decoder`'s
+    ODE steps, for the AR policy's rewards too; in-run eval keeps the ODE sampler."""
     schedule: ScheduleSection = ScheduleSection()
     faults: FaultsSection = FaultsSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -352,8 +365,9 @@ class TrainConfig(BaseModel):
             inner = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(inner, dict):
                 inner.setdefault("model", path)
-        if isinstance(raw.get("learner"), dict):
-            raw["learner"].setdefault("model", path)
+        for section in ("learner", "diffusion_learner"):
+            if isinstance(raw.get(section), dict):
+                raw[section].setdefault("model", path)
         return raw
 
     @model_validator(mode="before")
@@ -361,16 +375,56 @@ class TrainConfig(BaseModel):
     def _lora_defaults(cls, raw):
         """The workers serve the adapter the learner trains: `learner.lora` is copied to the rollout
         engine and the decoder unless they name their own (which must then be the same)."""
-        if not isinstance(raw, dict) or not isinstance(raw.get("learner"), dict) or raw["learner"].get("lora") is None:
+        if not isinstance(raw, dict):
             return raw
-        for section, key in (("rollout", "engine"), ("decoder", "decoder")):
-            inner = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-            if isinstance(inner, dict):
-                inner.setdefault("lora", raw["learner"]["lora"])
+        if isinstance(raw.get("learner"), dict) and raw["learner"].get("lora") is not None:
+            for section, key in (("rollout", "engine"), ("decoder", "decoder")):
+                inner = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+                if isinstance(inner, dict):
+                    inner.setdefault("lora", raw["learner"]["lora"])
+        # likewise the decoders serve the transformer adapter the diffusion learner trains
+        diffusion, decoder = raw.get("diffusion_learner"), raw.get("decoder")
+        if isinstance(diffusion, dict) and diffusion.get("lora") is not None and isinstance(decoder, dict) \
+                and isinstance(decoder.get("decoder"), dict):
+            decoder["decoder"].setdefault("transformer_lora", diffusion["lora"])
         return raw
 
     @model_validator(mode="after")
+    def _learners_match_train(self) -> "TrainConfig":
+        """Each trained policy has its learner, and no learner is configured for a frozen policy."""
+        if len(set(self.train)) != len(self.train):
+            raise ValueError(f"train {self.train} names a policy twice")
+        for policy, section, learner in (("ar", "learner", self.learner),
+                                         ("diffusion", "diffusion_learner", self.diffusion_learner)):
+            if policy in self.train and learner is None:
+                raise ValueError(f"train has '{policy}': the '{section}' section is required")
+            if policy not in self.train and learner is not None:
+                raise ValueError(f"'{section}' is set but train ({self.train}) does not update that policy: "
+                                 f"add '{policy}' to train or remove the section")
+        if self.schedule.alternate and len(self.train) < 2:
+            raise ValueError("schedule.alternate takes turns between two policies: it needs train [ar, diffusion]")
+        if "diffusion" in self.train:
+            if self.schedule.mode != "sync":
+                raise ValueError("train has 'diffusion': schedule.mode must be 'sync' (Flow-GRPO trains on-policy: "
+                                 "the SDE rollouts must come from the transformer version being updated)")
+            if "glyph" in (self.model.make_tiny, self.decoder.decoder.kind):
+                raise ValueError("train has 'diffusion' but the decoder is the glyph decoder (no diffusion model): "
+                                 "use a sana model")
+        return self
+
+    @model_validator(mode="after")
     def _same_lora_everywhere(self) -> "TrainConfig":
+        trained = self.diffusion_learner.lora if self.diffusion_learner is not None else None
+        if self.decoder.decoder.transformer_lora != trained:
+            raise ValueError(f"decoder.decoder.transformer_lora ({self.decoder.decoder.transformer_lora}) must equal "
+                             f"diffusion_learner.lora ({trained}): the decoders serve the transformer the diffusion "
+                             "learner publishes")
+        if self.learner is None:  # the AR policy is frozen: the workers serve its weights as loaded
+            for where, lora in (("rollout.engine.lora", self.rollout.engine.lora),
+                                ("decoder.decoder.lora", self.decoder.decoder.lora)):
+                if lora is not None:
+                    raise ValueError(f"{where} is set but the AR policy is not trained (no learner.lora to serve)")
+            return self
         for where, lora in (("rollout.engine.lora", self.rollout.engine.lora), ("decoder.decoder.lora",
                                                                                 self.decoder.decoder.lora)):
             if lora != self.learner.lora:
@@ -381,7 +435,7 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _sampling_matches_learner(self) -> "TrainConfig":
         sampling = self.rollout.engine.sampling
-        if sampling.temperature != self.learner.grpo.temperature:
+        if self.learner is not None and sampling.temperature != self.learner.grpo.temperature:
             raise ValueError(
                 f"rollout.engine.sampling.temperature ({sampling.temperature}) must equal "
                 f"learner.grpo.temperature ({self.learner.grpo.temperature}): log-probs must match sampling"
@@ -411,6 +465,7 @@ PATH_KEYS = {
     "rollout.engine.model": "model",
     "decoder.decoder.model": "model",
     "learner.model": "model",
+    "diffusion_learner.model": "model",
     "rewards.server.geneval.detector": "model",
     "rewards.server.geneval.clip": "model",
     "rewards.server.ocr.models_dir": "path",

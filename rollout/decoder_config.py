@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.lora import LoRAConfig
+from policy.sana_lora import TransformerLoRAConfig
 
 DEJAVU_SANS_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 
@@ -74,3 +75,6 @@ class DecoderConfig(BaseModel):
     lora: LoRAConfig | None = None
     """Weight updates are this LoRA adapter (the learner's `lora`; a run config copies it here): a
     decoder that conditions on the AR model merges each version into a copy of the base weights."""
+    transformer_lora: TransformerLoRAConfig | None = None
+    """SANA transformer updates are this LoRA adapter (the diffusion learner's `lora`): the worker
+    keeps a copy of the base weights of the adapted layers and merges each version into it (sana only)."""

@@ -5,6 +5,9 @@ condition SANA; `update_weights` / `served_version`) and, when the diffusion lea
 decoder, SANA's transformer (`update_decoder_weights` / `served_decoder_version`). Both go through
 `policy.weights.VersionedWeights`: every name, shape, dtype and value is checked before a tensor
 is copied, and a refused update leaves the old version serving.
+With `DecoderConfig.transformer_lora` the transformer stream carries the diffusion learner's LoRA
+adapter only (kilobytes to megabytes): `policy.lora.MergedAdapterWeights` validates it the same
+way, then merges it into the worker's copy of the base weights of the adapted layers.
 
 rl/weight_sync.py's senders speak to `WeightReceiver`s (`update_weights`, `served_version`) through
 actor handles. `TransformerWeightsHandle` wraps a decoder actor so the same senders, transports and
@@ -22,12 +25,18 @@ from collections.abc import Callable
 
 import torch
 
+from policy.lora import LoRAConfig, MergedAdapterWeights
 from policy.weights import ParamSpec, VersionedWeights
 
 
-def transformer_contract(transformer: torch.nn.Module) -> VersionedWeights:
-    """What a transformer update must hold: every parameter's name, shape and served dtype (version 0
-    = the weights on disk). Parameters only: the learner publishes `named_parameters()`."""
+def transformer_contract(transformer: torch.nn.Module,
+                         lora: LoRAConfig | None = None) -> VersionedWeights | MergedAdapterWeights:
+    """What a transformer update must hold (version 0 = the weights on disk): every parameter's name,
+    shape and served dtype (the learner publishes `named_parameters()`), or under `lora` the adapter's
+    PEFT names and shapes, each version merged into a copy of the base weights taken here (call it
+    before any update is loaded)."""
+    if lora is not None:
+        return MergedAdapterWeights(transformer, lora, next(transformer.parameters()).dtype)
     specs = {name: ParamSpec(tuple(p.shape), p.dtype) for name, p in transformer.named_parameters()}
     return VersionedWeights(specs, tied=False)
 

@@ -61,6 +61,8 @@ class DecodeInfo:
     rows: int
     policy_version: int
     timings: dict[str, float]
+    decoder_version: int = 0
+    """SANA transformer version that rendered the images (0 = the weights on disk)."""
 
 
 class TokenDecoder(Protocol):
@@ -120,9 +122,11 @@ class DiffusionDecoderWorker:
             self._weights = VersionedWeights(adapter_specs(self.paths.ar, config.lora, dtype))
             if self.decoder.conditions_on_ar_weights:
                 self._merger = LoRAMerger.from_checkpoint(self.paths.ar, config.lora, dtype)
-        # the second stream: SANA's transformer, trained by the diffusion learner (sana decoder only)
+        # the second stream: SANA's transformer, trained by the diffusion learner (sana decoder only);
+        # under transformer_lora its updates are adapters, merged into a copy of the base taken here
         transformer = getattr(self.decoder, "transformer", None)
-        self._transformer_weights = transformer_contract(transformer) if transformer is not None else None
+        self._transformer_weights = (transformer_contract(transformer, config.transformer_lora)
+                                     if transformer is not None else None)
 
     def served_version(self) -> int:
         return self._weights.version
@@ -200,8 +204,9 @@ class DiffusionDecoderWorker:
         return DecodedImages(np.concatenate(images), served, dict(rollout.timings)), rollout
 
     def update_decoder_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Load SANA transformer weights `{parameter name: tensor}` (the diffusion learner's) as
-        `version`; refuse whole, keeping the old version serving, if anything is off."""
+        """Load SANA transformer weights `{parameter name: tensor}` (the diffusion learner's; under
+        `transformer_lora` its adapter, merged into the base) as `version`; refuse whole, keeping the
+        old version serving, if anything is off."""
         return self._transformer_weights.update(version, weights, self._sana().load_transformer_weights)
 
     def served_decoder_version(self) -> int:
@@ -215,7 +220,18 @@ class DiffusionDecoderWorker:
         [B*G, H, W, 3], which only the scoring task reads (they never travel to the driver).
         An error raises from both."""
         decoded = self.decode(batch, seed)
-        return DecodeInfo(len(decoded.images), decoded.policy_version, decoded.timings), decoded.images
+        transformer = self._transformer_weights.version if self._transformer_weights is not None else 0
+        return DecodeInfo(len(decoded.images), decoded.policy_version, decoded.timings, transformer), decoded.images
+
+    @ray.method(num_returns=3)
+    def decode_sde_split(self, batch: RolloutBatch, seed: int,
+                         sampling: SdeSampling) -> tuple[DecodeInfo, np.ndarray, DiffusionRollout]:
+        """`decode_sde` as three Ray objects: the small `DecodeInfo` the driver reads, the images
+        (read by the scoring task) and the `DiffusionRollout` (read by the diffusion learner); neither
+        of the two large ones travels to the driver. An error raises from all three."""
+        decoded, rollout = self.decode_sde(batch, seed, sampling)
+        info = DecodeInfo(len(decoded.images), decoded.policy_version, decoded.timings, rollout.decoder_version)
+        return info, decoded.images, rollout
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Load full AR weights `{hf_name: tensor}` (or under LoRA an adapter, merged into the base) as

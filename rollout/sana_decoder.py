@@ -83,8 +83,16 @@ def null_and_cond_captions(connector, hidden_states: torch.Tensor, dtype: torch.
 def guided_velocity(transformer, timestep_scale: float, latents: torch.Tensor, t: torch.Tensor,
                     captions: torch.Tensor, guidance_scale: float, dtype: torch.dtype) -> torch.Tensor:
     """v_null + w (v_cond - v_null) at timestep t: [B, C, h, w] -> [B, C, h, w] float32.
-    `transformer` is the SANA module or any callable wrapping it (the learner's DeepSpeed engine)."""
+    `transformer` is the SANA module or any callable wrapping it (the learner's DeepSpeed engine).
+    w = 1 is CFG-free sampling and training: the conditional branch alone (half the forwards)."""
     batch_size = latents.shape[0]
+    if guidance_scale == 1.0:
+        return transformer(
+            latents.to(dtype),
+            encoder_hidden_states=captions[batch_size:],  # the real condition (null rows first)
+            timestep=(t * timestep_scale).expand(batch_size),
+            return_dict=False,
+        )[0].float()  # [B, C, h, w]
     model_input = torch.cat([latents, latents]).to(dtype)  # [2B, C, h, w]
     velocity = transformer(
         model_input,

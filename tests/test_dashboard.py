@@ -343,15 +343,18 @@ READ_PANELS = """() => Object.fromEntries([...document.querySelectorAll('#charts
     return [element.id.replace(/^chart-/, ''), {
         title: element.querySelector('h3').textContent,
         labels: plot.series.slice(1).map((s) => s.label),
+        scale: element.dataset.scale,
         spanGaps: plot.series.slice(1).map((s) => Boolean(s.spanGaps)),
         y: [plot.scales.y.min, plot.scales.y.max],
+        ticks: plot.axes[1]._values,
         data: plot.data,
     }];
 }))"""
 
 
 def read_panels(page) -> dict[str, dict]:
-    """What the page draws, in page order: per panel its title, series, y-axis range and data."""
+    """What the page draws, in page order: per panel its title, scale, series, y-axis range and tick
+    labels (uPlot's `_values`: the labels it drew) and data."""
     return page.evaluate(READ_PANELS)
 
 
@@ -413,6 +416,147 @@ def test_page_panels_have_sensible_scales_gaps_and_their_own_axes(server, runs):
         page.screenshot(path=str(ARTIFACTS / "dashboard-panels.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+# The twins' magnitudes differ as in a real joint run (a per-SDE-step KL far above a per-token one, a
+# larger gradient norm, a larger learning rate): on one axis the AR line would lie flat on 0.
+AR_LEARNER = {"policy/kl": 0.001, "policy/clip_fraction": 0.05, "policy/loss": 0.02, "policy/grad_norm": 0.5,
+              "policy/ratio_max": 1.2, "policy/lr": 1e-6}
+DIFFUSION_LEARNER = {"diffusion/kl": 0.2, "diffusion/clip_fraction": 0.3, "diffusion/loss": -0.05,
+                     "diffusion/policy_loss": -0.06, "diffusion/grad_norm": 40.0, "diffusion/ratio_max": 1.3,
+                     "diffusion/ratio_min": 0.85, "diffusion/lr": 1e-4, "diffusion/logprob_diff": 0.002}
+
+
+def diffusion_run_metrics(step: int, joint: bool) -> dict[str, float]:
+    """What a run training the diffusion decoder logs (issue 17): diffusion/* learner numbers at
+    steps with an update (none at NO_UPDATE_STEPS), and in a joint run the AR policy's twins. A
+    diffusion-only run logs policy/version (constant: the AR policy is frozen) and no other policy/*."""
+    trained = max(0, step - 1)
+    metrics = {
+        "reward/mean": mean_reward(step), "policy/version": float(trained if joint else 0),
+        "diffusion/version": float(trained), "diffusion/zero_signal_share": 0.25,
+        "time/rollout": 1.0, "time/update_diffusion": 2.0, "time/sync_diffusion": 0.4,
+    }
+    if joint:
+        metrics.update({"groups/zero_signal_share": 0.5, "time/update": 0.8, "time/sync": 0.1})
+    if step not in NO_UPDATE_STEPS:
+        metrics.update({key: drift(key, value, step) for key, value in DIFFUSION_LEARNER.items()})
+        if joint:
+            metrics.update({key: drift(key, value, step) for key, value in AR_LEARNER.items()})
+    return metrics
+
+
+def drift(key: str, value: float, step: int) -> float:
+    """A learner number at a step: +10% per step; importance ratios stay near 1 (+1% per step)."""
+    return value * (1 + (0.01 if "/ratio_" in key else 0.1) * step)
+
+
+# Diffusion panels: (title, scale). Each sits right after its AR twin's panel.
+DIFFUSION_PANELS = {
+    "diffusion-kl": ("Diffusion: KL to the frozen decoder (per SDE step)", "nonneg"),
+    "diffusion-clip-fraction": ("Diffusion: clipped (image, SDE step) share", "share"),
+    "diffusion-loss": ("Diffusion: loss and clipped surrogate", "data"),
+    "diffusion-grad-norm": ("Diffusion: gradient norm", "nonneg"),
+    "diffusion-ratio": ("Diffusion: smallest and largest importance ratio (per SDE step)", "data"),
+    "diffusion-logprob-diff": ("Diffusion: largest |learner - sampler| log-prob (per SDE step)", "nonneg"),
+    "diffusion-lr": ("Diffusion: learning rate", "nonneg"),
+}
+# Panel id -> keys of the joint run, in page order. Twins in different units (per token vs per SDE
+# step, another model's gradients and optimizer) have panels of their own; the weight versions and
+# the zero-signal group shares (same count of the same thing) share one.
+JOINT_PANELS = {
+    "reward-mean": ["reward/mean"],
+    "kl": ["policy/kl"], "diffusion-kl": ["diffusion/kl"],
+    "clip-fraction": ["policy/clip_fraction"], "diffusion-clip-fraction": ["diffusion/clip_fraction"],
+    "loss": ["policy/loss"], "diffusion-loss": ["diffusion/loss", "diffusion/policy_loss"],
+    "grad-norm": ["policy/grad_norm"], "diffusion-grad-norm": ["diffusion/grad_norm"],
+    "ratio-max": ["policy/ratio_max"], "diffusion-ratio": ["diffusion/ratio_max", "diffusion/ratio_min"],
+    "diffusion-logprob-diff": ["diffusion/logprob_diff"],
+    "lr": ["policy/lr"], "diffusion-lr": ["diffusion/lr"],
+    "version": ["diffusion/version", "policy/version"],
+    "zero-signal": ["diffusion/zero_signal_share", "groups/zero_signal_share"],
+    "time": ["time/rollout", "time/sync", "time/sync_diffusion", "time/update", "time/update_diffusion"],
+}
+DIFFUSION_ONLY_PANELS = {
+    "reward-mean": ["reward/mean"], "diffusion-kl": ["diffusion/kl"],
+    "diffusion-clip-fraction": ["diffusion/clip_fraction"], "diffusion-loss": ["diffusion/loss", "diffusion/policy_loss"],
+    "diffusion-grad-norm": ["diffusion/grad_norm"], "diffusion-ratio": ["diffusion/ratio_max", "diffusion/ratio_min"],
+    "diffusion-logprob-diff": ["diffusion/logprob_diff"], "diffusion-lr": ["diffusion/lr"],
+    "version": ["diffusion/version", "policy/version"], "zero-signal": ["diffusion/zero_signal_share"],
+    "time": ["time/rollout", "time/sync_diffusion", "time/update_diffusion"],
+}
+
+
+def measured(panel: dict, key: str) -> list[float]:
+    """The values a panel draws for one of its keys, gaps left out."""
+    return [v for v in panel["data"][1 + panel["labels"].index(key)] if v is not None]
+
+
+def test_page_draws_diffusion_learner_panels_beside_their_ar_twins(tmp_path):
+    """A joint AR + diffusion run and a diffusion-only run (issue 17): each diffusion number gets a
+    titled panel on the right scale next to its AR twin, and never an axis with a twin in another unit."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    store = RunStore(tmp_path)
+    runs = {}
+    for name, joint in (("diffusion-only", False), ("joint", True)):
+        runs[name] = store.create_run(name, {})
+        for step in range(STEPS):
+            store.log_metrics(runs[name], step, diffusion_run_metrics(step, joint))
+    with dashboard_server(tmp_path) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        shown = {}
+        for name in runs:
+            page.goto(f"{server}/?run={runs[name]}&poll=300")
+            expect(page.locator("#chart-diffusion-kl")).to_have_attribute("data-points", str(STEPS), timeout=15_000)
+            shown[name] = read_panels(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-diffusion.png"), full_page=True)  # the joint run
+        browser.close()
+    assert errors == []
+
+    joint, alone = shown["joint"], shown["diffusion-only"]
+    # panels, their page order (each diffusion panel right after its AR twin) and series
+    assert [(panel, drawn["labels"]) for panel, drawn in joint.items()] == list(JOINT_PANELS.items())
+    assert [(panel, drawn["labels"]) for panel, drawn in alone.items()] == list(DIFFUSION_ONLY_PANELS.items())
+    for panels in (joint, alone):
+        assert {panel: (panels[panel]["title"], panels[panel]["scale"]) for panel in DIFFUSION_PANELS} == DIFFUSION_PANELS
+        assert panels["version"]["title"] == "Policy version" and panels["version"]["scale"] == "nonneg"
+        assert panels["zero-signal"]["y"] == [0, 1]
+        for panel, drawn in panels.items():  # a learning rate of 1e-6 used to read 0, 0, 0
+            assert len(drawn["ticks"]) > 1 and len(set(drawn["ticks"])) == len(drawn["ticks"]), (panel, drawn["ticks"])
+    assert "1e-4" in joint["diffusion-lr"]["ticks"] and "1e-6" in joint["lr"]["ticks"]
+
+    # twins in different units are on different axes, each scaled to its own data
+    panel_of = {key: panel for panel, drawn in joint.items() for key in drawn["labels"]}
+    for ar_key in AR_LEARNER:
+        twin = ar_key.replace("policy/", "diffusion/")
+        assert panel_of[ar_key] != panel_of[twin], ar_key
+    assert panel_of["policy/version"] == panel_of["diffusion/version"] == "version"
+    for panel, key in (("kl", "policy/kl"), ("diffusion-kl", "diffusion/kl"), ("grad-norm", "policy/grad_norm"),
+                       ("diffusion-grad-norm", "diffusion/grad_norm"), ("lr", "policy/lr"), ("diffusion-lr", "diffusion/lr"),
+                       ("diffusion-logprob-diff", "diffusion/logprob_diff")):
+        assert joint[panel]["y"] == pytest.approx([0, 1.15 * max(measured(joint[panel], key))]), panel
+    assert joint["diffusion-clip-fraction"]["y"] == pytest.approx([0, 1.15 * drift("diffusion/clip_fraction", 0.3, STEPS - 1)])
+    # ratios around 1: the data's range, padded, not from 0
+    low, high = joint["diffusion-ratio"]["y"]
+    ratio_min, ratio_max = measured(joint["diffusion-ratio"], "diffusion/ratio_min"), measured(joint["diffusion-ratio"], "diffusion/ratio_max")
+    assert 0 < low < min(ratio_min) and max(ratio_max) < high < 1.15 * max(ratio_max)
+
+    # no update at NO_UPDATE_STEPS: gaps in the diffusion learner's lines, never zeros
+    for panel in DIFFUSION_PANELS:
+        for values in joint[panel]["data"][1:]:
+            assert values[:2] == [None, None] and None not in values[2:], panel
+        assert joint[panel]["spanGaps"] == [False] * len(joint[panel]["labels"])
+
+    # diffusion-only: the frozen AR policy's version is a flat line under the decoder's rising one
+    assert measured(alone["version"], "policy/version") == [0.0] * STEPS
+    assert measured(alone["version"], "diffusion/version") == [float(max(0, s - 1)) for s in range(STEPS)]
+    assert alone["version"]["y"] == pytest.approx([0, 1.15 * (STEPS - 2)])
 
 
 def test_page_hides_the_eval_gallery_of_a_run_without_eval(tmp_path):

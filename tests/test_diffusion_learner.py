@@ -1,7 +1,8 @@
 """The diffusion learner (Flow-GRPO on the tiny SANA transformer; one DeepSpeed rank as a Ray actor)
 with a decoder actor: sampler/learner log-prob agreement at step 0, the versioned transformer
 stream to the decoder (only the published version serves), checkpoints, and a measured learning
-signal on JPEG compressibility.
+signal on JPEG compressibility. Then the same under LoRA (a second learner and decoder actor pair):
+only the adapter trains and travels, the decoder merges it, the reference is the adapter switched off.
 
 Noise level 0 = the ODE sampler is tests/test_flow_sde.py::test_noise_level_zero_reproduces_the_ode_sampler.
 """
@@ -9,17 +10,20 @@ Noise level 0 = the ODE sampler is tests/test_flow_sde.py::test_noise_level_zero
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from policy.sana_lora import TransformerLoRAConfig
 from policy.weights import WeightUpdateError
 from rewards.compressibility import jpeg_size_kb
 from rl.diffusion_learner import DiffusionLearnerGroup, DiffusionLearnerMetrics
 from rl.diffusion_learner_config import DiffusionLearnerConfig, FlowGRPOConfig
 from rl.grpo import group_advantages
 from rl.learner_config import GRPOConfig, WeightSyncConfig
+from rl.weight_sync import SyncReport
 from rollout.decoder_config import DecoderConfig
 from rollout.decoder_worker import decoder_actor
 from rollout.diffusion_rollout import DiffusionRollout, SdeSampling
@@ -49,15 +53,14 @@ def compressibility(images: np.ndarray) -> torch.Tensor:
     return torch.tensor([-jpeg_size_kb(image) / 500 for image in images])
 
 
-@pytest.fixture(scope="module")
-def actors(ray_cluster, tiny_model_dir):
-    """A decoder actor and a 1-rank diffusion learner connected to it (shared memory)."""
-    ray = ray_cluster
-    decoder = decoder_actor(DecoderConfig(model=str(tiny_model_dir), num_inference_steps=SAMPLING.steps,
-                                          num_threads=1))
+def connected_pair(ray, model_dir, lr: float, lora):
+    """A decoder actor (serving transformer adapters under `lora`) and a 1-rank diffusion learner
+    publishing to it over shared memory; ended after the module's tests."""
+    decoder = decoder_actor(DecoderConfig(model=str(model_dir), num_inference_steps=SAMPLING.steps,
+                                          num_threads=1, transformer_lora=lora))
     config = DiffusionLearnerConfig(
-        model=str(tiny_model_dir), world_size=1, micro_batch_size=4, gradient_accumulation_steps=2, lr=LR,
-        torch_threads=1, sampling=SAMPLING, flow=FlowGRPOConfig(beta=0.004),
+        model=str(model_dir), world_size=1, micro_batch_size=4, gradient_accumulation_steps=2, lr=lr,
+        torch_threads=1, sampling=SAMPLING, flow=FlowGRPOConfig(beta=0.004), lora=lora,
         sync=WeightSyncConfig(transport="shared_memory", timeout_s=120),
     )
     learner = DiffusionLearnerGroup(config, timeout_s=600)
@@ -65,6 +68,13 @@ def actors(ray_cluster, tiny_model_dir):
     yield ray, decoder, learner
     learner.shutdown()
     ray.kill(decoder)
+
+
+@pytest.fixture(scope="module")
+def actors(ray_cluster, tiny_model_dir):
+    """A decoder actor and a 1-rank diffusion learner connected to it (shared memory)."""
+    ray = ray_cluster
+    yield from connected_pair(ray, tiny_model_dir, LR, lora=None)
 
 
 @dataclasses.dataclass
@@ -233,3 +243,257 @@ def test_decode_sde_is_row_seeded_and_refuses_other_ar_versions(tiny_model_dir):
                                whole.decoder.ar_hidden_states(batch.prompt_ids, batch.image_tokens), atol=0, rtol=0)
     with pytest.raises(DecoderVersionError, match="decoder serves v0, the tokens were sampled at v1"):
         whole.decode_sde(dataclasses.replace(batch, policy_version=1), 100, SAMPLING)
+
+
+# ----- LoRA on the transformer (Flow-GRPO's way): a LoRA learner and a LoRA decoder actor ----------
+
+LORA = TransformerLoRAConfig(rank=4, alpha=8.0)
+LORA_LR = 0.02
+"""One Adam step moves every B entry by ~lr: the adapter is then far from zero (the images move)."""
+ADAPTER_PARAMS = 2 * 8 * (4 * 32 + 32 * 4)
+"""2 SANA blocks x 8 projections (attn1, attn2: to_q, to_k, to_v, to_out.0), each 32 -> 32:
+A [4, 32] + B [32, 4]."""
+TRANSFORMER_PARAMS = 51332
+"""Every parameter of the tiny SANA transformer (what a full fine-tuning publish sends)."""
+
+
+def test_transformer_adapter_specs_and_the_merged_stream(tiny_model_dir):
+    """No actors: the adapter's names and shapes from SANA's directory (meta device) equal those of
+    the module; the decoder's stream refuses a bad adapter whole and merges every version into the
+    base, never into the previous merge."""
+    from diffusers import SanaTransformer2DModel
+
+    from policy.lora import MergedAdapterWeights, module_adapter_specs
+    from policy.model_dir import ModelPaths
+    from policy.sana_lora import SANA_TARGET_MODULES, transformer_adapter_specs
+
+    default = TransformerLoRAConfig()
+    assert (default.rank, default.alpha, default.target_modules) == (32, 64.0, SANA_TARGET_MODULES)
+    assert default.adapter_config_json("m")["task_type"] is None  # a plain module for peft, not CAUSAL_LM
+    directory = ModelPaths(tiny_model_dir).sana_transformer
+    specs = transformer_adapter_specs(directory, LORA, torch.float32)
+    model = SanaTransformer2DModel.from_pretrained(directory).requires_grad_(False)
+    assert specs == module_adapter_specs(model, LORA, torch.float32)
+    assert len(specs) == 32 and sum(int(np.prod(s.shape)) for s in specs.values()) == ADAPTER_PARAMS
+    key = "base_model.model.transformer_blocks.1.attn2.to_out.0.lora_A.weight"
+    assert specs[key].shape == (4, 32) and specs[key.replace("lora_A", "lora_B")].shape == (32, 4)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        transformer_adapter_specs(directory, TransformerLoRAConfig(target_modules=("q_proj",)), torch.float32)
+
+    stream = MergedAdapterWeights(model, LORA, torch.float32)
+    base = {name: p.clone() for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+
+    def load(weights):
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+    generator = torch.Generator().manual_seed(0)
+    adapter = {name: torch.randn(spec.shape, generator=generator) for name, spec in specs.items()}
+    assert stream.update(1, adapter, load) == 1
+    assert stream.update(2, adapter, load) == 2  # the same adapter again: the same weights, not twice the delta
+    q = "transformer_blocks.0.attn1.to_q"
+    delta = 2.0 * adapter[f"base_model.model.{q}.lora_B.weight"] @ adapter[f"base_model.model.{q}.lora_A.weight"]
+    torch.testing.assert_close(params[f"{q}.weight"], base[f"{q}.weight"] + delta, rtol=0, atol=1e-6)
+    assert torch.equal(params["proj_out.weight"], base["proj_out.weight"])  # not adapted
+    merged = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(WeightUpdateError, match="shape"):
+        stream.update(3, {**adapter, key: torch.zeros(8, 32)}, load)
+    with pytest.raises(WeightUpdateError, match="unknown names"):
+        stream.update(3, base, load)  # a full fine-tuning publish
+    assert stream.version == 2 and all(torch.equal(p, merged[n]) for n, p in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def lora_actors(ray_cluster, tiny_model_dir):
+    """A decoder actor serving transformer adapters and a 1-rank LoRA diffusion learner."""
+    ray = ray_cluster
+    yield from connected_pair(ray, tiny_model_dir, LORA_LR, lora=LORA)
+
+
+@dataclasses.dataclass
+class LoRAUpdate:
+    initial: SyncReport
+    """The publish of version 0 (the adapter as peft initialised it: B = 0)."""
+    eval_images_v0: np.ndarray
+    """The fixed ODE batch decoded at adapter v0."""
+    rollout: DiffusionRollout
+    recomputed: torch.Tensor
+    metrics: DiffusionLearnerMetrics
+    update: SyncReport
+    """The publish of version 1."""
+    after: DiffusionRollout
+    """Sampled by the decoder serving adapter v1."""
+    after_learner: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def lora_update(lora_actors, tiny_model_dir) -> LoRAUpdate:
+    """publish v0 -> sample 8 images -> recompute -> train once -> publish v1 -> sample again."""
+    ray, decoder, learner = lora_actors
+    initial = learner.publish_weights()
+    eval_images = ray.get(decoder.decode.remote(batch_of(tiny_model_dir, PROMPTS, 2, seed=5), 77)).images
+    images, rollout = ray.get(decoder.decode_sde.remote(batch_of(tiny_model_dir, PROMPTS, G, seed=1), 100, SAMPLING))
+    recomputed = learner.recompute_log_probs(rollout)
+    advantages = group_advantages(compressibility(images.images), rollout.group_index, GRPOConfig())
+    metrics = learner.train_step(rollout, advantages)
+    update = learner.publish_weights()
+    _, after = ray.get(decoder.decode_sde.remote(batch_of(tiny_model_dir, PROMPTS, G, seed=2), 200, SAMPLING))
+    return LoRAUpdate(initial, eval_images, rollout, recomputed, metrics, update, after,
+                      learner.recompute_log_probs(after))
+
+
+def test_lora_at_step_0_the_learner_recomputes_the_samplers_log_probs(lora_update, first_update):
+    """Adapter v0 (B = 0) is the base exactly: the decoder's merge renders the full decoder's images
+    bit for bit, the learner's log-probs equal the sampler's, the ratio is 1 and the KL to the
+    adapter-off reference is 0."""
+    run = lora_update
+    np.testing.assert_array_equal(run.eval_images_v0, first_update.eval_images)
+    diff = (run.recomputed - run.rollout.log_probs).abs().max().item()
+    print(f"LoRA step 0: max |learner - sampler| log-prob {diff:.3g}")
+    assert diff < 1e-5, diff
+    metrics = run.metrics
+    assert metrics.logprob_max_abs_diff < 1e-5
+    assert metrics.ratio_min == metrics.ratio_max == metrics.ratio_mean == 1.0
+    assert metrics.kl == 0.0 and metrics.clip_fraction == 0.0
+    assert (metrics.policy_version, metrics.sampler_version, metrics.optimizer_steps, metrics.rows) == (1, 0, 1, 8)
+    assert np.isfinite(metrics.grad_norm) and metrics.grad_norm > 0
+
+
+def test_lora_publish_sends_only_the_adapter_and_the_decoder_serves_it_merged(lora_actors, lora_update,
+                                                                             tiny_model_dir):
+    from diffusers import SanaTransformer2DModel
+
+    from policy.lora import LoRAMerger
+    from policy.model_dir import ModelPaths
+    from policy.sana_lora import transformer_adapter_specs
+
+    ray, decoder, learner = lora_actors
+    run = lora_update
+    adapter = learner.gather_weights()
+    directory = ModelPaths(tiny_model_dir).sana_transformer
+    assert set(adapter) == set(transformer_adapter_specs(directory, LORA, torch.float32))
+    assert all(bool(adapter[n].abs().max() > LORA_LR / 2) for n in adapter if "lora_B" in n)  # trained
+    # 16 KiB instead of 200 KiB: the adapter only, every publish
+    assert run.update.bytes == run.initial.bytes == 4 * ADAPTER_PARAMS == 16384
+    base_model = SanaTransformer2DModel.from_pretrained(directory)
+    assert sum(p.numel() for p in base_model.parameters()) == TRANSFORMER_PARAMS
+    assert run.update.bytes < 4 * TRANSFORMER_PARAMS / 12
+    print(f"LoRA publish: {run.update.bytes} bytes (full: {4 * TRANSFORMER_PARAMS}), {run.update.seconds:.3f} s")
+    assert (run.update.version, run.update.workers) == (1, 1)
+    assert ray.get([decoder.served_decoder_version.remote(), decoder.served_version.remote()]) == [1, 0]
+    # the decoder's transformer: the base with this adapter merged into the adapted layers, the rest untouched
+    served = ray.get(decoder.__ray_call__.remote(
+        lambda worker: {n: p.detach().clone() for n, p in worker.decoder.transformer.named_parameters()}))
+    base = {n: p.detach() for n, p in base_model.named_parameters()}
+    merged = LoRAMerger.from_module(base_model, LORA, torch.float32).merged(adapter)
+    assert len(merged) == 16
+    assert all(torch.equal(served[n], merged.get(n, base[n])) for n in base)
+    assert all(not torch.equal(served[n], base[n]) for n in merged)
+    # ...and the learner's unmerged peft forward scores what the merged decoder sampled
+    assert run.after.decoder_version == 1
+    diff = (run.after_learner - run.after.log_probs).abs().max().item()
+    print(f"LoRA after one update: max |learner - sampler| log-prob {diff:.3g}")
+    assert diff < 1e-5, diff
+    # a bad adapter (or full weights) is refused whole; v1 keeps serving
+    key = "base_model.model.transformer_blocks.0.attn1.to_v.lora_A.weight"
+    for bad, says in (({**adapter, key: torch.zeros(8, 32)}, "shape (8, 32)"),
+                      ({**adapter, key: torch.full_like(adapter[key], float("nan"))}, "NaN"),
+                      (base, "unknown names")):
+        with pytest.raises(WeightUpdateError, match=re.escape(says)):
+            ray.get(decoder.update_decoder_weights.remote(2, bad))
+    assert ray.get(decoder.served_decoder_version.remote()) == 1
+
+
+def base_logprobs_in_learner_process(rank, rollout: DiffusionRollout) -> torch.Tensor:
+    """[S, B] log-probs under SANA's transformer loaded from disk, in the learner rank's own process
+    and micro-batches (`recompute_log_probs`'s): same kernels, threads and shapes, so the adapter-off
+    reference must agree bit for bit."""
+    from diffusers import SanaTransformer2DModel
+
+    from rollout.flow_sde import step_log_prob
+
+    base = SanaTransformer2DModel.from_pretrained(rank.paths.sana_transformer, torch_dtype=rank.dtype).to(rank.device)
+    micro, parts = rank.config.micro_batch_size, []
+    with torch.no_grad():
+        for first in range(0, len(rollout), micro):
+            part = rollout.select(list(range(first, min(first + micro, len(rollout)))))
+            captions = rank._captions(part)
+            parts.append(torch.stack([step_log_prob(rank._transition(base, part, captions, t))
+                                      for t in part.train_steps]))
+    return torch.cat(parts, dim=1)  # [S, B]
+
+
+def test_lora_reference_is_the_base_transformer_exactly(lora_actors, lora_update):
+    ray, _, learner = lora_actors
+    run = lora_update
+    reference = learner.recompute_log_probs(run.after, reference=True)
+    base = ray.get(learner.ranks[0].__ray_call__.remote(base_logprobs_in_learner_process, run.after))
+    assert torch.equal(reference, base)
+    gap = (reference - run.after_learner).abs().max().item()
+    print(f"LoRA v1: max |policy - reference| log-prob {gap:.3g}")
+    assert gap > 1e-3  # ...while the adapter is far from zero
+
+
+def test_lora_merged_export_decodes_the_images_the_decoder_serves(lora_actors, lora_update, tiny_model_dir,
+                                                                 tmp_path):
+    """export_policy writes the adapter (as the AR learner's LoRA export); `export_merged_transformer`
+    folds it into a diffusers transformer; a model directory with that transformer decodes what the
+    decoder serving the published adapter decodes."""
+    import json
+    import shutil
+
+    from diffusers import SanaTransformer2DModel
+
+    from policy.sana_lora import export_merged_transformer
+    from rl.checkpoint import policy_digest
+    from rollout.decoder_worker import DiffusionDecoderWorker
+
+    ray, decoder, learner = lora_actors
+    learner.export_policy(str(tmp_path / "step" / "policy"))
+    config = json.loads((tmp_path / "step" / "policy" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["task_type"]) == (4, 8.0, None)
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    assert learner.weights_digest() == policy_digest(tmp_path / "step" / "policy")
+    model_dir = tmp_path / "merged-model"
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("transformer"))
+    export_merged_transformer(tmp_path / "step", model_dir / "sana" / "transformer")
+    exported = dict(SanaTransformer2DModel.from_pretrained(model_dir / "sana" / "transformer").named_parameters())
+    served = ray.get(decoder.__ray_call__.remote(
+        lambda worker: {n: p.detach().clone() for n, p in worker.decoder.transformer.named_parameters()}))
+    assert exported.keys() == served.keys() and all(torch.equal(exported[n], served[n]) for n in served)
+    with pytest.raises(FileExistsError):
+        export_merged_transformer(tmp_path / "step", model_dir / "sana" / "transformer")
+
+    eval_batch = batch_of(tiny_model_dir, PROMPTS, 2, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the decoder actor's
+    try:
+        local = DiffusionDecoderWorker(DecoderConfig(model=str(model_dir), num_inference_steps=SAMPLING.steps))
+        images = local.decode(eval_batch, 77).images
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(images, ray.get(decoder.decode.remote(eval_batch, 77)).images)
+    assert np.abs(images.astype(int) - lora_update.eval_images_v0.astype(int)).mean() > 0.5  # v1 moved
+
+
+def test_lora_checkpoint_holds_the_adapter_and_restores_it(lora_actors, lora_update, tmp_path):
+    _, _, learner = lora_actors
+    version, saved = learner.policy_version(), learner.gather_weights()
+    learner.save_checkpoint(str(tmp_path / "ckpt"))
+    on_policy = dataclasses.replace(lora_update.after, decoder_version=version)
+    advantages = group_advantages(torch.arange(8.0), on_policy.group_index, GRPOConfig())
+    first = learner.train_step(on_policy, advantages)
+    trained = learner.gather_weights()
+    assert any(not torch.equal(trained[n], saved[n]) for n in saved)
+    assert learner.load_checkpoint(str(tmp_path / "ckpt")) == version == learner.policy_version()
+    restored = learner.gather_weights()
+    assert restored.keys() == saved.keys() and all(torch.equal(restored[n], saved[n]) for n in saved)
+    # the optimizer state came back too: the same update again gives the same numbers and weights
+    second = learner.train_step(on_policy, advantages)
+    assert second.losses == first.losses and second.grad_norms == first.grad_norms
+    assert all(torch.equal(learner.gather_weights()[n], trained[n]) for n in trained)
+    # the module states hold the adapter only (the base is the model directory's), plus its optimizer state
+    module = torch.load(next((tmp_path / "ckpt").rglob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    assert len(module) == 32 and all(".lora_" in name for name in module)
+    assert list((tmp_path / "ckpt").rglob("*optim_states.pt"))

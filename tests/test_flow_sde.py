@@ -95,6 +95,32 @@ def test_recomputed_log_probs_equal_the_samplers(sana):
     torch.testing.assert_close(alone.latents[:, 0], trajectory.latents[:, 1], atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_one_is_cfg_free_one_conditional_forward(sana):
+    """guidance_scale 1.0 (CFG-free sampling and training) runs only the conditional branch: half
+    the forwards, the velocity of CFG at w = 1 up to float rounding."""
+    from rollout.sana_decoder import guided_velocity
+
+    decoder, hidden = sana
+    captions = decoder.captions(hidden)  # [2B, N+1, d], null rows first
+    latents = torch.randn(len(CAPTIONS), *decoder.initial_noise(1, 0).shape[1:], generator=torch.Generator().manual_seed(0))
+    t = decoder.schedule(6)[0][2]
+    batches = []
+
+    def counting(model_input, **kwargs):
+        batches.append(model_input.shape[0])
+        return decoder.transformer(model_input, **kwargs)
+
+    scale = decoder.transformer.config.timestep_scale
+    with torch.no_grad():
+        free = guided_velocity(counting, scale, latents, t, captions, 1.0, decoder.dtype)
+        cond = decoder.transformer(latents, encoder_hidden_states=captions[len(CAPTIONS):],
+                                   timestep=(t * scale).expand(len(CAPTIONS)), return_dict=False)[0].float()
+        both = guided_velocity(counting, scale, latents, t, captions, 1.0 + 1e-9, decoder.dtype)
+    assert batches == [len(CAPTIONS), 2 * len(CAPTIONS)]
+    assert torch.equal(free, cond)
+    torch.testing.assert_close(free, both, atol=1e-5, rtol=1e-5)
+
+
 def test_jpeg_compressibility_rewards():
     from rewards.compressibility import jpeg_reward, jpeg_size_kb
     from rewards.errors import RewardInputError

@@ -2,8 +2,9 @@
 worker serves it as a LoRARequest per version and the SANA decoder merges it.
 
 One learner (1 rank, ZeRO-1), one LoRA vLLM actor and one decoder actor are shared by the module
-(`lora_run` runs the publish -> sample -> update -> publish -> sample sequence once); the tests
-then check its records and continue from its state, in file order.
+(`lora_run` runs the publish -> sample -> update -> publish -> sample sequence once, with an adapter
+on every projection and on the head, as the CPU demo); the tests then check its records and
+continue from its state, in file order.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 from policy.loading import load_ar_model
 from policy.logprobs import ImageTokenLogits, codebook_token_logprobs, sequence_image_logprobs
-from policy.lora import LoRAConfig, adapter_specs, vllm_max_lora_rank
+from policy.lora import AdaptedHeadImageLogits, LoRAConfig, adapter_specs, vllm_max_lora_rank
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.weights import WeightUpdateError
 from rl.grpo import GroupAdvantages, group_advantages
@@ -32,6 +33,8 @@ G = 4
 REWARDS = [1.0, 0.0, 0.5, 0.2, 0.3, 0.9, 0.1, 0.6, 0.0, 1.0, 1.0, 0.0]
 TOLERANCE = 1e-4
 LORA = LoRAConfig(rank=4, alpha=8.0)  # rank 4: vLLM rounds max_lora_rank up to 8
+LORA_HEAD = LoRAConfig(rank=4, alpha=8.0, target_modules=(*LORA.target_modules, "lm_head"))
+"""The shared run's adapter: the seven projections and the output head (as the CPU demo)."""
 CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
 
 
@@ -39,7 +42,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
 
 def test_run_config_copies_learner_lora_to_every_worker_and_refuses_a_mismatch(tmp_path):
     config = load_config(CONFIGS / "tiny-cpu-glyph-ocr-lora.yaml")
-    assert config.learner.lora == LoRAConfig(rank=16, alpha=32.0)
+    assert config.learner.lora == LoRAConfig(rank=16, alpha=32.0, target_modules=(*LORA.target_modules, "lm_head"))
     assert config.rollout.engine.lora == config.decoder.decoder.lora == config.learner.lora
     raw = yaml.safe_load((CONFIGS / "tiny-cpu-glyph-ocr-lora.yaml").read_text())
     raw["rollout"]["engine"]["lora"] = {"rank": 8}
@@ -70,6 +73,62 @@ def test_adapter_specs_name_every_targeted_projection_in_peft_format(tiny_model_
                                     for i in (0, 1) for m in "AB")
 
 
+def test_an_adapter_on_the_head_covers_the_whole_vocabulary_and_a_tied_head_is_refused(tiny_model_dir, tmp_path):
+    """lm_head [V, 128] gets A [r, 128] and B [V, r] (vLLM's LogitsProcessorWithLoRA adds B A h over
+    the whole vocabulary); a model whose head is its input embedding has no head of its own to merge into."""
+    import json
+
+    ar = ModelPaths(tiny_model_dir).ar
+    config = json.loads((ar / "config.json").read_text())
+    specs = adapter_specs(ar, LORA_HEAD, torch.float32)
+    assert len(specs) == 2 * 7 * 2 + 2
+    assert specs["base_model.model.lm_head.lora_A.weight"].shape == (4, 128)
+    assert specs["base_model.model.lm_head.lora_B.weight"].shape == (config["vocab_size"], 4)
+    tied = tmp_path / "tied"  # the same model with its head tied (only the config is read)
+    tied.mkdir()
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert len(adapter_specs(tied, LORA, torch.float32)) == 2 * 7 * 2  # the projections alone are fine
+    with pytest.raises(ValueError, match="ties its head to the input embedding"):
+        adapter_specs(tied, LORA_HEAD, torch.float32)
+    with pytest.raises(ValueError, match="not embed_tokens"):
+        LoRAConfig(target_modules=("q_proj", "embed_tokens"))
+
+
+def test_adapted_head_logits_are_the_peft_models_and_the_base_with_the_adapter_off(tiny_model_dir):
+    """`AdaptedHeadImageLogits` (image rows of W + s B A, never the full [V] logits) gives the
+    numbers of the peft model's own forward through its LoRA head, and with the adapter switched
+    off (the KL reference) the base model's bit for bit."""
+    from peft import get_peft_model
+
+    from policy.loading import load_tokenizer, load_vocab
+    from policy.logprobs import sequence_logits
+    from policy.prompt import rollout_prompt_ids
+
+    paths = ModelPaths(tiny_model_dir)
+    tokenizer = load_tokenizer(paths)
+    vocab = load_vocab(paths, tokenizer)
+    prompts = [rollout_prompt_ids(tokenizer, c) for c in CAPTIONS]
+    tokens = vocab.to_token_ids(torch.randint(0, vocab.codebook_size, (len(prompts), vocab.tokens_per_image),
+                                              generator=torch.Generator().manual_seed(0)))  # [3, N]
+    peft_model = get_peft_model(load_ar_model(paths), LORA_HEAD.peft_config())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if ".lora_" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+        lm = peft_model.base_model.model
+        head = AdaptedHeadImageLogits(lm, vocab).image_logits(prompts, tokens, tokenizer.pad_token_id)  # [3, N, K]
+        full, _ = sequence_logits(lm, prompts, tokens, tokenizer.pad_token_id)  # [3, N, V]
+        torch.testing.assert_close(head, full[..., vocab.image_token_start : vocab.image_token_end], rtol=1e-5,
+                                   atol=1e-5)
+        skipping = ImageTokenLogits(lm, vocab).image_logits(prompts, tokens, tokenizer.pad_token_id)
+        assert float((head - skipping).abs().max()) > 0.1  # the head's adapter moves the logits
+        with peft_model.disable_adapter():
+            off = AdaptedHeadImageLogits(lm, vocab).image_logits(prompts, tokens, tokenizer.pad_token_id)
+        base = ImageTokenLogits(load_ar_model(paths), vocab).image_logits(prompts, tokens, tokenizer.pad_token_id)
+    assert torch.equal(off, base)
+
+
 
 def test_adapter_folders_of_dead_workers_are_removed(tmp_path):
     """A killed rollout actor never cleans up: the next worker removes folders of dead pids only."""
@@ -84,10 +143,12 @@ def test_adapter_folders_of_dead_workers_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "other"])
 
 
-def test_gradient_checkpointing_gives_the_adapter_the_same_gradients(tiny_model_dir):
+@pytest.mark.parametrize("lora", [LORA, LORA_HEAD], ids=["projections", "projections+head"])
+def test_gradient_checkpointing_gives_the_adapter_the_same_gradients(tiny_model_dir, lora):
     """peft's LoRA layers under transformers' non-reentrant checkpointing (the learner's
-    `gradient_checkpointing`) and `ImageTokenLogits`: the adapter gets the gradients it gets
-    without checkpointing, every one non-zero, and the frozen base none."""
+    `gradient_checkpointing`) and `ImageTokenLogits` (`AdaptedHeadImageLogits` with the head
+    adapted): the adapter gets the gradients it gets without checkpointing, every one non-zero,
+    and the frozen base none."""
     from peft import get_peft_model
 
     from policy.loading import load_tokenizer, load_vocab
@@ -104,18 +165,18 @@ def test_gradient_checkpointing_gives_the_adapter_the_same_gradients(tiny_model_
         model = load_ar_model(paths).train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model = get_peft_model(model, LORA.peft_config())
+        peft_model = get_peft_model(model, lora.peft_config())
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():  # the same adapter both times, B non-zero so A gets gradients too
             for name, param in sorted(peft_model.named_parameters()):
                 if ".lora_" in name:
                     param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-        head = ImageTokenLogits(peft_model.base_model.model, vocab)
+        head = (AdaptedHeadImageLogits if lora.adapts_head else ImageTokenLogits)(peft_model.base_model.model, vocab)
         logits = head.image_logits(prompts, vocab.to_token_ids(codes), tokenizer.pad_token_id)  # [3, N, K]
         codebook_token_logprobs(logits, codes).sum().backward()
         assert all(p.grad is None for p in head.parameters() if not p.requires_grad)
         grads.append({name: p.grad for name, p in head.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2 + 2 * lora.adapts_head
     for name, grad in grads[0].items():
         assert bool(grad.abs().max() > 0), name
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-8)
@@ -174,13 +235,14 @@ def lora_run(ray_cluster, tiny_model_dir, tmp_path_factory):
 
     ray = ray_cluster
     ar = ARRolloutActor.options(num_cpus=1).remote(RolloutConfig(
-        model=str(tiny_model_dir), kv_cache_gib=0.25, max_model_len=256, num_threads=1, lora=LORA,
+        model=str(tiny_model_dir), kv_cache_gib=0.25, max_model_len=256, num_threads=1, lora=LORA_HEAD,
         adapter_dir=str(tmp_path_factory.mktemp("adapters"))))  # a killed actor leaves its folder: not in /dev/shm
-    decoder = decoder_actor(DecoderConfig(model=str(tiny_model_dir), num_inference_steps=2, num_cpus=0.5, lora=LORA))
+    decoder = decoder_actor(DecoderConfig(model=str(tiny_model_dir), num_inference_steps=2, num_cpus=0.5,
+                                          lora=LORA_HEAD))
     # lr 0.05: one Adam step moves every B entry by ~0.05, so the adapter is far from zero afterwards
     learner = LearnerGroup(LearnerConfig(
         model=str(tiny_model_dir), world_size=1, zero_stage=1, micro_batch_size=len(CAPTIONS) * G, lr=0.05,
-        torch_threads=1, grpo=GRPOConfig(beta=0.01), lora=LORA), timeout_s=600)
+        torch_threads=1, grpo=GRPOConfig(beta=0.01), lora=LORA_HEAD), timeout_s=600)
     try:
         learner.connect_workers([ar, decoder], WeightSyncConfig(transport="shared_memory", timeout_s=300))
         initial = learner.publish_weights()  # version 0: the adapter as peft initialised it (B = 0)
@@ -224,7 +286,7 @@ def test_a_publish_sends_only_the_adapter_and_every_worker_serves_its_version(lo
 
     run = lora_run
     adapter = run.learner.gather_weights()
-    assert set(adapter) == set(adapter_specs(ModelPaths(tiny_model_dir).ar, LORA, torch.float32))
+    assert set(adapter) == set(adapter_specs(ModelPaths(tiny_model_dir).ar, LORA_HEAD, torch.float32))
     assert all(bool(adapter[name].abs().max() > 0.01) for name in adapter if "lora_B" in name)  # trained
     assert run.update_report.bytes == run.initial_report.bytes == sum(t.numel() * 4 for t in adapter.values())
     full_bytes = sum(t.numel() * 4 for t in load_ar_model(ModelPaths(tiny_model_dir)).parameters())

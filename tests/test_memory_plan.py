@@ -138,3 +138,19 @@ def test_tiny_cpu_configs_plan_from_their_built_model_dirs(tmp_path, tiny_model_
     refused = run_cli("--config", str(CONFIGS / "tiny-cpu-sana.yaml"), "--model-shape", "blip3o-next-3b",
                       "--host-gib", "24", env=env)
     assert refused.returncode == 2 and "CPU roles together need" in refused.stderr
+
+
+def test_lora_params_count_the_adapter_the_learner_trains(glyph_model_dir):
+    """The planner's adapter size equals the tensors policy/lora.py specifies for that adapter, the
+    head's (r x (hidden + vocabulary rows), an untied head) included."""
+    import torch
+
+    from policy.lora import LoRAConfig, adapter_specs
+    from rl.memory_plan import lora_params, shape_from_model_dir
+
+    shape = shape_from_model_dir(glyph_model_dir)
+    for targets in (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                    ("q_proj", "v_proj", "lm_head"), ("lm_head",)):
+        lora = LoRAConfig(rank=16, alpha=32, target_modules=targets)
+        specs = adapter_specs(glyph_model_dir / "ar", lora, torch.float32)
+        assert lora_params(shape, lora) == sum(torch.Size(spec.shape).numel() for spec in specs.values()), targets

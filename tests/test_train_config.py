@@ -15,7 +15,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     config = load_config(path)
-    assert config.rollout.engine.model == config.decoder.decoder.model == config.learner.model == config.model.path
+    learners = [learner.model for learner in (config.learner, config.diffusion_learner) if learner is not None]
+    assert {config.rollout.engine.model, config.decoder.decoder.model, *learners} == {config.model.path}
+    assert ("ar" in config.train) == (config.learner is not None)
+    assert ("diffusion" in config.train) == (config.diffusion_learner is not None)
 
 
 def write(tmp_path, raw) -> Path:
@@ -76,3 +79,44 @@ def test_a_key_written_twice_is_an_error_naming_it(tmp_path):
     config.write_text("name: x\nsteps: 2\nlearner:\n  lr: 0.1\n  lr: 0.2\n")
     with pytest.raises(ConfigError, match="key 'lr' appears twice"):
         load_config(config)
+
+
+def joint() -> dict:
+    return yaml.safe_load((CONFIGS / "tiny-cpu-sana-joint.yaml").read_text())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw.pop("diffusion_learner"), "train has 'diffusion': the 'diffusion_learner' section is required"),
+    (lambda raw: raw.update(train=["diffusion"]), "'learner' is set but train \\(\\['diffusion'\\]\\) does not"),
+    (lambda raw: raw.update(train=["ar", "ar"]), "names a policy twice"),
+    (lambda raw: raw.update(train=["ar"]), "'diffusion_learner' is set but train"),
+    (lambda raw: raw.update(schedule={"mode": "async"}), "schedule.mode must be 'sync'"),
+    (lambda raw: raw["model"].update(make_tiny="glyph"), "the glyph decoder \\(no diffusion model\\)"),
+    (lambda raw: (raw.update(train=["diffusion"]), raw.pop("learner"), raw.update(schedule={"alternate": True})),
+     "schedule.alternate takes turns between two policies"),
+    (lambda raw: raw["decoder"]["decoder"].update(transformer_lora={"rank": 4}),
+     "transformer_lora .* must equal diffusion_learner.lora"),
+])
+def test_train_names_learners_that_exist_and_fit(tmp_path, change, message):
+    """`train` and the learner sections agree; a diffusion learner needs the sync schedule and a SANA decoder."""
+    raw = joint()
+    change(raw)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, raw))
+
+
+def test_diffusion_lora_reaches_the_decoders_and_the_alternate_schedule_takes_turns(tmp_path):
+    from types import SimpleNamespace
+
+    from rl.train import Trainer
+
+    raw = joint()
+    raw["diffusion_learner"]["lora"] = {"rank": 4, "alpha": 8}
+    raw["schedule"]["alternate"] = True
+    config = load_config(write(tmp_path, raw))
+    assert config.decoder.decoder.transformer_lora == config.diffusion_learner.lora
+    assert config.decoder.decoder.transformer_lora.rank == 4
+    turns = [Trainer._updates(SimpleNamespace(config=config), step) for step in (1, 2, 3, 4)]
+    assert turns == [("ar",), ("diffusion",), ("ar",), ("diffusion",)]
+    together = load_config(write(tmp_path, joint()))
+    assert Trainer._updates(SimpleNamespace(config=together), 1) == ("ar", "diffusion")

@@ -24,6 +24,11 @@ def small_config(tmp_path: Path, model: Path, **changes) -> Path:
     raw["data"]["prompts_per_step"] = 2
     raw["logging"]["runs_dir"] = str(tmp_path / "runs")
     raw["logging"]["samples_per_step"] = 2
+    return write_config(tmp_path, raw, changes)
+
+
+def write_config(tmp_path: Path, raw: dict, changes: dict) -> Path:
+    """`raw` with `changes` (dotted keys) applied, written to `tmp_path/config.yaml`."""
     for dotted, value in changes.items():
         node = raw
         *parents, leaf = dotted.split(".")

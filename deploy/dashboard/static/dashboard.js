@@ -10,6 +10,12 @@
 //   unit      0..1 while every value fits, else data (eval results, guard statistics)
 // A step where a metric was not measured is null: a gap in the line (spanGaps false), never a 0.
 // Eval panels are sparse by design (every K steps), so their points are drawn and joined.
+// Two policies can learn in one run (issue 17): the AR policy (policy/*) and the diffusion decoder
+// (diffusion/*, Flow-GRPO). A diffusion number shares its AR twin's panel only where both are the
+// same count of the same thing on the same range (weight versions, zero-signal group share);
+// otherwise it has a panel of its own right after its twin: its KL is per SDE step (the AR one per
+// token), its clip share counts (image, SDE step) pairs, and its loss, gradient norm and learning
+// rate belong to another model and optimizer, whose magnitudes would flatten one line on a shared axis.
 const PANELS = [
   { id: "reward-mean", title: "Mean reward", scale: "data", match: (k) => k === "reward/mean" },
   { id: "reward-functions", title: "Reward per function", scale: "data", match: (k) => k.startsWith("reward/") && k !== "reward/std" },
@@ -17,15 +23,24 @@ const PANELS = [
   { id: "geneval", title: "GenEval accuracy per tag", scale: "fraction", match: (k) => k.startsWith("geneval/") },
   { id: "ocr", title: "OCR exact-match share", scale: "fraction", match: (k) => k.startsWith("ocr/") },
   { id: "kl", title: "KL to reference", scale: "nonneg", match: (k) => k === "policy/kl" },
+  { id: "diffusion-kl", title: "Diffusion: KL to the frozen decoder (per SDE step)", scale: "nonneg", match: (k) => k === "diffusion/kl" },
   { id: "entropy", title: "Entropy (nats per token)", scale: "nonneg", match: (k) => k === "policy/entropy" },
   { id: "clip-fraction", title: "Clipped token share", scale: "share", match: (k) => k.startsWith("policy/clip_") },
+  { id: "diffusion-clip-fraction", title: "Diffusion: clipped (image, SDE step) share", scale: "share", match: (k) => k === "diffusion/clip_fraction" },
   { id: "loss", title: "Policy loss", scale: "data", match: (k) => k === "policy/loss" },
+  { id: "diffusion-loss", title: "Diffusion: loss and clipped surrogate", scale: "data", match: (k) => k === "diffusion/loss" || k === "diffusion/policy_loss" },
   { id: "grad-norm", title: "Gradient norm", scale: "nonneg", match: (k) => k === "policy/grad_norm" },
+  { id: "diffusion-grad-norm", title: "Diffusion: gradient norm", scale: "nonneg", match: (k) => k === "diffusion/grad_norm" },
   { id: "ratio-max", title: "Largest importance ratio", scale: "data", match: (k) => k === "policy/ratio_max" },
+  { id: "diffusion-ratio", title: "Diffusion: smallest and largest importance ratio (per SDE step)", scale: "data", match: (k) => k === "diffusion/ratio_max" || k === "diffusion/ratio_min" },
+  { id: "diffusion-logprob-diff", title: "Diffusion: largest |learner - sampler| log-prob (per SDE step)", scale: "nonneg", match: (k) => k === "diffusion/logprob_diff" },
   { id: "lr", title: "Learning rate", scale: "nonneg", match: (k) => k === "policy/lr" },
-  { id: "version", title: "Policy version", scale: "nonneg", match: (k) => k === "policy/version" },
+  { id: "diffusion-lr", title: "Diffusion: learning rate", scale: "nonneg", match: (k) => k === "diffusion/lr" },
+  // both versions count published weight updates from 0: one axis shows which policy moves (a
+  // diffusion-only run keeps policy/version flat)
+  { id: "version", title: "Policy version", scale: "nonneg", match: (k) => k === "policy/version" || k === "diffusion/version" },
   { id: "staleness", title: "Rollout staleness (versions behind)", scale: "nonneg", match: (k) => k === "policy/staleness" },
-  { id: "zero-signal", title: "Zero-signal groups (share)", scale: "fraction", match: (k) => k === "groups/zero_signal_share" },
+  { id: "zero-signal", title: "Zero-signal groups (share)", scale: "fraction", match: (k) => k === "groups/zero_signal_share" || k === "diffusion/zero_signal_share" },
   { id: "eval-time", title: "In-run eval time (s)", scale: "nonneg", sparse: true, match: (k) => k === "time/eval" },
   { id: "time", title: "Step time by stage (s)", scale: "nonneg", match: (k) => k.startsWith("time/") },
   { id: "throughput", title: "Throughput (images/s)", scale: "nonneg", match: (k) => k.startsWith("throughput/") },
@@ -84,6 +99,18 @@ function yRange(scale) {
     const pad = constant ? Math.max(Math.abs(max) * 0.1, 0.1) : 0.08 * (max - min);
     return [min - pad, max + pad];
   };
+}
+
+// y tick labels: uPlot's own (Intl, at most 3 decimals) unless the ticks are finer than that, where
+// it would write a learning rate of 1e-5 as 0, 0, 0 (or 0.0015 as 0.002): there in exponent
+// notation, with the digits the tick step needs (1e-5, 1.5e-5).
+function yTickLabels(u, splits, axisIndex, space, incr) {
+  return splits.map((v) => {
+    if (v === null || v === undefined) return "";
+    if (incr >= 1e-3 || v === 0) return uPlot.fmtNum(v);
+    const digits = Math.min(15, Math.max(1, Math.ceil(Math.log10(Math.abs(v) / incr) + 1e-9) + 1));
+    return Number(v.toPrecision(digits)).toExponential();
+  });
 }
 
 const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
@@ -230,7 +257,7 @@ function makeChart(panel, built, signature, width) {
   const plot = new uPlot({
     width, height: 220, series,
     scales: { x: { time: false }, y: { range: yRange(panel.scale) } },
-    axes: [{ label: "step" }, { size: 60 }],
+    axes: [{ label: "step" }, { size: 60, values: yTickLabels }],
     legend: { live: true },
   }, built.data, element);
   return { plot, element, signature, panel };
