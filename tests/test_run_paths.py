@@ -128,6 +128,7 @@ USED_ON = {
     "rollout.engine.model": {"rollout"},
     "decoder.decoder.model": {"decoder"},
     "learner.model": {"learner"},
+    "diffusion_learner.model": {"learner"},  # the diffusion learner's ranks run on learner nodes too
     "rewards.server.geneval.detector": {"reward"},
     "rewards.server.geneval.clip": {"reward"},
     "rewards.server.ocr.models_dir": {"reward"},
