@@ -42,7 +42,13 @@ from policy.logprobs import ImageTokenLogits, Truncation, codebook_entropy, code
 from policy.lora import AdaptedHeadImageLogits, LoRAConfig
 from policy.model_dir import resolve_model_dir
 from rl.grpo import GroupAdvantages, GRPOLoss, LossInputs, LossStats
-from rl.learner_config import LearnerConfig, WeightSyncConfig, deepspeed_config, reference_deepspeed_config
+from rl.learner_config import (
+    DeepSpeedRanksConfig,
+    LearnerConfig,
+    WeightSyncConfig,
+    deepspeed_config,
+    reference_deepspeed_config,
+)
 from rl.weight_sync import SyncReport, make_sender
 from rollout.records import RolloutBatch
 
@@ -104,7 +110,7 @@ def _image_head(causal_lm, vocab, lora: LoRAConfig | None = None) -> ImageTokenL
     return module
 
 
-def epoch_seed(config: LearnerConfig, version: int, epoch: int) -> int:
+def epoch_seed(config: DeepSpeedRanksConfig, version: int, epoch: int) -> int:
     """Shuffling seed of one epoch: differs per update and epoch, identical on every rank."""
     return config.seed * 1_000_003 + version * 1_009 + epoch
 
@@ -541,7 +547,7 @@ class LearnerRank:
             self.sender = None
 
 
-def lr_lambda(config: LearnerConfig):
+def lr_lambda(config: DeepSpeedRanksConfig):
     """Multiplier of the peak lr at optimizer step s: linear warmup, then constant / linear / cosine."""
     warmup, total = config.warmup_steps, config.total_steps
 

@@ -72,14 +72,17 @@ class WeightSyncConfig(BaseModel):
     """Give up (with an error naming the worker) if a worker has not confirmed within this time."""
 
 
-class LearnerConfig(BaseModel):
-    """The DeepSpeed learner: one Ray actor per rank."""
+class DeepSpeedRanksConfig(BaseModel):
+    """What every DeepSpeed learner shares (one Ray actor per rank): placement, precision, the batch
+    layout, the optimizer and its schedule, the weight sync. `LearnerConfig` (the AR policy) and
+    `DiffusionLearnerConfig` (SANA's transformer, rl/diffusion_learner_config.py) add their model,
+    loss and defaults; `deepspeed_config` and `lr_lambda` read only these fields."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model: str
-    """Model directory or hub id (blip3o-rl layout); only its AR part is loaded."""
-    world_size: int = Field(2, ge=1)
+    """Model directory or hub id (blip3o-rl layout)."""
+    world_size: int = Field(1, ge=1)
     """DeepSpeed ranks (one Ray actor each)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """ZeRO stage (BLIP3o-NEXT trains with ZeRO-1)."""
@@ -95,13 +98,10 @@ class LearnerConfig(BaseModel):
     """Micro-batches per rank per optimizer step: one step sees world * gas * micro rows."""
     epochs: int = Field(1, ge=1)
     """Passes over each rollout batch."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward instead of keeping them
-    (transformers' gradient checkpointing): less memory per row, about a third more compute."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this value."""
     lr: float = Field(1e-6, gt=0)
-    """Peak learning rate (BLIP3o-NEXT: 1e-6 with a cosine schedule)."""
+    """Peak learning rate."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Shape after warmup: constant, linear decay to 0 or cosine decay to 0 at `total_steps`."""
     warmup_steps: int = Field(0, ge=0)
@@ -122,10 +122,32 @@ class LearnerConfig(BaseModel):
     """torch intra-op threads per rank (None = leave Ray's default)."""
     initial_version: int = Field(0, ge=0)
     """Weight version of the loaded weights (a resumed run passes its last version)."""
+    sync: WeightSyncConfig = WeightSyncConfig()
+    """How the weights reach the workers."""
+
+    @model_validator(mode="after")
+    def _devices_consistent(self) -> "DeepSpeedRanksConfig":
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("bf16 needs ZeRO stage >= 1 (DeepSpeed keeps fp32 master weights there)")
+        if self.device == "cpu" and self.dist_backend == "nccl":
+            raise ValueError("dist_backend 'nccl' needs device 'cuda'; use 'gloo' on CPU")
+        return self
+
+
+class LearnerConfig(DeepSpeedRanksConfig):
+    """The DeepSpeed learner of the AR policy (GRPO on the image tokens): one Ray actor per rank."""
+
+    model: str
+    """Model directory or hub id (blip3o-rl layout); only its AR part is loaded."""
+    world_size: int = Field(2, ge=1)
+    """DeepSpeed ranks (one Ray actor each)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (transformers' gradient checkpointing): less memory per row, about a third more compute."""
+    lr: float = Field(1e-6, gt=0)
+    """Peak learning rate (BLIP3o-NEXT: 1e-6 with a cosine schedule)."""
     grpo: GRPOConfig = GRPOConfig()
     """The loss."""
-    sync: WeightSyncConfig = WeightSyncConfig()
-    """The weight broadcast."""
     lora: LoRAConfig | None = None
     """Train a LoRA adapter on the AR model instead of all its weights (None = full fine-tuning).
     Only the adapter is optimised, published and checkpointed; the KL reference is the same model
@@ -136,14 +158,10 @@ class LearnerConfig(BaseModel):
         if self.grpo.ppo_anchor == "sampler" and self.grpo.tis_cap is not None:
             raise ValueError("grpo.tis_cap corrects between the sampler and the learner's anchor: with "
                              "ppo_anchor 'sampler' there is nothing to correct; set tis_cap: null")
-        if self.precision == "bf16" and self.zero_stage == 0:
-            raise ValueError("bf16 needs ZeRO stage >= 1 (DeepSpeed keeps fp32 master weights there)")
-        if self.device == "cpu" and self.dist_backend == "nccl":
-            raise ValueError("dist_backend 'nccl' needs device 'cuda'; use 'gloo' on CPU")
         return self
 
 
-def deepspeed_config(config: LearnerConfig) -> dict:
+def deepspeed_config(config: DeepSpeedRanksConfig) -> dict:
     """The DeepSpeed config dict for `config` (the optimizer and scheduler are ours, passed as objects)."""
     ds = {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
@@ -161,7 +179,7 @@ def deepspeed_config(config: LearnerConfig) -> dict:
     return ds
 
 
-def reference_deepspeed_config(config: LearnerConfig) -> dict:
+def reference_deepspeed_config(config: DeepSpeedRanksConfig) -> dict:
     """The frozen reference model's engine: no optimizer; ZeRO-3 shards it when the policy is
     sharded (stages below 3 keep a plain copy per rank: nothing to shard without stage 3)."""
     ds = {

@@ -153,6 +153,17 @@ def test_model_specs_resolve(run_dir, glyph_model_dir):
     assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights
 
 
+def test_a_checkpoint_without_any_export_is_refused_by_name(tmp_path):
+    """A checkpoint whose run trained neither the AR policy (policy/) nor the decoder (diffusion_policy/)."""
+    from rl.checkpoint import CheckpointDir, TrainerState
+    from rl.eval_command import EvalCommandError, resolve_eval_model
+
+    checkpoints = CheckpointDir(tmp_path / "checkpoints" / "r1")
+    path = checkpoints.commit(checkpoints.begin(2), TrainerState(step=2, policy_version=2, run_id="r1"))
+    with pytest.raises(EvalCommandError, match=r"step-000002 has no policy/ or diffusion_policy/ export to evaluate"):
+        resolve_eval_model(str(path))
+
+
 # ---- real evals --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
