@@ -130,17 +130,14 @@ def merge(parts: list[ImageStats]) -> ImageStats:
     return ImageStats(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in METRIC_NAMES})
 
 
-_REMOTE_STATS = None
-
-
 def step_image_metrics(scored) -> dict[str, float]:
     """`images/*` of a ScoredStep (rl/pipeline.py): one Ray task per chunk, placed by Ray next to
     that chunk's images, returns its small ImageStats."""
-    global _REMOTE_STATS
     import ray
 
-    if _REMOTE_STATS is None:
-        _REMOTE_STATS = ray.remote(num_cpus=0)(batch_stats)
+    from rl.pipeline import ray_task
+
+    stats = ray_task(batch_stats, num_cpus=0)
     group_size = len(scored.rewards) // len(scored.items)
-    parts = ray.get([_REMOTE_STATS.remote(chunk.ref, group_size) for chunk in scored.images])
+    parts = ray.get([stats.remote(chunk.ref, group_size) for chunk in scored.images])
     return merge(parts).metrics()

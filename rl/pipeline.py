@@ -27,6 +27,7 @@ a 4xx from the reward API): `poll` raises it as StageError, and the run stops.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -59,6 +60,14 @@ class ChunkImages:
     """ObjectRef of the decoder's [rows, H, W, 3] uint8 array."""
 
 
+@functools.cache
+def ray_task(function, **options):
+    """`function` as a Ray task with these options, registered once per driver process."""
+    import ray
+
+    return ray.remote(**options)(function)
+
+
 def _concat_rollouts(group_offsets: list[int], *parts: DiffusionRollout) -> DiffusionRollout:
     """The step's SDE rollouts in row order, each chunk's prompt indices moved to the step's."""
     from dataclasses import replace
@@ -70,41 +79,28 @@ def _concat_rollouts(group_offsets: list[int], *parts: DiffusionRollout) -> Diff
     return DiffusionRollout.concat(moved)
 
 
-_REMOTE_CONCAT = None
-
-
 def diffusion_rollout_ref(parts: list[tuple[int, Any]]):
     """ObjectRef of the step's `DiffusionRollout`, from each chunk's (first prompt, rollout ref): a
     Ray task concatenates them, so the latents and hidden states never reach the driver."""
-    global _REMOTE_CONCAT
-    import ray
-
-    if _REMOTE_CONCAT is None:
-        _REMOTE_CONCAT = ray.remote(num_cpus=0)(_concat_rollouts)
-    return _REMOTE_CONCAT.remote([offset for offset, _ in parts], *[ref for _, ref in parts])
+    return ray_task(_concat_rollouts, num_cpus=0).remote([offset for offset, _ in parts], *[ref for _, ref in parts])
 
 
 def _take_rows(images: np.ndarray, rows: list[int]) -> np.ndarray:
     return images[rows]  # [len(rows), H, W, 3]
 
 
-_REMOTE_TAKE = None
-
-
 def fetch_rows(chunks: list[ChunkImages], rows: list[int]) -> list[np.ndarray]:
     """The images [H, W, 3] of the step's `rows`, in that order. Only those rows reach the driver:
     a task placed by Ray next to each chunk's images (data locality) cuts them out."""
-    global _REMOTE_TAKE
     import ray
 
-    if _REMOTE_TAKE is None:
-        _REMOTE_TAKE = ray.remote(num_cpus=0)(_take_rows)
+    take_rows = ray_task(_take_rows, num_cpus=0)
     wanted = sorted(set(rows))
     refs, order = [], []
     for chunk in chunks:
         local = [row - chunk.first for row in wanted if chunk.first <= row < chunk.first + chunk.rows]
         if local:
-            refs.append(_REMOTE_TAKE.remote(chunk.ref, local))
+            refs.append(take_rows.remote(chunk.ref, local))
             order.extend(chunk.first + r for r in local)
     if len(order) != len(wanted):
         raise IndexError(f"rows {sorted(set(wanted) - set(order))} are in no chunk of the step")
@@ -149,20 +145,14 @@ class ScoredStep:
         return fetch_rows(self.images, rows)
 
 
-_REMOTE_SCORE = None
+def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
+    """The scoring task's body: the run's reward mix over one chunk's images."""
+    return score_images(endpoint, images, items, endpoint.mix)
 
 
 def _remote_score_task():
-    """The scoring Ray task, registered once per driver (no CPU reserved: it waits on HTTP)."""
-    global _REMOTE_SCORE
-    if _REMOTE_SCORE is None:
-        import ray
-
-        def score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
-            return score_images(endpoint, images, items, endpoint.mix)  # the run's reward mix
-
-        _REMOTE_SCORE = ray.remote(num_cpus=0, max_retries=3)(score)  # retried if its process crashes
-    return _REMOTE_SCORE
+    """The scoring Ray task (no CPU reserved: it waits on HTTP; retried if its process crashes)."""
+    return ray_task(_score, num_cpus=0, max_retries=3)
 
 
 Stage = Literal["rollout", "decode", "reward"]
