@@ -171,6 +171,11 @@ class DiffusionLearnerRank(LearnerRank):
         self.sender = None
         self.paths = paths  # the adapter's base model, as exports name it
 
+    def set_hyperparameters(self, lr_scale: float, beta: float) -> None:
+        """The AR learner's (its beta is GRPO's KL coefficient, with an AR reference model): not this
+        learner's. A guard rollback scales this one's lr with `set_lr_scale` and keeps `flow.beta`."""
+        raise NotImplementedError("the diffusion learner takes set_lr_scale; its KL coefficient is flow.beta")
+
     # ----- one SDE step, as the decoder samples it ----------------------------------------------
 
     @torch.no_grad()

@@ -192,11 +192,15 @@ class Fleet:
             self.check_versions(versions, self.call_timeout_s)
         except RuntimeError as error:
             raise WorkerFailedError(f"after recovery: {error}") from None
-        where = f"v{versions.policy}" + (f", transformer v{versions.decoder}" if self.diffusion_learner else "")
-        message = (f"{why}: reloaded {', '.join(behind) or 'no worker'}; every worker serves {where} "
+        message = (f"{why}: reloaded {', '.join(behind) or 'no worker'}; every worker serves "
+                   f"{self.describe(versions)} "
                    f"({time.perf_counter() - t0:.1f} s)")
         self.log_event("recovered", message)
         print(f"recovered: {message}", flush=True)
+
+    def describe(self, versions: Versions) -> str:
+        """"v3", or "v3, transformer v2" when the decoder's transformer is trained too (messages, events)."""
+        return f"v{versions.policy}" + (f", transformer v{versions.decoder}" if self.diffusion_learner else "")
 
     def publish(self, versions: Versions, step: int) -> SyncReport | None:
         """Publish the AR learner's weights (`versions.policy`, trained in `step`); a worker lost on

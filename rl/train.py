@@ -371,14 +371,11 @@ class Trainer:
             t_publish = time.perf_counter()
             for group in self.fleet.learners:  # workers start from the checkpoint's weights
                 group.publish_weights()
-            self.store.log_event(self.run_id, "resume", f"weights {self._describe(self.versions)} published in "
+            self.store.log_event(self.run_id, "resume", f"weights {self.fleet.describe(self.versions)} published in "
                                                         f"{time.perf_counter() - t_publish:.2f} s")
         self.fleet.check_versions(self.versions, config.faults.restart_timeout_s)  # engines load first
         print(f"run {self.run_id}: workers, learner and reward API ({self.endpoint.url}) up in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
-
-    def _describe(self, versions: Versions) -> str:
-        return f"v{versions.policy}" + (f", transformer v{versions.decoder}" if self.fleet.diffusion_learner else "")
 
     def _load_learners(self, checkpoint: Path, versions: Versions | None = None) -> None:
         """Restore each learner from `checkpoint` (a resume; a rollback serves it as `versions`)."""
@@ -720,7 +717,7 @@ class Trainer:
         lrs = ", ".join(f"{section.lr * hyper.lr_scale:g}" for section in (config.learner, config.diffusion_learner)
                         if section is not None)
         message = (f"rollback {rollbacks}/{config.guard.rollback.max_rollbacks} to {target.name}: learner weights "
-                   f"{'; '.join(digests)} (equal to the checkpoint's) served as {self._describe(versions)}; training "
+                   f"{'; '.join(digests)} (equal to the checkpoint's) served as {self.fleet.describe(versions)}; training "
                    f"on from step {restored.step + 1} with lr x{hyper.lr_scale:g} ({lrs})"
                    + (f", beta {hyper.beta:g}" if learner is not None else ""))
         self.store.log_event(self.run_id, "rollback", message)
