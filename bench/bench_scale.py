@@ -16,7 +16,12 @@ class of its role; the data of the step passes between them as files in --work-d
   reward        OCR (PP-OCRv6 tiny, in process) on the decoded images, Flow-GRPO's formula
   learner       the DeepSpeed learner (Ray actor, world size 1, --zero-stage) trains on the rollout
                 batch with GRPO advantages from the rewards, then publishes over shared memory to
-                --receivers stand-in workers (validate whole + load_state_dict, rl/weight_sync.py)
+                --receivers stand-in workers (validate whole + copy in place, rl/weight_sync.py)
+  sync          the float32 AR weights published by rl/weight_sync.py's senders from this process
+                (no learner beside: it and vLLM do not fit together) over shared memory and
+                broadcast (gloo, streamed bucket by bucket) to a real vLLM rollout worker, and to a
+                plain transformers receiver (the transport without vLLM's reload); twice each, the
+                second (warm: the shared-memory file exists) reported
   learner-rows  peak memory per micro-batch row of the learner's forward + backward, before (the
                 old path: `sequence_logits`' [b, L, V] logits, then log_softmax of the image slice
                 / T) and after (`ImageTokenLogits`' [b, N, K] logits, one float32 log-softmax copy),
@@ -48,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
-PIECES = ("build", "rollout", "hf", "decode", "reward", "learner", "learner-rows", "plan")
+PIECES = ("build", "rollout", "hf", "decode", "reward", "learner", "sync", "learner-rows", "plan")
 CAPTION = 'a sign that says "open"'
 GIB = 2**30
 
@@ -176,6 +181,7 @@ def piece_rollout(args) -> None:
                                           num_threads=args.threads))
     startup = time.perf_counter() - start
     batch = worker.generate([CAPTION], args.samples, seed=0)
+    serving_peak = vm_hwm_bytes()  # before the update's weights are loaded into this process
     torch.save(batch, args.work_dir / "batch.pt")
     tokens = batch.image_tokens.numel()
     weights = full_weights_fp32(ModelPaths(model_dir(args)))
@@ -184,7 +190,8 @@ def piece_rollout(args) -> None:
     update_s = time.perf_counter() - start
     nbytes = sum(t.numel() * t.element_size() for name, t in weights.items() if name != "lm_head.weight")
     emit({"engine_start_s": startup, "generate_s": batch.timings["generate"], "tokens": tokens,
-          "tokens_per_s": tokens / batch.timings["generate"], "update_s": update_s, "update_bytes": nbytes})
+          "tokens_per_s": tokens / batch.timings["generate"], "update_s": update_s, "update_bytes": nbytes,
+          "serving_peak_rss_gib": serving_peak / GIB})
 
 
 def piece_hf(args) -> None:
@@ -215,12 +222,13 @@ def piece_decode(args) -> None:
     worker = DiffusionDecoderWorker(DecoderConfig(model=str(model_dir(args)), kind="sana",
                                                   num_inference_steps=args.decode_steps, num_threads=args.threads))
     decoded = worker.decode(batch, seed=0)
+    serving_peak = vm_hwm_bytes()  # before the update's weights are loaded into this process
     np.save(args.work_dir / "images.npy", decoded.images)
     weights = full_weights_fp32(ModelPaths(model_dir(args)))
     start = time.perf_counter()
     worker.update_weights(1, weights)
     emit({"timings": decoded.timings, "images": list(decoded.images.shape), "steps": args.decode_steps,
-          "update_s": time.perf_counter() - start})
+          "update_s": time.perf_counter() - start, "serving_peak_rss_gib": serving_peak / GIB})
 
 
 def piece_reward(args) -> None:
@@ -265,12 +273,53 @@ def piece_learner(args) -> None:
         receivers = [receiver.remote(str(model_dir(args)), torch_threads=1) for _ in range(args.receivers)]
         ray.get([r.served_version.remote() for r in receivers], timeout=1800)  # loaded before the clock starts
         group.connect_workers(receivers, WeightSyncConfig(transport="shared_memory", timeout_s=1800))
-        report = group.publish_weights()
+        cold = group.publish_weights()  # the first publish also creates the shared-memory file
+        report = group.publish_weights()  # what every later step's publish costs
         group.shutdown()
     finally:
         ray.shutdown()
     emit({"setup_s": setup_s, "train_step_s": metrics.step_s, "loss": metrics.loss, "sync_bytes": report.bytes,
-          "sync_s": report.seconds, "sync_gb_per_s": report.gb_per_s, "receivers": report.workers})
+          "sync_s": report.seconds, "sync_pack_s": report.pack_seconds, "sync_gb_per_s": report.gb_per_s,
+          "sync_buckets": report.buckets, "cold_sync_s": cold.seconds, "receivers": report.workers})
+
+
+def piece_sync(args) -> None:
+    import ray
+    import torch
+
+    from policy.model_dir import ModelPaths
+    from rl.learner_config import WeightSyncConfig
+    from rl.weight_sync import TensorSource, make_sender
+    from rollout.ar_worker import ARRolloutActor
+    from rollout.config import RolloutConfig
+    from tests.support.receivers import TransformersReceiver
+
+    torch.set_num_threads(args.threads)
+    weights = full_weights_fp32(ModelPaths(model_dir(args)))  # what a float32 learner publishes
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results, version = {}, 0
+    try:
+        vllm = ARRolloutActor.options(num_cpus=1).remote(RolloutConfig(
+            model=str(model_dir(args)), max_model_len=1024, kv_cache_gib=1.0, num_threads=args.threads))
+        plain = ray.remote(TransformersReceiver).options(num_cpus=1).remote(str(model_dir(args)), torch_threads=args.threads)
+        ray.get([vllm.served_version.remote(), plain.served_version.remote()], timeout=1800)
+        for receiver, worker in (("vllm", vllm), ("transformers", plain)):
+            for transport in ("shared_memory", "broadcast"):
+                sender = make_sender(WeightSyncConfig(transport=transport, timeout_s=1800), [worker])
+                reports = []
+                for _ in range(2):
+                    version += 1
+                    reports.append(sender.publish(version, TensorSource(weights)))
+                sender.close()
+                report = reports[-1]
+                results[f"{receiver}/{transport}"] = {
+                    "bytes": report.bytes, "seconds": report.seconds, "pack_seconds": report.pack_seconds,
+                    "gb_per_s": report.gb_per_s, "buckets": report.buckets, "cold_seconds": reports[0].seconds}
+                print(f"{receiver}/{transport}: {report.gb_per_s:.2f} GB/s ({report.seconds:.2f} s, "
+                      f"pack {report.pack_seconds:.2f} s, {report.buckets} buckets)", flush=True)
+    finally:
+        ray.shutdown()
+    emit({"publishes": results})
 
 
 def old_path_loss(model, vocab, prompts, tokens, pad_id):
@@ -364,10 +413,11 @@ def plan_roles(args) -> dict[str, float]:
 
 
 def measured_peak(piece: str, result: dict) -> float:
-    """The role's process: the learner is a Ray actor (LearnerRank); the others run in the piece's process."""
+    """The role's process: the learner is a Ray actor (LearnerRank); the others run in the piece's
+    process, whose peak is taken before the benchmark loads a second copy of the weights to update it."""
     if piece == "learner":
         return max(v for k, v in result["tree_peak_rss_gib"].items() if "LearnerRank" in k)
-    return result["peak_rss_gib"]
+    return result.get("serving_peak_rss_gib", result["peak_rss_gib"])
 
 
 def summarise(results: dict) -> dict:
@@ -401,6 +451,9 @@ def summarise(results: dict) -> dict:
     if "learner" in pieces:
         out["sync_bytes"] = pieces["learner"]["sync_bytes"]
         out["sync_gb_per_s"] = pieces["learner"]["sync_gb_per_s"]
+    if "sync" in pieces:
+        out["sync_gb_per_s_by_receiver_and_transport"] = {
+            name: run["gb_per_s"] for name, run in pieces["sync"]["publishes"].items()}
     out["peak_rss_gib"] = {p: measured_peak(p, pieces[p]) for p in ("rollout", "decode", "reward", "learner", "hf")
                           if p in pieces}
     if "rollout" in pieces and "hf" in pieces:

@@ -20,7 +20,7 @@ processed log-probs equal to the merged model's (measured, DESIGN.md "LoRA on vl
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.logprobs import ImageTokenLogits
-from policy.weights import ParamSpec, VersionedWeights
+from policy.weights import ParamSpec, VersionedWeights, WeightStream
 
 PEFT_PREFIX = "base_model.model."
 """PEFT's prefix of a saved adapter's keys (the causal LM under PeftModel.base_model.model)."""
@@ -295,10 +295,13 @@ class MergedAdapterWeights:
     def specs(self) -> dict[str, ParamSpec]:
         return self.contract.specs
 
-    def update(self, version: int, adapter: Mapping[str, torch.Tensor],
-               load: Callable[[dict[str, torch.Tensor]], None]) -> int:
+    def require_serviceable(self) -> None:
+        self.contract.require_serviceable()
+
+    def update(self, version: int, adapter: Mapping[str, torch.Tensor] | WeightStream,
+               load: Callable[[Iterator[tuple[str, torch.Tensor]]], None]) -> int:
         """Check `adapter` as `version`, load the base with it merged in; returns the version served."""
-        return self.contract.update(version, adapter, lambda checked: load(self.merger.merged(checked)))
+        return self.contract.update(version, adapter, lambda checked: load(iter(self.merger.merged(dict(checked)).items())))
 
 
 def find_adapter(source: Path) -> Path:

@@ -347,14 +347,14 @@ class DiffusionLearnerRank(LearnerRank):
 
     # ----- weights ------------------------------------------------------------------------------
 
-    def _base_weights(self) -> dict[str, torch.Tensor]:
+    def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The transformer's parameters by diffusers name (what the decoders' full contract expects;
         under LoRA the frozen base, without the adapter). The inherited `_named_weights` publishes
         these, or under LoRA the adapter in PEFT's names."""
         named = self.engine.module.named_parameters()
         if self.peft_model is None:
-            return {name: p.detach() for name, p in named}
-        return {name.replace(".base_layer.", "."): p.detach() for name, p in named if ".lora_" not in name}
+            return dict(named)
+        return {name.replace(".base_layer.", "."): p for name, p in named if ".lora_" not in name}
 
     def export_policy(self, directory: str) -> None:
         """The trained transformer as a diffusers directory (a model directory's sana/transformer),

@@ -4,8 +4,9 @@ invariant between them: every worker serves the learners' weight versions.
     Trainer (rl/train.py: the loop, checkpoints, run store, sampler, reward service)
       -> Fleet.publish(v)          AR learner --weights v--> every worker; a lost worker -> recover
       -> Fleet.publish_decoder(d)  diffusion learner --transformer d--> every decoder; likewise
-      -> Fleet.recover(Versions)   wait for restarted workers, reconnect the weight transports,
-                                   publish again, prove each worker serves both versions
+      -> Fleet.recover(Versions)   restart half-updated workers, wait for restarted ones,
+                                   reconnect the weight transports, publish again, prove each
+                                   worker serves both versions
       -> Fleet.restart(actor)      kill a hung worker; Ray restarts it like a dead one
 
 Two policies, two versioned weight streams (config `train`): the AR policy (rollout workers and the
@@ -176,12 +177,14 @@ class Fleet:
         and prove it with the versions each one reports; record the event."""
         t0 = time.perf_counter()
         workers = self.workers
+        half_updated = self._restart_half_updated()
         served = self.served_versions(self.restart_timeout_s)
         behind = [f"{self.name(w)} (v{v})" for w, v in zip(workers, served) if v != versions.policy]
         if self.diffusion_learner is not None:
             transformers = self.served_decoder_versions(self.restart_timeout_s)
             behind += [f"{self.name(d)} (transformer v{v})" for d, v in zip(self.decoder_actors, transformers)
                        if v != versions.decoder]
+        behind += [f"{name} (restarted: half-updated)" for name in half_updated]
         # Always, even when no worker is behind (a restarted one may load the current weights from
         # disk): a restarted worker is a new process, which must join the weight transport again
         # (a broadcast group holds processes, not actors); a same-version publish is accepted.
@@ -197,6 +200,29 @@ class Fleet:
                    f"({time.perf_counter() - t0:.1f} s)")
         self.log_event("recovered", message)
         print(f"recovered: {message}", flush=True)
+
+    def _restart_half_updated(self) -> list[str]:
+        """Restart every worker left half-updated by a streamed publish that failed part-way
+        (policy/weights.py UNSERVICEABLE: no reload can be trusted to mend an engine interrupted
+        mid-load), wait until none reports it any more; their names."""
+        from policy.weights import UNSERVICEABLE
+
+        def half_updated() -> list:
+            found = [w for w, v in zip(self.workers, self.served_versions(self.restart_timeout_s)) if v == UNSERVICEABLE]
+            if self.diffusion_learner is not None:
+                transformers = self.served_decoder_versions(self.restart_timeout_s)
+                found += [d for d, v in zip(self.decoder_actors, transformers) if v == UNSERVICEABLE and d not in found]
+            return found
+
+        restarted = half_updated()
+        for actor in restarted:
+            self.restart(actor)
+        deadline = time.monotonic() + self.restart_timeout_s
+        while restarted and half_updated():  # the kill is asynchronous: the old process may still answer
+            if time.monotonic() > deadline:
+                raise WorkerFailedError(f"half-updated workers did not restart within {self.restart_timeout_s:.0f} s")
+            time.sleep(0.5)
+        return [self.name(actor) for actor in restarted]
 
     def describe(self, versions: Versions) -> str:
         """"v3", or "v3, transformer v2" when the decoder's transformer is trained too (messages, events)."""

@@ -9,8 +9,9 @@
         [reference log-probs of every row (untruncated), when beta > 0]
         per micro-batch: forward (image-token rows of the head only, policy/logprobs.py
               ImageTokenLogits) -> masked log-probs -> GRPOLoss -> backward; engine.step()
-    publish_weights(version) on every rank: ZeRO-3 gathers the full weights collectively; rank 0
-        hands them to the weight sender (rl/weight_sync.py), which waits for every worker.
+    publish_weights(version) on every rank: rank 0's weight sender (rl/weight_sync.py) reads the
+        weights a bucket (`sync.bucket_mb`) at a time; under ZeRO-3 every rank gathers each bucket's
+        parameters with it (a collective), so no rank ever holds the whole gathered model.
 
 With `lora` set (policy/lora.py) the causal LM is wrapped with a peft LoRA adapter: only the adapter
 is optimised, published (PEFT names, kilobytes to megabytes) and checkpointed, and the KL reference is
@@ -26,6 +27,7 @@ CUDA_VISIBLE_DEVICES, so each rank's device is its local device 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -41,6 +43,7 @@ from policy.loading import load_ar_model, load_tokenizer, load_vocab
 from policy.logprobs import ImageTokenLogits, Truncation, codebook_entropy, codebook_token_logprobs
 from policy.lora import AdaptedHeadImageLogits, LoRAConfig
 from policy.model_dir import resolve_model_dir
+from policy.weights import ParamSpec
 from rl.grpo import GroupAdvantages, GRPOLoss, LossInputs, LossStats
 from rl.learner_config import (
     DeepSpeedRanksConfig,
@@ -49,7 +52,7 @@ from rl.learner_config import (
     deepspeed_config,
     reference_deepspeed_config,
 )
-from rl.weight_sync import SyncReport, make_sender
+from rl.weight_sync import SyncReport, TensorSource, make_manifest, make_sender
 from rollout.records import RolloutBatch
 
 
@@ -225,6 +228,7 @@ class LearnerRank:
         self.loss_fn = GRPOLoss(config.grpo, self.vocab.tokens_per_image)
         self.version = config.initial_version
         self.sender = None
+        self.sync = config.sync
         self.paths = paths
 
     def _reference_engine(self, paths):
@@ -440,14 +444,17 @@ class LearnerRank:
             return {name: t.detach() for name, t in adapter.items()}
         return self._base_weights()
 
-    def _base_weights(self) -> dict[str, torch.Tensor]:
-        """The AR model's own weights in HF names (under LoRA: the frozen base, without the adapter)."""
+    def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The AR model's own parameters in HF names (under LoRA: the frozen base, without the adapter)."""
         # remove_duplicate=False keeps tied aliases (e.g. lm_head.weight) as in the HF state_dict.
         lm = self.engine.module.lm  # HF names: the parameters of the wrapped causal LM
         named = lm.named_parameters(remove_duplicate=False)
         if self.peft_model is None:
-            return {name: p.detach() for name, p in named}
-        return {name.replace(".base_layer.", "."): p.detach() for name, p in named if ".lora_" not in name}
+            return dict(named)
+        return {name.replace(".base_layer.", "."): p for name, p in named if ".lora_" not in name}
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self._base_parameters().items()}
 
     def gather_weights(self) -> dict[str, torch.Tensor] | None:
         """What a publish sends (full AR weights, or the LoRA adapter) as CPU copies on rank 0 (None
@@ -467,20 +474,38 @@ class LearnerRank:
 
     def connect_workers(self, workers: list, sync: WeightSyncConfig | None = None) -> None:
         """Rank 0: build the weight sender for these workers (the broadcast group forms here);
-        `sync` overrides the configured transport (benchmarks compare them on one learner)."""
+        `sync` overrides the configured transport (benchmarks compare them on one learner). Every
+        rank keeps the sync settings: its buckets are the sender's."""
+        self.sync = sync or self.config.sync
         if self.rank == 0:
             if self.sender is not None:
                 self.sender.close()
-            self.sender = make_sender(sync or self.config.sync, workers)
+            self.sender = make_sender(self.sync, workers)
 
     def publish_weights(self) -> SyncReport | None:
-        """Gather (every rank) and send the current version to every worker (rank 0); rank 0's report."""
+        """Send the current version to every worker (rank 0's sender); rank 0's report. Under
+        ZeRO-3 every rank gathers the parameters bucket by bucket as the sender packs them; an
+        adapter (kilobytes) is gathered whole."""
+        if self.peft_model is None:
+            parameters = distinct(self._base_parameters())  # a tied head is the embedding: sent once
+            if self.config.zero_stage == 3:
+                source = GatheredBuckets(parameters, self.sync.bucket_mb * 2**20)  # the sender's buckets
+                try:
+                    return self._send(source) if self.rank == 0 else None
+                finally:
+                    source.follow()
+            if self.rank != 0:
+                return None
+            return self._send(TensorSource({name: p.detach() for name, p in parameters.items()}))
         with self._gathered(published_only=True):
             if self.rank != 0:
                 return None
-            if self.sender is None:
-                raise RuntimeError("publish_weights before connect_workers: no workers to send to")
-            return self.sender.publish(self.version, self._named_weights())
+            return self._send(TensorSource(self._named_weights()))
+
+    def _send(self, source) -> SyncReport:
+        if self.sender is None:
+            raise RuntimeError("publish_weights before connect_workers: no workers to send to")
+        return self.sender.publish(self.version, source)
 
     def policy_version(self) -> int:
         return self.version
@@ -545,6 +570,46 @@ class LearnerRank:
         if self.sender is not None:
             self.sender.close()
             self.sender = None
+
+
+def distinct(parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    """Each parameter under its first name only: a tied alias (lm_head.weight is the embedding) is
+    not published twice; every receiver serves the head through the embedding."""
+    first: dict[int, str] = {}
+    for name, p in parameters.items():
+        first.setdefault(id(p), name)
+    return {name: parameters[name] for name in first.values()}
+
+
+class GatheredBuckets:
+    """ZeRO-3 parameters as a weight source (rl/weight_sync.py `WeightSource`): full shapes from
+    DeepSpeed's records, each bucket's parameters gathered only while the sender packs them. The
+    gather is a collective: the other ranks `follow` the same buckets in the same order."""
+
+    def __init__(self, parameters: dict[str, torch.nn.Parameter], bucket_limit: int):
+        self.parameters = parameters
+        self.manifest = make_manifest(self.specs, bucket_limit)
+        self.gathers = 0
+        """Buckets gathered so far (by the sender, or by `follow`)."""
+
+    @property
+    def specs(self) -> dict[str, ParamSpec]:
+        return {name: ParamSpec(tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for name, p in self.parameters.items()}
+
+    @contextlib.contextmanager
+    def gathered(self, names):
+        import deepspeed
+
+        self.gathers += 1
+        with deepspeed.zero.GatheredParameters([self.parameters[name] for name in names], modifier_rank=None):
+            yield {name: self.parameters[name].detach() for name in names}
+
+    def follow(self) -> None:
+        """Join every bucket's gather not joined yet: a rank that does not send joins them all; rank
+        0 joins those its sender did not reach (a failed broadcast), so no rank waits in a gather."""
+        for bucket in range(self.gathers, len(self.manifest.bucket_bytes)):
+            with self.gathered(self.manifest.bucket_names(bucket)):
+                pass
 
 
 def lr_lambda(config: DeepSpeedRanksConfig):

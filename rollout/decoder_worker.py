@@ -24,7 +24,7 @@ For Flow-GRPO on the decoder (SANA only), a second, independently versioned stre
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +36,7 @@ from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.lora import LoRAMerger, adapter_specs
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.vocab import ImageVocab
-from policy.weights import VersionedWeights
+from policy.weights import VersionedWeights, WeightStream
 from rollout.decoder_config import DecoderConfig
 from rollout.decoder_weights import transformer_contract
 from rollout.diffusion_rollout import DiffusionRollout, SdeSampling
@@ -72,7 +72,7 @@ class TokenDecoder(Protocol):
     conditions_on_ar_weights: bool
     """Whether its images depend on the AR weights (SANA: the hidden states; glyph: no)."""
 
-    def load_ar_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...
+    def load_ar_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
     def decode(self, prompt_ids: list[list[int]], image_tokens: torch.Tensor, seed: int) -> tuple[np.ndarray, dict[str, float]]: ...
 
@@ -155,7 +155,11 @@ class DiffusionDecoderWorker:
         return DecodedImages(images=np.concatenate(parts), policy_version=served, timings=timings)  # [B*G, H, W, 3]
 
     def _checked_tokens(self, batch: RolloutBatch) -> torch.Tensor:
-        """The batch's image tokens [B*G, N] after the shape and range checks (ValueError)."""
+        """The batch's image tokens [B*G, N] after the shape and range checks (ValueError); refused
+        too (WeightUpdateError) while a failed streamed update left this decoder half-updated."""
+        self._weights.require_serviceable()
+        if self._transformer_weights is not None:
+            self._transformer_weights.require_serviceable()
         vocab = self.decoder.vocab
         tokens = batch.image_tokens  # [B*G, N]
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] != vocab.tokens_per_image:
@@ -203,7 +207,7 @@ class DiffusionDecoderWorker:
         rollout.timings["decode_total"] = time.perf_counter() - start
         return DecodedImages(np.concatenate(images), served, dict(rollout.timings)), rollout
 
-    def update_decoder_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+    def update_decoder_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int:
         """Load SANA transformer weights `{parameter name: tensor}` (the diffusion learner's; under
         `transformer_lora` its adapter, merged into the base) as `version`; refuse whole, keeping the
         old version serving, if anything is off."""
@@ -233,17 +237,17 @@ class DiffusionDecoderWorker:
         info = DecodeInfo(len(decoded.images), decoded.policy_version, decoded.timings, rollout.decoder_version)
         return info, decoded.images, rollout
 
-    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Load full AR weights `{hf_name: tensor}` (or under LoRA an adapter, merged into the base) as
-        `version`; refuse (and keep serving) if bad (`VersionedWeights`: the same checks as the AR
-        rollout workers)."""
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int:
+        """Load full AR weights `{hf_name: tensor}` or a `WeightStream` of them (or under LoRA an
+        adapter, merged into the base) as `version`; refuse (and keep serving) if bad
+        (`VersionedWeights`: the same checks as the AR rollout workers)."""
         return self._weights.update(version, weights, self._load)
 
-    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+    def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         if self.config.lora is None:
             self.decoder.load_ar_weights(weights)
         elif self._merger is not None:
-            self.decoder.load_ar_weights(self._merger.merged(weights))
+            self.decoder.load_ar_weights(self._merger.merged(dict(weights)).items())
 
 
 # The same class as a Ray actor (one decoder per actor process).

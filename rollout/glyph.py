@@ -13,7 +13,7 @@ as a word rather than as letters in boxes; wide letters may overhang their tile 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -101,8 +101,11 @@ class GlyphTokenDecoder:
         self.vocab = vocab
         self.glyphs = GlyphDecoder(config, vocab.codebook_size, vocab.tokens_per_image)
 
-    def load_ar_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Glyphs do not depend on the AR weights: nothing to load (the worker tracks the version)."""
+    def load_ar_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Glyphs do not depend on the AR weights: nothing to load (the worker tracks the version); the
+        weights are still read, so a stream is received whole."""
+        for _ in weights:
+            pass
 
     def decode(self, prompt_ids: list[list[int]], image_tokens: torch.Tensor, seed: int) -> tuple[np.ndarray, dict[str, float]]:
         start = time.perf_counter()

@@ -21,7 +21,7 @@ Follows BLIP3o-NEXT's `generate_images` (blip3o_qwen_grpo.py), with these delibe
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,11 +123,11 @@ class SanaDecoder:
         self.vae_scale = 2 ** (len(self.vae.config.decoder_block_out_channels) - 1)
 
     @torch.no_grad()
-    def load_ar_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+    def load_ar_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy validated weights in place, cast to the served dtype and device (state_dict tensors
         share storage with the parameters; a tied lm_head is the embedding, updated through it)."""
         state = self.ar.state_dict()
-        for name, tensor in weights.items():
+        for name, tensor in weights:
             state[name].copy_(tensor)
 
     # -- the three stages ------------------------------------------------------------------------
@@ -242,9 +242,9 @@ class SanaDecoder:
         return SdeDecode(images, hidden_states, trajectory, timesteps, timings)
 
     @torch.no_grad()
-    def load_transformer_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+    def load_transformer_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy validated SANA transformer weights (the diffusion learner's publish) in place, cast
         to the served dtype and device."""
         parameters = dict(self.transformer.named_parameters())
-        for name, tensor in weights.items():
+        for name, tensor in weights:
             parameters[name].copy_(tensor)

@@ -285,7 +285,7 @@ def test_transformer_adapter_specs_and_the_merged_stream(tiny_model_dir):
     params = dict(model.named_parameters())
 
     def load(weights):
-        for name, tensor in weights.items():
+        for name, tensor in weights:
             params[name].copy_(tensor)
 
     generator = torch.Generator().manual_seed(0)

@@ -1,11 +1,13 @@
 """The run's fleet (rl/fleet.py) with stand-in workers on a real Ray cluster: a publish that loses
-a worker is recovered (reconnect, publish again, every worker proven on the version), and a worker
-Ray will not restart any more stops the run with a named error."""
+a worker is recovered (reconnect, publish again, every worker proven on the version), a worker left
+half-updated by a failed streamed publish is restarted first, and a worker Ray will not restart any
+more stops the run with a named error."""
 
 from __future__ import annotations
 
 import pytest
 
+from policy.weights import UNSERVICEABLE
 from rl.fleet import Fleet, Versions, WorkerFailedError
 from rl.weight_sync import SyncReport, WeightSyncError
 
@@ -21,6 +23,16 @@ class StandInWorker:
 
     def served_version(self) -> int:
         return self.version
+
+
+class HalfUpdatedWorker(StandInWorker):
+    """Left half-updated by a failed streamed publish until restarted (Ray runs the constructor
+    again: the new process serves the weights on disk, v0)."""
+
+    def __init__(self):
+        import ray
+
+        super().__init__(0 if ray.get_runtime_context().was_current_actor_reconstructed else UNSERVICEABLE)
 
 
 class FlakyLearner:
@@ -42,7 +54,7 @@ class FlakyLearner:
             self.failures -= 1
             raise WeightSyncError("broadcasting weight version 2 failed (a worker process died?)")
         self.ray.get([w.set.remote(self.version) for w in self.connected])
-        return SyncReport(self.version, "stand-in", 0, 0.01, 0.0, len(self.connected))
+        return SyncReport(self.version, "stand-in", 0, 0.01, 0.0, len(self.connected), 1)
 
     def shutdown(self) -> None:
         pass
@@ -78,4 +90,20 @@ def test_a_worker_dead_for_good_is_a_named_failure(ray_cluster):
     ray_cluster.kill(fleet.decoder_actors[0])  # no restarts left
     with pytest.raises(WorkerFailedError, match=r"dead for good \(faults.max_worker_restarts = 0 used up\)"):
         fleet.recover(Versions(3), "step 4: decoder-0 dead")
+    fleet.shutdown()
+
+
+def test_a_half_updated_worker_is_restarted_before_the_publish_again(ray_cluster):
+    learner = FlakyLearner(ray_cluster, version=2, failures=1)
+    events: list[tuple[str, str]] = []
+    rollout = ray_cluster.remote(StandInWorker).options(num_cpus=0).remote(1)
+    # the failed publish left this one half-updated; its restart serves the weights on disk (v0)
+    decoder = ray_cluster.remote(HalfUpdatedWorker).options(num_cpus=0, max_restarts=1).remote()
+    fleet = Fleet([rollout], [decoder], learner, max_worker_restarts=1, restart_timeout_s=60, call_timeout_s=10,
+                  log_event=lambda kind, message: events.append((kind, message)))
+    learner.connect_workers(fleet.workers)
+    assert fleet.publish(Versions(2), step=2) is None
+    assert fleet.served_versions(10) == [2, 2]
+    assert events[1][1].startswith("step 2: weight publish failed: reloaded rollout-0 (v1), decoder-0 (v0), "
+                                   "decoder-0 (restarted: half-updated); every worker serves v2")
     fleet.shutdown()

@@ -13,6 +13,7 @@ from policy.loading import load_ar_model, load_tokenizer, load_vocab
 from policy.logprobs import sequence_image_logprobs
 from policy.model_dir import ModelPaths
 from policy.prompt import rollout_prompt_ids
+from policy.weights import param_specs
 from rl.grpo import (
     GRPOLoss,
     LossInputs,
@@ -264,7 +265,7 @@ def test_pack_unpack_round_trip_in_aligned_buckets():
         "c": torch.arange(300, dtype=torch.float32),  # 1200 bytes: bigger than the bucket, gets its own
         "d": torch.tensor([7], dtype=torch.int64),
     }
-    manifest = make_manifest(weights, bucket_limit=256)
+    manifest = make_manifest(param_specs(weights), bucket_limit=256)
     # a (40 B) and b (4 B at offset 64) share bucket 0; c alone in bucket 1; d starts bucket 2
     layout = [(s.name, s.bucket, s.offset) for s in manifest.slots]
     assert layout == [("a", 0, 0), ("b", 0, 64), ("c", 1, 0), ("d", 2, 0)]

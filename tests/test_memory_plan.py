@@ -154,3 +154,21 @@ def test_lora_params_count_the_adapter_the_learner_trains(glyph_model_dir):
         lora = LoRAConfig(rank=16, alpha=32, target_modules=targets)
         specs = adapter_specs(glyph_model_dir / "ar", lora, torch.float32)
         assert lora_params(shape, lora) == sum(torch.Size(spec.shape).numel() for spec in specs.values()), targets
+
+
+def test_a_streamed_update_costs_a_bucket_or_the_embedding_not_the_whole_model():
+    from rl.learner_config import LearnerConfig, WeightSyncConfig
+    from rl.memory_plan import MIB, received_update
+
+    shape = shape_from_preset("blip3o-next-shape")
+    embedding = shape.vocab_rows * shape.hidden  # 217,210 x 2048: the largest tensor
+    whole = LearnerConfig(model="x", sync=WeightSyncConfig(transport="shared_memory"))
+    assert received_update(shape, whole, 2, vllm=True).bytes == 4 * shape.ar_params  # float32 learner
+    streamed = LearnerConfig(model="x", sync=WeightSyncConfig(transport="broadcast", bucket_mb=256))
+    # the float32 embedding (1.78 GB) is bigger than a 256 MiB bucket: it arrives whole; vLLM builds
+    # the bfloat16 embedding layer anew while loading it
+    assert received_update(shape, streamed, 2, vllm=True).bytes == 4 * embedding + 2 * embedding
+    assert received_update(shape, streamed, 2, vllm=False).bytes == 4 * embedding
+    huge_buckets = LearnerConfig(model="x", sync=WeightSyncConfig(transport="broadcast", bucket_mb=4096))
+    assert received_update(shape, huge_buckets, 2, vllm=False).bytes == 4096 * MIB
+    assert received_update(shape, None, 2, vllm=True).bytes == 0  # a frozen AR policy receives nothing

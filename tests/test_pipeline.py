@@ -308,7 +308,7 @@ class StandInLearner:
         from rl.weight_sync import SyncReport
 
         self.ray.get([worker.set.remote(self.version) for worker in self.workers])
-        return SyncReport(self.version, "stand-in", 0, 0.01, 0.0, len(self.workers))
+        return SyncReport(self.version, "stand-in", 0, 0.01, 0.0, len(self.workers), 1)
 
     def save_checkpoint(self, directory: str) -> None:
         from rl.checkpoint import commit_rank_part

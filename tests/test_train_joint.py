@@ -82,8 +82,7 @@ def test_diffusion_only_run_learns_survives_a_dead_decoder_and_leaves_the_ar_pol
 def test_joint_run_updates_both_policies_and_resumes_exactly(tmp_path, tiny_model_dir):
     """[ar, diffusion]: both versions rise every step; a run killed right after logging step 4 and
     resumed from its step-3 checkpoint redoes step 4 exactly as it first ran (rewards, both losses,
-    both versions: restored weights, optimizers and prompt sampler of both learners), then finishes.
-    (One run against itself: tests/test_train.py compares a killed run with an uninterrupted one.)"""
+    both versions: restored weights, optimizers and prompt sampler of both learners), then finishes."""
     steps = 5
     config = sana_config(tmp_path, JOINT, tiny_model_dir, steps=steps, **{"checkpoint.every": 3})
     run = RunningTrain(config)

@@ -6,7 +6,7 @@ import torch
 
 from policy.loading import load_ar_model
 from policy.model_dir import resolve_model_dir
-from policy.weights import VersionedWeights, param_specs
+from policy.weights import VersionedWeights, WeightStream, param_specs
 
 
 class TransformersReceiver:
@@ -17,11 +17,20 @@ class TransformersReceiver:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.model = load_ar_model(resolve_model_dir(model_dir))
-        # the model's own state dict (a tied lm_head included), so nothing is dropped
-        self.weights = VersionedWeights(param_specs(self.model.state_dict()))
+        # the model's own state dict; a tied lm_head is the embedding (updated through it), as in
+        # the rollout and decoder workers' contract
+        tied = bool(self.model.config.tie_word_embeddings)
+        specs = param_specs(self.model.state_dict())
+        self.weights = VersionedWeights({k: v for k, v in specs.items() if not (tied and k == "lm_head.weight")}, tied)
 
-    def update_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        return self.weights.update(version, weights, self.model.load_state_dict)  # copies out of the buffer
+    def update_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int:
+        return self.weights.update(version, weights, self._load)
+
+    @torch.no_grad()
+    def _load(self, weights) -> None:
+        state = self.model.state_dict()  # shares storage with the parameters
+        for name, tensor in weights:
+            state[name].copy_(tensor)  # copies out of the receive buffer
 
     def served_version(self) -> int:
         return self.weights.version
