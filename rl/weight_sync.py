@@ -171,13 +171,14 @@ def pack_bucket(weights: Mapping[str, torch.Tensor], manifest: Manifest, bucket:
             out[slot.offset : slot.offset + slot.nbytes].copy_(src, non_blocking=True)
 
 
-def pack_from(source: WeightSource, manifest: Manifest, buffer_of) -> Iterator[tuple[int, torch.Tensor]]:
-    """Gather and pack one bucket at a time into `buffer_of(bucket)`; yields each packed (bucket, buffer)."""
+def pack_from(source: WeightSource, manifest: Manifest, buffer_of) -> Iterator[torch.Tensor]:
+    """Gather and pack one bucket at a time into `buffer_of(bucket)`; yields each packed buffer
+    (the next bucket is gathered only when the caller asks for it)."""
     for bucket in range(len(manifest.bucket_bytes)):
         out = buffer_of(bucket)
         with source.gathered(manifest.bucket_names(bucket)) as tensors:
             pack_bucket(tensors, manifest, bucket, out)
-        yield bucket, out
+        yield out
 
 
 def unpack_bucket(buffer: torch.Tensor, manifest: Manifest, bucket: int) -> dict[str, torch.Tensor]:
@@ -520,7 +521,7 @@ class BroadcastSender:
         pack_seconds = 0.0
         try:
             pack_start = time.perf_counter()
-            for _, packed in pack_from(source, manifest, lambda bucket: buffer[:manifest.bucket_bytes[bucket]]):
+            for packed in pack_from(source, manifest, lambda bucket: buffer[:manifest.bucket_bytes[bucket]]):
                 pack_seconds += time.perf_counter() - pack_start
                 _broadcast(self.group, packed)
                 pack_start = time.perf_counter()

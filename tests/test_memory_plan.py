@@ -158,12 +158,16 @@ def test_lora_params_count_the_adapter_the_learner_trains(glyph_model_dir):
 
 def test_a_streamed_update_costs_a_bucket_or_the_embedding_not_the_whole_model():
     from rl.learner_config import LearnerConfig, WeightSyncConfig
-    from rl.memory_plan import MIB, received_update
+    from rl.memory_plan import MIB, plan_weight_buffer, received_update
 
     shape = shape_from_preset("blip3o-next-shape")
     embedding = shape.vocab_rows * shape.hidden  # 217,210 x 2048: the largest tensor
     whole = LearnerConfig(model="x", sync=WeightSyncConfig(transport="shared_memory"))
-    assert received_update(shape, whole, 2, vllm=True).bytes == 4 * shape.ar_params  # float32 learner
+    # read from the sender's buffer (planned once, as its own line); vLLM rebuilds the layer it loads
+    assert received_update(shape, whole, 2, vllm=True).bytes == 2 * embedding
+    assert received_update(shape, whole, 2, vllm=False).bytes == 0
+    assert plan_weight_buffer(shape, whole).total == 4 * shape.ar_params  # float32 learner
+    assert plan_weight_buffer(shape, LearnerConfig(model="x", sync=WeightSyncConfig(transport="broadcast"))) is None
     streamed = LearnerConfig(model="x", sync=WeightSyncConfig(transport="broadcast", bucket_mb=256))
     # the float32 embedding (1.78 GB) is bigger than a 256 MiB bucket: it arrives whole; vLLM builds
     # the bfloat16 embedding layer anew while loading it
