@@ -201,14 +201,13 @@ def update_in_shared_memory(args):
     import torch
 
     from policy.model_dir import ModelPaths
-    from rl.weight_sync import TensorSource, flat_buckets, make_manifest, pack_from
+    from rl.weight_sync import TensorSource, make_manifest, pack_flat
 
     source = TensorSource(full_weights_fp32(ModelPaths(model_dir(args))))
     manifest = make_manifest(source.specs, 256 * 2**20)
     path = f"/dev/shm/blip3o-scale-{os.getpid()}.bin"
     mapped = np.memmap(path, dtype=np.uint8, mode="w+", shape=(manifest.flat_bytes,))
-    for _ in pack_from(source, manifest, flat_buckets(torch.from_numpy(mapped), manifest).__getitem__):
-        pass
+    pack_flat(source, manifest, torch.from_numpy(mapped))
     mapped.flush()
     del source, mapped
     gc.collect()

@@ -197,10 +197,10 @@ class VersionedWeights:
             nonlocal started
             for bucket in stream.buckets:
                 bucket = self._untied(bucket)
-                wrong = [name for name, t in bucket.items()
-                         if name not in declared or tuple(t.shape) != declared[name].shape or t.dtype != declared[name].dtype]
+                wrong = declaration_problems(declared, param_specs(bucket), require_all=False)
                 if wrong:
-                    raise WeightUpdateError(f"weight update refused: {wrong[:5]} differ from the stream's declaration")
+                    raise WeightUpdateError("weight update refused: values differ from the stream's declaration: "
+                                            + "; ".join(wrong))
                 validate_weights(self.specs, bucket, require_all=False, allow_cast=True)  # values: NaN, inf
                 started = True
                 yield from bucket.items()

@@ -487,16 +487,12 @@ class LearnerRank:
         ZeRO-3 every rank gathers the parameters bucket by bucket as the sender packs them; an
         adapter (kilobytes) is gathered whole."""
         if self.peft_model is None:
-            parameters = distinct(self._base_parameters())  # a tied head is the embedding: sent once
-            if self.config.zero_stage == 3:
-                source = GatheredBuckets(parameters, self.sync.bucket_mb * 2**20)  # the sender's buckets
-                try:
-                    return self._send(source) if self.rank == 0 else None
-                finally:
-                    source.follow()
-            if self.rank != 0:
-                return None
-            return self._send(TensorSource({name: p.detach() for name, p in parameters.items()}))
+            # a tied head is the embedding: sent once; buckets as the sender's
+            source = GatheredBuckets(distinct(self._base_parameters()), self.sync.bucket_mb * 2**20)
+            try:
+                return self._send(source) if self.rank == 0 else None
+            finally:
+                source.follow()
         with self._gathered(published_only=True):
             if self.rank != 0:
                 return None
@@ -582,9 +578,11 @@ def distinct(parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Pa
 
 
 class GatheredBuckets:
-    """ZeRO-3 parameters as a weight source (rl/weight_sync.py `WeightSource`): full shapes from
-    DeepSpeed's records, each bucket's parameters gathered only while the sender packs them. The
-    gather is a collective: the other ranks `follow` the same buckets in the same order."""
+    """The learner's parameters as a weight source (rl/weight_sync.py `WeightSource`). Under ZeRO-3
+    the full shapes come from DeepSpeed's records and each bucket's parameters are gathered only
+    while the sender packs them; the gather is a collective, so the other ranks `follow` the same
+    buckets in the same order. Below stage 3 the gathers do nothing (DeepSpeed's context is a no-op
+    for parameters it does not partition)."""
 
     def __init__(self, parameters: dict[str, torch.nn.Parameter], bucket_limit: int):
         self.parameters = parameters

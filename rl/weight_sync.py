@@ -181,6 +181,13 @@ def pack_from(source: WeightSource, manifest: Manifest, buffer_of) -> Iterator[t
         yield out
 
 
+def pack_flat(source: WeightSource, manifest: Manifest, flat: torch.Tensor) -> None:
+    """Gather and pack every bucket, one at a time, into one buffer of `manifest.flat_bytes`
+    (shared memory, object store; `flat_buckets` lays them out)."""
+    for _ in pack_from(source, manifest, flat_buckets(flat, manifest).__getitem__):
+        pass
+
+
 def unpack_bucket(buffer: torch.Tensor, manifest: Manifest, bucket: int) -> dict[str, torch.Tensor]:
     """Views `{name: tensor}` of one bucket's tensors over its received uint8 buffer (no copy)."""
     out = {}
@@ -271,9 +278,7 @@ class ObjectStoreSender:
         start = time.perf_counter()
         manifest = make_manifest(source.specs, self.config.bucket_mb * 2**20)
         buffer = np.empty(manifest.flat_bytes, dtype=np.uint8)  # [bytes] (every bucket, end to end)
-        slices = flat_buckets(torch.from_numpy(buffer), manifest)
-        for _ in pack_from(source, manifest, slices.__getitem__):
-            pass
+        pack_flat(source, manifest, torch.from_numpy(buffer))
         ref = ray.put(buffer)
         packed = time.perf_counter()
         refs = [w.__ray_call__.remote(receive_from_object_store, manifest, ref, version) for w in self.workers]
@@ -315,9 +320,7 @@ class SharedMemorySender:
     def publish(self, version: int, source: WeightSource) -> SyncReport:
         start = time.perf_counter()
         manifest = make_manifest(source.specs, self.config.bucket_mb * 2**20)
-        slices = flat_buckets(self._buffer(manifest.flat_bytes), manifest)
-        for _ in pack_from(source, manifest, slices.__getitem__):
-            pass
+        pack_flat(source, manifest, self._buffer(manifest.flat_bytes))
         packed = time.perf_counter()
         refs = [w.__ray_call__.remote(receive_from_shared_memory, manifest, self.path, version) for w in self.workers]
         try:
