@@ -8,7 +8,7 @@
   transformer (full fine-tuning) vs the LoRA adapter the decoder merges into its base copy
   (`--lora-rank`, alpha 2 x rank as Flow-GRPO's 32 / 64; the LoRA learner's step time too).
 
-- reward curves: the CPU demo configs run as a user runs them (`python -m rl.train`, one after the
+- reward curves: the CPU demo configs run as a user runs them (`python -m rl.run.train`, one after the
   other), JPEG compressibility through the reward API: `train: [diffusion]`
   (deploy/configs/tiny-cpu-sana-diffusion.yaml), `[ar, diffusion]` (tiny-cpu-sana-joint.yaml) and,
   for comparison, `[ar]` (the joint config without its diffusion learner); mean reward of the first
@@ -45,9 +45,12 @@ from policy.prompt import rollout_prompt_ids  # noqa: E402
 from policy.sana_lora import TransformerLoRAConfig  # noqa: E402
 from policy.tiny import PRESETS, make_tiny  # noqa: E402
 from rewards.compressibility import jpeg_size_kb  # noqa: E402
-from rl.diffusion_learner_config import DiffusionLearnerConfig  # noqa: E402
-from rl.grpo import group_advantages  # noqa: E402
-from rl.learner_config import GRPOConfig, WeightSyncConfig  # noqa: E402
+from rl.learners.diffusion_config import DiffusionLearnerConfig  # noqa: E402
+from rl.objectives.grpo import (
+    GRPOConfig,  # noqa: E402
+    group_advantages,  # noqa: E402
+)
+from rl.weight_sync import WeightSyncConfig  # noqa: E402
 from rollout.decoder_config import DecoderConfig  # noqa: E402
 from rollout.decoder_worker import DiffusionDecoderWorker, decoder_actor  # noqa: E402
 from rollout.diffusion_rollout import SdeSampling  # noqa: E402
@@ -111,7 +114,7 @@ def learner_and_publish(model_dir: Path, steps: int, repeats: int, rows: int,
     with `lora` both train / serve the adapter (the publish sends it, the decoder merges it)."""
     import ray
 
-    from rl.diffusion_learner import DiffusionLearnerGroup
+    from rl.learners.diffusion_learner import DiffusionLearnerGroup
 
     sampling = SdeSampling(steps=steps)
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
@@ -161,7 +164,7 @@ def reward_curve(name: str, demo: Path, steps: int, workdir: Path, model_dir: Pa
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rl.train", "--config", str(config)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "rl.run.train", "--config", str(config)], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     store = RunStore(workdir / name)

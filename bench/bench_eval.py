@@ -7,7 +7,7 @@ over the whole command (workers loading included). The machine's load average is
 machine is shared, so compare ratios, not absolute rates.
 
 In-run eval (`inrun_glyph_ocr`): the CPU demo config run twice with the same seed and steps, once
-without and once with its `eval:` section (rl/inrun_eval.py), side by side. The loop time is the
+without and once with its `eval:` section (rl/evaluation/in_run.py), side by side. The loop time is the
 wall time from step 1's metrics to the last step's (so worker start, step 1's warm-up and the final
 checkpoint are left out; evals and the best-eval checkpoints they save are in);
 `inrun_eval_overhead_fraction` = loop time with eval / without - 1. Both runs must train
@@ -76,7 +76,7 @@ def run_demo(workdir: Path, model: Path, steps: int, label: str, evaluation: dic
     config = workdir / f"{label}.yaml"
     config.write_text(yaml.safe_dump(raw))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rl.train", "--config", str(config)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "rl.run.train", "--config", str(config)], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     store = RunStore(workdir / label)

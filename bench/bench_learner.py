@@ -32,11 +32,15 @@ from policy.loading import load_ar_model, load_tokenizer, load_vocab  # noqa: E4
 from policy.model_dir import ModelPaths  # noqa: E402
 from policy.prompt import rollout_prompt_ids  # noqa: E402
 from policy.tiny import TinySpec, make_tiny  # noqa: E402
-from rl.grpo import group_advantages  # noqa: E402
-from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig  # noqa: E402
-from rl.learner_group import LearnerGroup  # noqa: E402
-from tests.support.receivers import TransformersReceiver  # noqa: E402
+from rl.learners.ar_config import LearnerConfig  # noqa: E402
+from rl.learners.group import LearnerGroup  # noqa: E402
+from rl.objectives.grpo import (
+    GRPOConfig,  # noqa: E402
+    group_advantages,  # noqa: E402
+)
+from rl.weight_sync import WeightSyncConfig  # noqa: E402
 from rollout.records import RolloutBatch  # noqa: E402
+from tests.support.receivers import TransformersReceiver  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learner.json"
 SIZES = {

@@ -36,7 +36,9 @@ from bench.bench_learner import CAPTIONS, GROUP, make_batch  # noqa: E402
 from policy.lora import LoRAConfig  # noqa: E402
 from policy.model_dir import ModelPaths  # noqa: E402
 from policy.tiny import PRESETS, TinySpec, make_tiny  # noqa: E402
-from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig  # noqa: E402
+from rl.learners.ar_config import LearnerConfig  # noqa: E402
+from rl.objectives.grpo import GRPOConfig  # noqa: E402
+from rl.weight_sync import WeightSyncConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora.json"
 MODELS = {
@@ -72,7 +74,7 @@ def reset_peak(rank_actor) -> None:
 def bench_mode(mode: str, model_dir: Path, lora: LoRAConfig | None, args: argparse.Namespace) -> dict:
     import ray
 
-    from rl.learner_group import LearnerGroup
+    from rl.learners.group import LearnerGroup
     from rollout.ar_worker import ARRolloutActor
     from rollout.config import RolloutConfig
 

@@ -30,8 +30,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.chaos import inject_fault  # noqa: E402
 from rl.run_store import RunStore  # noqa: E402
+from tests.support.chaos import inject_fault  # noqa: E402
 
 FAULTS = (("rollout", "kill"), ("decoder", "kill"), ("reward", "kill"), ("decoder", "hang"))
 
@@ -47,7 +47,7 @@ def fault_drill(steps: int, every: int, workdir: Path) -> dict:
     config.write_text(yaml.safe_dump(raw))
     rows = raw["data"]["prompts_per_step"] * raw["data"]["group_size"]
 
-    process = subprocess.Popen([sys.executable, "-m", "rl.train", "--config", str(config)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "rl.run.train", "--config", str(config)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
@@ -98,8 +98,8 @@ def fault_drill(steps: int, every: int, workdir: Path) -> dict:
 
 
 def load_drill(clients: int, seconds: float, workdir: Path) -> dict:
-    from rewards.local_server import start_reward_server
     from rewards.loadtest import run_load_test
+    from rewards.local_server import start_reward_server
     from rewards.tiny import make_tiny_geneval_models
 
     detector, clip = make_tiny_geneval_models(workdir / "geneval")

@@ -122,7 +122,7 @@ def serve_http_scorer(port: int, size: str) -> None:
 
 
 def http_scorer_vs_inprocess(rounds: int, size: str, count: int = 32) -> dict:
-    """A reward function behind HTTP, called the way the trainer calls it (rl.scoring.score_images
+    """A reward function behind HTTP, called the way the trainer calls it (rl.scoring.service.score_images
     on chunks of 16 rows: PNG encoding, the generic protocol, the example scorer app in its own
     process) vs the same function called in-process on the same arrays, rounds interleaved. Two
     functions: PP-OCRv6 (a model-sized reward: the headline ratio) and mean brightness (almost free:
@@ -131,9 +131,9 @@ def http_scorer_vs_inprocess(rounds: int, size: str, count: int = 32) -> dict:
 
     from rewards.app.schemas import Limits
     from rewards.local_server import free_port
-    from rl.prompts import PromptItem
-    from rl.reward_mix import RewardComponentConfig
-    from rl.scoring import RewardEndpoint, score_images
+    from rl.prompts.sources import PromptItem
+    from rl.scoring.reward_mix import RewardComponentConfig
+    from rl.scoring.service import RewardEndpoint, score_images
     from tests.support.http_scorers import load_example
 
     chunk = 16  # rows a scoring task sends (one prompt of a 16-sample group)
@@ -195,7 +195,7 @@ def http_scorer_vs_inprocess(rounds: int, size: str, count: int = 32) -> dict:
     return {
         "http_scorer_vs_inprocess": ratio("model"),
         "http_scorer_function": f"PP-OCRv6_{size} as f(images, prompts, metadatas); {count} images 512x128, "
-                                f"chunks of {chunk} through rl.scoring.score_images",
+                                f"chunks of {chunk} through rl.scoring.service.score_images",
         "http_scorer_images_per_s": round(median["model_http"], 3),
         "http_scorer_inprocess_images_per_s": round(median["model_in"], 3),
         "http_scorer_trivial_vs_inprocess": ratio("trivial"),

@@ -314,9 +314,10 @@ def piece_learner(args) -> None:
     import ray
     import torch
 
-    from rl.grpo import group_advantages
-    from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig
-    from rl.learner_group import LearnerGroup
+    from rl.learners.ar_config import LearnerConfig
+    from rl.learners.group import LearnerGroup
+    from rl.objectives.grpo import GRPOConfig, group_advantages
+    from rl.weight_sync import WeightSyncConfig
     from tests.support.receivers import TransformersReceiver
 
     batch = torch.load(args.work_dir / "batch.pt", weights_only=False)
@@ -364,8 +365,7 @@ def piece_sync(args) -> None:
     import torch
 
     from policy.model_dir import ModelPaths
-    from rl.learner_config import WeightSyncConfig
-    from rl.weight_sync import TensorSource, make_sender
+    from rl.weight_sync import TensorSource, WeightSyncConfig, make_sender
     from rollout.ar_worker import ARRolloutActor
     from rollout.config import RolloutConfig
     from tests.support.receivers import TransformersReceiver
@@ -399,7 +399,7 @@ def piece_sync(args) -> None:
 
 
 def old_path_loss(model, vocab, prompts, tokens, pad_id):
-    """The learner before the memory fixes (HEAD's policy/logprobs.py + rl/learner.py): full
+    """The learner before the memory fixes (HEAD's policy/logprobs.py + rl/learners/ar_learner.py): full
     [b, L, V] logits, log_softmax(image slice / T) with grad, entropy from a second pass."""
     import torch
 
@@ -415,7 +415,7 @@ def old_path_loss(model, vocab, prompts, tokens, pad_id):
 
 def new_path_loss(model, vocab, prompts, tokens, pad_id):
     """The learner now: ImageTokenLogits [b, N, K], logit - logsumexp with grad, entropy in chunks
-    without grad (rl/learner.py::_micro_step)."""
+    without grad (rl/learners/ar_learner.py::_micro_step)."""
     from policy.logprobs import ImageTokenLogits, codebook_entropy, codebook_token_logprobs
 
     head = ImageTokenLogits(model, vocab)
@@ -480,7 +480,7 @@ def rehearsal_config(args) -> Path:
 
 def plan_roles(args) -> dict[str, float]:
     from rl.memory_plan import plan_config, shape_from_model_dir
-    from rl.train_config import load_config
+    from rl.run.config import load_config
 
     plans = plan_config(load_config(rehearsal_config(args)), shape_from_model_dir(model_dir(args)))
     names = {"rollout worker (vLLM)": "rollout", "decoder worker": "decode", "learner rank": "learner",

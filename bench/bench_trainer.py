@@ -47,7 +47,7 @@ def run(mode: str, steps: int, workdir: Path, model: Path, reward_url: str | Non
         raw["rewards"] = {"service": "url", "url": reward_url}
     config = workdir / f"{label}.yaml"
     config.write_text(yaml.safe_dump(raw))
-    subprocess.run([sys.executable, "-m", "rl.train", "--config", str(config)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "rl.run.train", "--config", str(config)], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
     store = RunStore(workdir / label)
     (info,) = store.list_runs()

@@ -36,7 +36,7 @@ def _convert_blip3o_next(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from rl.memory_plan import run_plan
-    from rl.train_config import ConfigError
+    from rl.run.config import ConfigError
 
     try:
         report, verdict = run_plan(args.config, args.model_shape, args.device_gib, args.host_gib)
@@ -98,7 +98,7 @@ def _rewards_loadtest(args: argparse.Namespace) -> None:
 
 
 def _prompts(args: argparse.Namespace) -> None:
-    from rl.prompt_sets import PromptSetError, write_prompt_set
+    from rl.prompts.generators import PromptSetError, write_prompt_set
 
     try:
         write_prompt_set(args.prompts_command, Path(args.out), args.n, args.seed)
@@ -108,7 +108,7 @@ def _prompts(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from rl.eval_command import main as eval_main
+    from rl.evaluation.command import main as eval_main
 
     eval_main(args)
 
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--host-gib", type=float, help="RAM shared by the CPU roles (default: this machine's MemTotal)")
     plan.set_defaults(run=_plan)
 
-    # listed for --help; main() hands `train ...` to rl.train's own parser untouched
+    # listed for --help; main() hands `train ...` to rl.run.train's own parser untouched
     sub.add_parser("train", help="run GRPO: blip3o-rl train --config FILE [--resume [RUN_ID]]")
 
     dashboard = sub.add_parser("dashboard", help="serve the live dashboard over a runs directory")
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.set_defaults(run=_rewards_loadtest)
 
     evaluation = sub.add_parser("eval", help="benchmark a model or run checkpoint: GenEval or OCR (resumable)")
-    from rl.eval_command import add_arguments as add_eval_arguments
+    from rl.evaluation.command import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluation)
     evaluation.set_defaults(run=_eval)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from rl.train import main as train_main
+        from rl.run.train import main as train_main
 
         raise SystemExit(train_main(argv[1:]))
     args = build_parser().parse_args(argv)

@@ -47,4 +47,4 @@ JSON
 )
 
 exec ray job submit --address "$ADDRESS" --working-dir . --runtime-env-json "$RUNTIME_ENV" \
-  ${SUBMIT_ARGS[@]+"${SUBMIT_ARGS[@]}"} -- python -m rl.train --config "$CONFIG" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+  ${SUBMIT_ARGS[@]+"${SUBMIT_ARGS[@]}"} -- python -m rl.run.train --config "$CONFIG" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}

@@ -26,8 +26,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TEXT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# The bundled TRAINING prompt sets (never the evaluation sets under rl/data/eval/).
-PROMPT_CORPUS = Path(__file__).resolve().parents[1] / "rl" / "data" / "train"
+# The bundled TRAINING prompt sets (never the evaluation sets under rl/prompts/data/eval/).
+PROMPT_CORPUS = Path(__file__).resolve().parents[1] / "rl" / "prompts" / "data" / "train"
 
 
 @dataclass(frozen=True)

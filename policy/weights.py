@@ -12,7 +12,7 @@ whole-model receive buffer). A stream's declaration is checked whole before any 
 each bucket's values are checked before any of them reaches the load. A bucket that fails after
 earlier ones were loaded (NaN, or the transport broke) leaves the model half-updated: the worker
 is then unserviceable (`served_version()` = UNSERVICEABLE, generate refuses) until a full update
-or a restart (rl/fleet.py restarts it during recovery).
+or a restart (rl/run/fleet.py restarts it during recovery).
 
 `VersionedWeights` is that contract, written once: every worker keeps one and hands it the load
 function of its own model (vLLM's reload, the decoder's AR model, a plain transformers model).

@@ -20,7 +20,7 @@ def build_serve_app(settings: Settings, num_cpus: float = 1.0, max_ongoing_reque
                     num_replicas: int = 1, num_gpus: float = 0.0,
                     resources: dict[str, float] | None = None) -> Application:
     """A Serve application of `num_replicas` replicas running `create_app(settings)`, each with
-    `num_cpus`, `num_gpus` and custom `resources` (the reward role's, rl/placement.py)."""
+    `num_cpus`, `num_gpus` and custom `resources` (the reward role's, rl/run/placement.py)."""
 
     def build():
         from rewards.app.main import create_app

@@ -9,7 +9,7 @@
             manifest.json    every file of the checkpoint and its size, written by the driver last
         latest               name of the newest COMPLETE checkpoint
         best.json            {"step", "score"}: the checkpoint of the best in-run eval so far, kept by pruning
-        guard.json           the reward-hacking guard's state (rl/guard.py), rewritten after each
+        guard.json           the reward-hacking guard's state (rl/guard/rules.py), rewritten after each
                              checkpoint and rollback; a resume drops what it saw after its step
 
 A checkpoint is written into a temp folder and renamed into place, and `latest` is replaced
@@ -32,7 +32,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rl.prompts import SamplerState
+from rl.prompts.sources import SamplerState
 
 LATEST = "latest"
 BEST_FILE = "best.json"
@@ -144,7 +144,7 @@ class BestCheckpoint:
 
     step: int
     score: float
-    """The eval's score (rl/inrun_eval.py: GenEval overall, OCR mean reward); higher is better."""
+    """The eval's score (rl/evaluation/in_run.py: GenEval overall, OCR mean reward); higher is better."""
 
 
 class CheckpointDir:

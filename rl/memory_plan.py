@@ -479,7 +479,7 @@ def default_host_gib() -> float:
 
 def run_plan(config_path: str, model_shape: str | None, device_gib: float, host_gib: float | None) -> tuple[str, Verdict]:
     """Load the config, find the model's shape, plan every role; (report text, verdict)."""
-    from rl.train_config import load_config
+    from rl.run.config import load_config
 
     config = load_config(config_path)
     root = Path(config.model.path)

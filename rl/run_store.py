@@ -28,9 +28,9 @@ NaN, stored as NULL): the dashboard draws a gap there, never a placeholder 0.
                                 (update_diffusion, sync_diffusion when the decoder learns)
     throughput/<name>           e.g. throughput/images_per_s
     eval/<bench>/<name>         in-run evaluation: one panel per `eval/<bench>` (connected points);
-                                rl/inrun_eval.py logs eval/<bench>/score, eval/ocr/exact, eval/geneval/<tag>
+                                rl/evaluation/in_run.py logs eval/<bench>/score, eval/ocr/exact, eval/geneval/<tag>
     time/eval                   seconds of the in-run eval at its steps (a sparse panel of its own)
-    images/<statistic>          the step's image statistics (rl/image_stats.py: dark_share, brightness,
+    images/<statistic>          the step's image statistics (rl/guard/image_stats.py: dark_share, brightness,
                                 colour_entropy, edge_density, group_diversity): one panel each
     guard/<statistic>[/<name>]  any other guard number: one panel per statistic
 
@@ -220,7 +220,7 @@ class RunStore:
 
     def add_metrics_listener(self, listener: MetricsListener) -> None:
         """Call `listener(run_id, step, metrics)` after every committed `log_metrics` of this store
-        object (how a run mirrors its metrics to Weights & Biases: rl/wandb_logger.py). Non-finite
+        object (how a run mirrors its metrics to Weights & Biases: rl/run/wandb_logger.py). Non-finite
         values arrive as None, as stored."""
         self._listeners.append(listener)
 

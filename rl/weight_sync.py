@@ -32,7 +32,7 @@ Transports and rank layout:
       wait); joining a new group aborts the worker's older one.
 
 Every sender reads its weights a bucket at a time from a `WeightSource` (`bucket_mb`): under
-ZeRO-3 only one bucket of parameters is gathered at once (rl/learner.py), never the whole model.
+ZeRO-3 only one bucket of parameters is gathered at once (rl/learners/ar_learner.py), never the whole model.
 The shared-memory and object-store workers read the whole update from the one buffer it was packed
 into (no private copy) and check it whole before loading. Broadcast workers receive each bucket
 into a buffer of its own and stream it into their model (`policy.weights.WeightStream`), so no
@@ -52,13 +52,35 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ContextManager, Protocol
+from typing import ContextManager, Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from policy.weights import ParamSpec, WeightStream, param_specs
-from rl.learner_config import WeightSyncConfig
+
+
+class WeightSyncConfig(BaseModel):
+    """How the learner publishes weights to the rollout and decoder workers (the transports are below)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    transport: Literal["object_store", "shared_memory", "broadcast"] = "shared_memory"
+    """object_store / shared_memory: one machine; broadcast: a process group (NCCL on GPU, gloo on CPU)."""
+    shm_dir: str = "/dev/shm"
+    """Folder of the shared-memory files (must be a tmpfs visible to every worker)."""
+    broadcast_backend: Literal["gloo", "nccl"] = "gloo"
+    """Backend of the weight-sync process group."""
+    broadcast_device: Literal["cpu", "cuda"] = "cpu"
+    """Where the broadcast buffers live (cuda with nccl)."""
+    bucket_mb: int = Field(256, gt=0)
+    """Weights are gathered (ZeRO-3), packed and sent in buckets of at most this many MiB (a bigger
+    tensor travels alone). It bounds what a publish adds on a learner rank and, over broadcast, on
+    a worker (each bucket is streamed into the model as it arrives)."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Give up (with an error naming the worker) if a worker has not confirmed within this time."""
+
 
 ALIGN = 64
 """Byte alignment of every tensor inside a buffer (any dtype view stays aligned)."""

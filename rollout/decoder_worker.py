@@ -9,7 +9,7 @@ keeps serving) and returns the version served afterwards.
 A batch is rendered only by the weights its tokens were sampled with: the hidden states that
 condition SANA come from the served AR weights, so tokens of version v decoded after a publish of
 v+1 would be images of neither policy. Such a batch is refused at once (`DecoderVersionError`,
-before any work) and the driver samples the chunk again (rl/pipeline.py).
+before any work) and the driver samples the chunk again (rl/run/pipeline.py).
 
     driver --decode.remote(batch, seed)--> DiffusionDecoderActor --> DecodedImages (row for row)
     pipeline --decode_split.remote(batch, seed)--> (DecodeInfo -> driver, images -> scoring task)
@@ -256,7 +256,7 @@ DiffusionDecoderActor = ray.remote(DiffusionDecoderWorker)
 
 def decoder_actor(config: DecoderConfig, max_restarts: int = 0, resources: dict[str, float] | None = None):
     """Start a `DiffusionDecoderActor` with the resources from `config` (Ray must be initialised),
-    plus custom `resources` (the decoder role's, rl/placement.py). With `max_restarts`, Ray
+    plus custom `resources` (the decoder role's, rl/run/placement.py). With `max_restarts`, Ray
     restarts a dead one (serving the weights on disk, version 0)."""
     return DiffusionDecoderActor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                                          resources=resources or {}, max_restarts=max_restarts,

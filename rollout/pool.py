@@ -2,7 +2,7 @@
 
 Each worker gets a contiguous slice of the captions and the seed its first row would have had in
 one big request, so the joined batch has the same rows as a single worker's (row r sampled with
-seed + r). The step's dataflow (rl/pipeline.py) joins its chunks with `concat_batches`.
+seed + r). The step's dataflow (rl/run/pipeline.py) joins its chunks with `concat_batches`.
 """
 
 from __future__ import annotations

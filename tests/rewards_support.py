@@ -17,7 +17,7 @@ from rewards.ocr import OcrResult, ocr_reward
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 # An evaluation set (Flow-GRPO OCR test): fine for scoring tests, never for training.
-OCR_PROMPTS = Path(__file__).resolve().parents[1] / "rl" / "data" / "eval" / "flow_grpo_ocr_test.txt"
+OCR_PROMPTS = Path(__file__).resolve().parents[1] / "rl" / "prompts" / "data" / "eval" / "flow_grpo_ocr_test.txt"
 
 
 def render_text(text: str, size: tuple[int, int] = (512, 128), colour: str = "black",

@@ -16,7 +16,7 @@ from rl.checkpoint import (
     commit_rank_part,
     write_probe,
 )
-from rl.prompts import SamplerState
+from rl.prompts.sources import SamplerState
 
 
 def test_commit_round_trip_and_latest(tmp_path):

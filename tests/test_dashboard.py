@@ -598,7 +598,7 @@ def test_deploy_files_are_valid_and_consistent():
     job, dashboard_service, rewards_deployment, rewards_service = yaml.safe_load_all(
         (deploy / "kuberay-rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
-    assert "python -m rl.train --config" in job["spec"]["entrypoint"]
+    assert "python -m rl.run.train --config" in job["spec"]["entrypoint"]
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert set(groups) == roles
     for role, group in groups.items():

@@ -19,11 +19,10 @@ import torch
 from policy.sana_lora import TransformerLoRAConfig
 from policy.weights import WeightUpdateError
 from rewards.compressibility import jpeg_size_kb
-from rl.diffusion_learner import DiffusionLearnerGroup, DiffusionLearnerMetrics
-from rl.diffusion_learner_config import DiffusionLearnerConfig, FlowGRPOConfig
-from rl.grpo import group_advantages
-from rl.learner_config import GRPOConfig, WeightSyncConfig
-from rl.weight_sync import SyncReport
+from rl.learners.diffusion_config import DiffusionLearnerConfig, FlowGRPOConfig
+from rl.learners.diffusion_learner import DiffusionLearnerGroup, DiffusionLearnerMetrics
+from rl.objectives.grpo import GRPOConfig, group_advantages
+from rl.weight_sync import SyncReport, WeightSyncConfig
 from rollout.decoder_config import DecoderConfig
 from rollout.decoder_worker import decoder_actor
 from rollout.diffusion_rollout import DiffusionRollout, SdeSampling

@@ -1,4 +1,4 @@
-"""`blip3o-rl eval` (rl/evaluate.py, rl/eval_command.py): the numbers by hand, then real evals.
+"""`blip3o-rl eval` (rl/evaluation/harness.py, rl/evaluation/command.py): the numbers by hand, then real evals.
 
 Cost: one in-process vLLM engine (glyph), two `blip3o-rl eval` subprocesses (glyph OCR on a run
 checkpoint; tiny SANA GenEval), one OCR reward server.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.evaluate import (
+from rl.evaluation.harness import (
     EvalMismatchError,
     EvalSpec,
     SampleResult,
@@ -134,7 +134,7 @@ def run_dir(tmp_path_factory, glyph_model_dir) -> Path:
 
 
 def test_model_specs_resolve(run_dir, glyph_model_dir):
-    from rl.eval_command import EvalCommandError, load_policy_weights, resolve_eval_model, split_step
+    from rl.evaluation.command import EvalCommandError, load_policy_weights, resolve_eval_model, split_step
 
     assert split_step("runs/checkpoints/r:12") == ("runs/checkpoints/r", 12)
     assert split_step("BLIP3o/BLIP3o-NEXT-SFT-3B") == ("BLIP3o/BLIP3o-NEXT-SFT-3B", None)
@@ -156,7 +156,7 @@ def test_model_specs_resolve(run_dir, glyph_model_dir):
 def test_a_checkpoint_without_any_export_is_refused_by_name(tmp_path):
     """A checkpoint whose run trained neither the AR policy (policy/) nor the decoder (diffusion_policy/)."""
     from rl.checkpoint import CheckpointDir, TrainerState
-    from rl.eval_command import EvalCommandError, resolve_eval_model
+    from rl.evaluation.command import EvalCommandError, resolve_eval_model
 
     checkpoints = CheckpointDir(tmp_path / "checkpoints" / "r1")
     path = checkpoints.commit(checkpoints.begin(2), TrainerState(step=2, policy_version=2, run_id="r1"))
@@ -177,7 +177,7 @@ def ocr_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def glyph_workers(glyph_model_dir):
     """In-process rollout + decoder workers on the glyph model, configured as `blip3o-rl eval` does."""
-    from rl.evaluate import LocalWorkers
+    from rl.evaluation.harness import LocalWorkers
     from rollout.ar_worker import ARRolloutWorker
     from rollout.config import RolloutConfig
     from rollout.decoder_config import DecoderConfig
@@ -188,7 +188,7 @@ def glyph_workers(glyph_model_dir):
 
 
 def endpoint_of(server):
-    from rl.scoring import RewardEndpoint
+    from rl.scoring.service import RewardEndpoint
 
     return RewardEndpoint(url=server.url, token=None, timeout_s=120, outage_budget_s=60, backoff_s=0.5)
 
@@ -242,7 +242,7 @@ def test_cli_eval_of_a_run_checkpoint_writes_consistent_files(cli_run):
 @pytest.mark.slow
 def test_two_evals_agree_and_an_interrupted_eval_resumes_to_the_same_numbers(glyph_workers, ocr_server,
                                                                             glyph_model_dir, tmp_path):
-    from rl.evaluate import evaluate
+    from rl.evaluation.harness import evaluate
 
     spec = EvalSpec(bench="ocr", model=str(glyph_model_dir), limit=4, images_per_prompt=2, chunk_images=3)
     endpoint = endpoint_of(ocr_server)
@@ -281,8 +281,8 @@ def test_two_evals_agree_and_an_interrupted_eval_resumes_to_the_same_numbers(gly
 def test_in_process_eval_of_the_checkpoint_weights_equals_the_cli(glyph_workers, ocr_server, run_dir, cli_run,
                                                                   glyph_model_dir, tmp_path):
     """The last user of `glyph_workers` in this file: it leaves them on the checkpoint's weights (v3)."""
-    from rl.eval_command import load_policy_weights
-    from rl.evaluate import evaluate
+    from rl.evaluation.command import load_policy_weights
+    from rl.evaluation.harness import evaluate
 
     out, _ = cli_run
     spec = EvalSpec(bench="ocr", model="base", limit=4, images_per_prompt=2)
@@ -330,7 +330,7 @@ class SeededTokens:
 @pytest.mark.slow
 def test_ray_actors_evaluate_exactly_like_local_workers(ray_cluster, glyph_model_dir, ocr_server):
     """The trainer's path: the same harness over Ray actors (a real glyph decoder actor)."""
-    from rl.evaluate import ActorWorkers, LocalWorkers, evaluate
+    from rl.evaluation.harness import ActorWorkers, LocalWorkers, evaluate
     from rollout.decoder_config import DecoderConfig
     from rollout.decoder_worker import DiffusionDecoderWorker, decoder_actor
 

@@ -1,4 +1,4 @@
-"""Fault injection on CPU with the real thing: the driver (`python -m rl.train`) in a subprocess with
+"""Fault injection on CPU with the real thing: the driver (`python -m rl.run.train`) in a subprocess with
 its own Ray cluster, vLLM, DeepSpeed, Ray Serve and PaddleOCR; workers are SIGKILLed while busy,
 the reward server is taken away, the driver gets SIGTERM. Results are read back from the run store.
 """
@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from rewards.local_server import free_port, start_reward_server
+from rl.prompts.sources import PromptSampler, PromptSourceConfig
 from tests.support.chaos import inject_fault, worker_processes
-from rl.prompts import PromptSampler, PromptSourceConfig
 from tests.train_support import RunningTrain, metric_table, only_run, small_config, train
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The run's fleet (rl/fleet.py) with stand-in workers on a real Ray cluster: a publish that loses
+"""The run's fleet (rl/run/fleet.py) with stand-in workers on a real Ray cluster: a publish that loses
 a worker is recovered (reconnect, publish again, every worker proven on the version), a worker left
 half-updated by a failed streamed publish is restarted first, and a worker Ray will not restart any
 more stops the run with a named error."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from policy.weights import UNSERVICEABLE
-from rl.fleet import Fleet, Versions, WorkerFailedError
+from rl.run.fleet import Fleet, Versions, WorkerFailedError
 from rl.weight_sync import SyncReport, WeightSyncError
 
 

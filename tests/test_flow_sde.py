@@ -54,8 +54,8 @@ def test_sigma_one_uses_the_next_sigma_and_noise_level_zero_is_euler():
 
 @pytest.fixture(scope="module")
 def sana(tiny_model_dir):
-    from rollout.decoder_worker import build_decoder
     from policy.model_dir import ModelPaths
+    from rollout.decoder_worker import build_decoder
 
     decoder = build_decoder(DecoderConfig(model=str(tiny_model_dir), num_inference_steps=6), ModelPaths(tiny_model_dir))
     batch = rollout_batch(tiny_model_dir, CAPTIONS, random_codes(tiny_model_dir, len(CAPTIONS)))
@@ -140,7 +140,7 @@ def test_jpeg_compressibility_rewards():
 
 
 def test_flow_grpo_step_loss_by_hand():
-    from rl.flow_grpo import flow_grpo_step_loss, gaussian_kl
+    from rl.objectives.flow_grpo import flow_grpo_step_loss, gaussian_kl
 
     # advantages [2, -7] -> clipped to 5: [2, -5]; ratios exp([0.1, -0.2]) = [1.105171, 0.818731], clip 0.05
     # image 0: A = 2:  max(-2 * 1.105171, -2 * 1.05) = max(-2.210342, -2.1) = -2.1 (clipped)

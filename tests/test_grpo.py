@@ -14,7 +14,10 @@ from policy.logprobs import sequence_image_logprobs
 from policy.model_dir import ModelPaths
 from policy.prompt import rollout_prompt_ids
 from policy.weights import param_specs
-from rl.grpo import (
+from rl.learners.ar_config import LearnerConfig, deepspeed_config
+from rl.learners.ar_learner import lr_lambda, plan_epoch
+from rl.objectives.grpo import (
+    GRPOConfig,
     GRPOLoss,
     LossInputs,
     LossStats,
@@ -30,8 +33,6 @@ from rl.grpo import (
     kl_k3,
     truncated_is_weight,
 )
-from rl.learner import lr_lambda, plan_epoch
-from rl.learner_config import GRPOConfig, LearnerConfig, deepspeed_config
 from rl.weight_sync import ALIGN, make_manifest, pack_bucket, unpack
 
 log = math.log

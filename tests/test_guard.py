@@ -1,4 +1,4 @@
-"""The reward-hacking guard's rules (rl/guard.py) on metric sequences built by hand, its state across a
+"""The reward-hacking guard's rules (rl/guard/rules.py) on metric sequences built by hand, its state across a
 resume, the hyperparameters after rollbacks, and the checkpoint bookkeeping a rollback relies on."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from rl.checkpoint import CheckpointDir, TrainerState, policy_digest, weights_digest
-from rl.guard import Guard, GuardState, rollback_hyperparameters
-from rl.prompts import SamplerState
-from rl.train_config import GuardSection, RollbackSection
+from rl.guard.config import GuardSection, RollbackSection
+from rl.guard.rules import Guard, GuardState, rollback_hyperparameters
+from rl.prompts.sources import SamplerState
 
 DARK = "images/dark_share"
 
@@ -156,8 +156,8 @@ def test_weights_digest_is_bitwise_and_matches_the_exported_file(tmp_path):
 def test_a_resumed_trainer_continues_the_guard_from_its_saved_state(tmp_path):
     """Trainer(config, resume=run) takes guard.json back: its rollback count, minus what it saw after
     the checkpoint's step; a guard config whose rules differ is refused (ConfigError)."""
-    from rl.train import Trainer
-    from rl.train_config import ConfigError, load_config
+    from rl.run.config import ConfigError, load_config
+    from rl.run.train import Trainer
     from tests.train_support import small_config
 
     config = load_config(small_config(tmp_path, tmp_path / "no-model", steps=10,
@@ -181,8 +181,8 @@ def test_guard_actions_short_of_a_rollback(tmp_path):
     """What the trainer does on a firing (the end-to-end test does the rollback itself): every firing
     is a `guard` event; warn trains on; stop, a rollback without any checkpoint yet, and a firing
     after max_rollbacks raise GuardTripped, which the loop turns into the clean stop (exit 5)."""
-    from rl.train import GuardTripped, Trainer
-    from rl.train_config import load_config
+    from rl.run.config import load_config
+    from rl.run.train import GuardTripped, Trainer
     from tests.train_support import small_config
 
     def trainer(action: str, **rollback) -> Trainer:

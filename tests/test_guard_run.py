@@ -19,7 +19,7 @@ from rewards.app.schemas import Limits, OcrItemResult, OcrRequest, OcrResponse, 
 from rewards.local_server import serve_in_thread
 from rewards.ocr import extract_target
 from rl.checkpoint import policy_digest
-from rl.image_stats import dark_share
+from rl.guard.image_stats import dark_share
 from tests.train_support import metric_table, only_run, small_config, train
 
 pytestmark = pytest.mark.slow

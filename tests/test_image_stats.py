@@ -1,4 +1,4 @@
-"""The guard's image statistics (rl/image_stats.py) on images built by hand, values derived by hand.
+"""The guard's image statistics (rl/guard/image_stats.py) on images built by hand, values derived by hand.
 
 Luma is BT.601: black 0, white 0.299 + 0.587 + 0.114 = 1, grey g -> g / 255.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rl.image_stats import (
+from rl.guard.image_stats import (
     DARK_LUMA,
     batch_stats,
     brightness,

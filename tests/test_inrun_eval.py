@@ -1,4 +1,4 @@
-"""In-run evaluation (rl/inrun_eval.py, Trainer._maybe_evaluate): the config, the best-eval
+"""In-run evaluation (rl/evaluation/in_run.py, Trainer._maybe_evaluate): the config, the best-eval
 checkpoint, then one short real run on the glyph demo.
 
 Cost: the unit tests take a second; the end-to-end test is one 3-step glyph run (Ray, vLLM, Serve,
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from rl.checkpoint import CheckpointDir, CheckpointError, TrainerState
-from rl.evaluate import BENCH_PROMPTS, EvalReport, EvalSpec, SampleResult, geneval_scores, ocr_scores
-from rl.inrun_eval import eval_metrics, gallery_records
-from rl.prompts import SamplerState
-from rl.train_config import ConfigError, load_config
+from rl.evaluation.harness import EvalReport, EvalSpec, SampleResult, geneval_scores, ocr_scores
+from rl.evaluation.in_run import eval_metrics, gallery_records
+from rl.prompts.sources import BENCH_PROMPTS, SamplerState
+from rl.run.config import ConfigError, load_config
 from tests.train_support import metric_table, only_run, small_config, train
 
 OCR_EVAL = {"every": 2, "bench": "ocr", "prompts": 4, "images_per_prompt": 2}
@@ -29,7 +29,7 @@ def ocr_test_prompts() -> list[str]:
 # ---- the config ----------------------------------------------------------------------------------
 
 def test_config_takes_eval_prompts_only_where_no_source_trains_on_them(tmp_path):
-    from rl.scoring import required_scorers
+    from rl.run.reward_checks import required_scorers
 
     model = tmp_path / "model"
     config = load_config(small_config(tmp_path, model, eval=OCR_EVAL))
@@ -140,7 +140,7 @@ def test_glyph_run_evaluates_at_its_eval_steps_and_keeps_the_best(tmp_path, glyp
     for step in (2, 3):
         samples = [SampleResult.model_validate_json(line) for line in
                    (tmp_path / "runs" / run.id / "eval" / f"step-{step:07d}" / "samples.jsonl").read_text().splitlines()]
-        # rl.evaluate's rows: prompt p, sample s seeded p*2 + s (eval.seed 0) at every eval, the weights of the step
+        # rl.evaluation.harness's rows: prompt p, sample s seeded p*2 + s (eval.seed 0) at every eval, the weights of the step
         assert sorted((s.prompt_index, s.sample_index, s.seed) for s in samples) == [
             (p, s, p * 2 + s) for p in range(4) for s in range(2)]
         assert {s.prompt for s in samples} == set(tests)

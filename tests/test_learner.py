@@ -18,13 +18,13 @@ from policy.logprobs import Truncation, sequence_image_logprobs
 from policy.model_dir import ModelPaths
 from policy.prompt import rollout_prompt_ids
 from policy.weights import UNSERVICEABLE
-from rl.grpo import GroupAdvantages, GRPOLoss, LossInputs, group_advantages
-from rl.learner import LearnerMetrics, epoch_seed, plan_epoch
-from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig
-from rl.learner_group import LearnerGroup
-from rl.weight_sync import WeightSyncError
-from tests.support.receivers import TransformersReceiver
+from rl.learners.ar_config import LearnerConfig
+from rl.learners.ar_learner import LearnerMetrics, epoch_seed, plan_epoch
+from rl.learners.group import LearnerGroup
+from rl.objectives.grpo import GroupAdvantages, GRPOConfig, GRPOLoss, LossInputs, group_advantages
+from rl.weight_sync import WeightSyncConfig, WeightSyncError
 from rollout.records import RolloutBatch
+from tests.support.receivers import TransformersReceiver
 
 pytestmark = pytest.mark.slow
 

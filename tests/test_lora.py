@@ -22,10 +22,10 @@ from policy.logprobs import ImageTokenLogits, codebook_token_logprobs, sequence_
 from policy.lora import AdaptedHeadImageLogits, LoRAConfig, adapter_specs, vllm_max_lora_rank
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.weights import WeightUpdateError
-from rl.grpo import GroupAdvantages, group_advantages
-from rl.learner_config import GRPOConfig, LearnerConfig, WeightSyncConfig
-from rl.train_config import ConfigError, load_config
-from rl.weight_sync import SyncReport
+from rl.learners.ar_config import LearnerConfig
+from rl.objectives.grpo import GroupAdvantages, GRPOConfig, group_advantages
+from rl.run.config import ConfigError, load_config
+from rl.weight_sync import SyncReport, WeightSyncConfig
 from rollout.records import RolloutBatch
 
 CAPTIONS = ["a red cat", "two dogs", "a blue clock on a wall"]
@@ -187,7 +187,7 @@ def base_logprobs_in_learner_process(rank, batch: RolloutBatch) -> torch.Tensor:
     """The base model from disk scored in the learner rank's own process, micro-batch for
     micro-batch as `LearnerRank.logprobs` does: same kernels, threads and shapes, so the
     reference must agree bit for bit."""
-    from rl.learner import plan_epoch
+    from rl.learners.ar_learner import plan_epoch
 
     head = ImageTokenLogits(load_ar_model(rank.paths).train(), rank.vocab)
     plan = plan_epoch(list(range(len(batch))), rank.world, rank.rank, rank.config.micro_batch_size, 1, seed=0)
@@ -227,7 +227,7 @@ class LoRARun:
 
 @pytest.fixture(scope="module")
 def lora_run(ray_cluster, tiny_model_dir, tmp_path_factory):
-    from rl.learner_group import LearnerGroup
+    from rl.learners.group import LearnerGroup
     from rollout.ar_worker import ARRolloutActor
     from rollout.config import RolloutConfig
     from rollout.decoder_config import DecoderConfig

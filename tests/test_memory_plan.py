@@ -157,8 +157,9 @@ def test_lora_params_count_the_adapter_the_learner_trains(glyph_model_dir):
 
 
 def test_a_streamed_update_costs_a_bucket_or_the_embedding_not_the_whole_model():
-    from rl.learner_config import LearnerConfig, WeightSyncConfig
+    from rl.learners.ar_config import LearnerConfig
     from rl.memory_plan import MIB, plan_weight_buffer, received_update
+    from rl.weight_sync import WeightSyncConfig
 
     shape = shape_from_preset("blip3o-next-shape")
     embedding = shape.vocab_rows * shape.hidden  # 217,210 x 2048: the largest tensor

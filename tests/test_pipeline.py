@@ -1,4 +1,4 @@
-"""How a step's dataflow finds faults (rl/pipeline.py), with small stand-in workers on a real Ray
+"""How a step's dataflow finds faults (rl/run/pipeline.py), with small stand-in workers on a real Ray
 cluster and the real reward app (stub OCR model) over a socket. The real workers are killed and
 hung in tests/test_faults.py; here each kind of fault is made to happen exactly."""
 
@@ -14,9 +14,9 @@ import pytest
 import ray
 import torch
 
-from rl.pipeline import PendingStep, RewardOutageError, StageError
-from rl.prompts import PromptItem, SamplerState
-from rl.scoring import RewardEndpoint
+from rl.prompts.sources import PromptItem, SamplerState
+from rl.run.pipeline import PendingStep, RewardOutageError, StageError
+from rl.scoring.service import RewardEndpoint
 from rollout.decoder_worker import DecodeInfo, DecoderVersionError
 from rollout.records import DecodedImages, RolloutBatch
 from tests.rewards_support import StubOcr, serve_in_thread
@@ -225,7 +225,7 @@ FOUR = [PromptItem(f'an image with the text "id-{n}"', "ocr") for n in range(4)]
 def test_chunks_queued_behind_others_or_a_slow_reward_service_are_not_hangs(ray_cluster, slow_reward_url):
     """4 chunks on one sampler (1 s each) and a reward service taking 1 s a chunk, one at a time:
     the last chunk is done ~5 s after launch, but no stage ever runs for 3 s."""
-    from rl.pipeline import _remote_score_task
+    from rl.run.pipeline import _remote_score_task
 
     sampler = ray_cluster.remote(StandInSampler).remote(0, 1.0)
     decoder = ray_cluster.remote(StandInDecoder).remote()
@@ -298,7 +298,7 @@ class StandInLearner:
         self.ray, self.workers, self.version = ray, workers, 0
 
     def train_step(self, batch, advantages):
-        from rl.learner import LearnerMetrics
+        from rl.learners.ar_learner import LearnerMetrics
 
         self.version += 1
         return LearnerMetrics(policy_version=self.version, sampler_version=batch.policy_version, optimizer_steps=1,
@@ -350,10 +350,10 @@ def test_a_stage_error_mid_run_stops_it_failed_with_a_checkpoint_of_the_last_fin
     stops like one: step 1 checkpointed, the error recorded, status failed, exit code 4. On the way,
     step 1's reward request that failed with a 503 was retried and recorded."""
     from rl.checkpoint import CheckpointDir
-    from rl.fleet import Fleet
+    from rl.run.config import load_config
+    from rl.run.fleet import Fleet
+    from rl.run.train import RunStopped, Trainer
     from rl.run_store import RunStore
-    from rl.train import RunStopped, Trainer
-    from rl.train_config import load_config
     from tests.train_support import small_config
 
     config = load_config(small_config(tmp_path, tmp_path / "no-model", steps=3, **{"checkpoint.every": 100}))

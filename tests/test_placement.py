@@ -1,12 +1,12 @@
-"""Every role's devices from the config (rl/placement.py), and a run refused before anything
+"""Every role's devices from the config (rl/run/placement.py), and a run refused before anything
 starts when the Ray cluster cannot hold them all."""
 
 from __future__ import annotations
 
 import pytest
 
-from rl.placement import check_cluster_fits, role_demands, role_resources, total_demand
-from rl.train_config import ConfigError, load_config
+from rl.run.config import ConfigError, load_config
+from rl.run.placement import check_cluster_fits, role_demands, role_resources, total_demand
 from tests.train_support import small_config
 
 
@@ -62,7 +62,7 @@ def test_geneval_on_cuda_needs_a_gpu_per_replica(tmp_path):
 def test_a_cpu_cluster_refuses_a_gpu_config_before_anything_starts(ray_cluster, tmp_path):
     """The test cluster has no GPU; the model directory does not even exist: the refusal comes
     before the reward service, the workers or the learner start."""
-    from rl.train import Trainer
+    from rl.run.train import Trainer
 
     config = load_config(small_config(tmp_path, tmp_path / "no-model", **{"rollout.num_gpus_per_worker": 1}))
     trainer = Trainer(config)

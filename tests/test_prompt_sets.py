@@ -16,7 +16,7 @@ import pytest
 from deploy.cli import main
 from rewards.geneval_rules import COCO_CLASSES, GenevalMetadata
 from rewards.ocr import extract_target
-from rl.prompt_sets import (
+from rl.prompts.generators import (
     NUMBER_WORDS,
     TAG_WEIGHTS,
     geneval_lines,
@@ -25,7 +25,7 @@ from rl.prompt_sets import (
     split_by_weights,
     with_article,
 )
-from tests.test_prompts import DATA, EVAL, eval_oracle
+from tests.test_prompts import DATA, EVAL, ROOT, eval_oracle
 
 SHIPPED = {"geneval": DATA / "train" / "geneval_train_metadata.jsonl", "ocr": DATA / "train" / "ocr_train.txt"}
 norm = lambda text: text.replace(" ", "").lower()  # noqa: E731
@@ -137,12 +137,12 @@ def test_ocr_prompts_have_a_first_quoted_target_of_one_to_six_words_none_from_th
 
 @pytest.mark.parametrize("kind", ["geneval", "ocr"])
 def test_shipped_sets_are_what_their_recorded_command_writes(kind, tmp_path, capsys):
-    """rl/data/README.md records the command of each shipped set; rerunning it writes the same bytes."""
+    """rl/prompts/data/README.md records the command of each shipped set; rerunning it writes the same bytes."""
     readme = (DATA / "README.md").read_text()
     (command,) = [line.strip() for line in readme.splitlines() if line.strip().startswith(f"blip3o-rl prompts {kind} ")]
     argv = shlex.split(command)[1:]
     out = argv.index("--out") + 1
-    assert (DATA.parent.parent / argv[out]).resolve() == SHIPPED[kind]
+    assert (ROOT / argv[out]).resolve() == SHIPPED[kind]
     argv[out] = str(tmp_path / "set")
     main(argv)
     assert (tmp_path / "set").read_bytes() == SHIPPED[kind].read_bytes()

@@ -11,11 +11,18 @@ import pytest
 from pydantic import ValidationError
 
 from rewards.ocr import extract_target
-from rl.prompts import BUNDLED, EVAL_SETS, EvalPromptOverlapError, PromptSampler, PromptSourceConfig, load_source
-from rl.train_config import ConfigError, load_config
+from rl.prompts.sources import (
+    BUNDLED,
+    EVAL_SETS,
+    EvalPromptOverlapError,
+    PromptSampler,
+    PromptSourceConfig,
+    load_source,
+)
+from rl.run.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA, CONFIGS = ROOT / "rl" / "data", ROOT / "deploy" / "configs"
+DATA, CONFIGS = ROOT / "rl" / "prompts" / "data", ROOT / "deploy" / "configs"
 EVAL = DATA / "eval"
 
 
@@ -58,7 +65,7 @@ def test_bad_source_configs_name_the_problem(tmp_path):
 
 def eval_oracle() -> tuple[set[str], set[str]]:
     """Normalised prompts of all three evaluation sets and targets of the OCR one, read here
-    independently of rl.prompts (lower case, spaces removed: the OCR reward's normalisation)."""
+    independently of rl.prompts.sources (lower case, spaces removed: the OCR reward's normalisation)."""
     norm = lambda text: text.replace(" ", "").lower()  # noqa: E731
     prompts, targets = set(), set()
     for name in ("geneval_evaluation_metadata.jsonl", "flow_grpo_geneval_test_metadata.jsonl"):

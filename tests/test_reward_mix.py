@@ -1,4 +1,4 @@
-"""The reward mix (rl/reward_mix.py): the weighted total against numbers worked out by hand, raw and
+"""The reward mix (rl/scoring/reward_mix.py): the weighted total against numbers worked out by hand, raw and
 group-normalized, the zero-std rule, task rewards that apply to their own prompts only, the
 constant-reward warning and version events, and the config checks that stop a bad mix at load."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from rl.reward_mix import (
+from rl.scoring.config import RewardsSection
+from rl.scoring.reward_mix import (
     GROUP_EPS,
     MixedRewards,
     RewardComponentConfig,
@@ -19,7 +20,6 @@ from rl.reward_mix import (
     resolve_mix,
     reward_notes,
 )
-from rl.train_config import RewardsSection
 
 NAN = math.nan
 GROUPS = [0, 0, 0, 1, 1, 1]  # two prompts, three samples each

@@ -25,10 +25,11 @@ from rewards.app.settings import Settings
 from rewards.client import RewardClient, RewardRequestError, RewardServerError, encode_png
 from rewards.geneval_rules import GenevalMetadata, evaluate
 from rewards.scorer import build_python
-from rl.prompts import PromptItem
-from rl.reward_mix import RewardComponentConfig
-from rl.scoring import RewardEndpoint, check_reward_service, check_rows_fit_config, score_images
-from rl.train_config import ConfigError, load_config
+from rl.prompts.sources import PromptItem
+from rl.run.config import ConfigError, load_config
+from rl.run.reward_checks import check_reward_service, check_rows_fit_config
+from rl.scoring.reward_mix import RewardComponentConfig
+from rl.scoring.service import RewardEndpoint, score_images
 from tests.rewards_support import StubGeneval, StubOcr, serve_in_thread
 from tests.support.http_scorers import ControlledScorer
 from tests.train_support import small_config

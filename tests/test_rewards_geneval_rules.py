@@ -18,7 +18,7 @@ from rewards.geneval_rules import (
     select_objects,
 )
 
-METADATA = Path(__file__).resolve().parents[1] / "rl" / "data" / "eval" / "geneval_evaluation_metadata.jsonl"
+METADATA = Path(__file__).resolve().parents[1] / "rl" / "prompts" / "data" / "eval" / "geneval_evaluation_metadata.jsonl"
 SIDE = 40.0
 
 

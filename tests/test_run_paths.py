@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from rl.train_config import PATH_KEYS, ROOT_ENV, ConfigError, TrainConfig, dotted_items, load_config, written_keys
+from rl.run.config import PATH_KEYS, ROOT_ENV, ConfigError, TrainConfig, dotted_items, load_config, written_keys
 from tests.test_train import job_status, ray_head, submit_job  # noqa: F401  (ray_head is a fixture)
 from tests.train_support import REPO, metric_table
 
@@ -73,7 +73,7 @@ def test_the_root_is_the_env_var_else_the_launch_directory(tmp_path, monkeypatch
 
 
 def test_a_run_writing_into_rays_copy_of_the_code_is_refused(tmp_path, monkeypatch, capsys):
-    from rl.train import main
+    from rl.run.train import main
 
     ray_dir = tmp_path / RAY_PKG
     ray_dir.mkdir(parents=True)

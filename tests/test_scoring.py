@@ -1,6 +1,6 @@
-"""What the run checks about its reward service before the first step (rl/scoring.py): every
+"""What the run checks about its reward service before the first step (rl/scoring/service.py): every
 reward its prompts need is served, and a decoded image fits one request. With service "serve"
-at config load (`python -m rl.train` exits 2 before Ray starts), with "url" against the running
+at config load (`python -m rl.run.train` exits 2 before Ray starts), with "url" against the running
 service's /readyz."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 
 from rewards.app.main import create_app
 from rewards.app.settings import Settings
-from rl.scoring import RewardEndpoint, check_reward_service, check_rows_fit_config, max_item_bytes
-from rl.train import main
-from rl.train_config import ConfigError, load_config
+from rl.run.config import ConfigError, load_config
+from rl.run.reward_checks import check_reward_service, check_rows_fit_config
+from rl.run.train import main
+from rl.scoring.service import RewardEndpoint, max_item_bytes
 from tests.rewards_support import StubOcr, serve_in_thread
 from tests.train_support import small_config
 
@@ -45,8 +46,7 @@ def test_the_size_bound_holds_for_incompressible_images():
     import numpy as np
 
     from rewards.client import encode_png
-
-    from rl.scoring import TEXT_ALLOWANCE_BYTES
+    from rl.scoring.service import TEXT_ALLOWANCE_BYTES
 
     noise = np.random.default_rng(0).integers(0, 256, (64, 256, 3), dtype=np.uint8)
     encoded = len(encode_png(noise))  # the worst case: nothing to compress

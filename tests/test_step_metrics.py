@@ -1,4 +1,4 @@
-"""The trainer's per-step metrics (rl/train.py::step_metrics): what a step without an update logs.
+"""The trainer's per-step metrics (rl/run/train.py::step_metrics): what a step without an update logs.
 
 A step whose groups were all zero-signal (and filtered) trains nothing: the learner's numbers were
 never measured, so they must be absent from the store (a gap on the dashboard), not placeholder 0s.
@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.diffusion_learner import DiffusionLearnerMetrics
-from rl.fleet import Versions
-from rl.learner import LearnerMetrics
-from rl.scoring import SampleReward
-from rl.train import progress_line, step_metrics
+from rl.learners.ar_learner import LearnerMetrics
+from rl.learners.diffusion_learner import DiffusionLearnerMetrics
+from rl.run.fleet import Versions
+from rl.run.train import progress_line, step_metrics
+from rl.scoring.service import SampleReward
 
 LEARNER_KEYS = {"policy/kl", "policy/entropy", "policy/clip_fraction", "policy/clip_low", "policy/clip_high",
                 "policy/loss", "policy/grad_norm", "policy/ratio_max", "policy/lr"}

@@ -1,6 +1,6 @@
 """The GRPO run end to end on CPU: real vLLM, Ray (+ Serve), DeepSpeed, the glyph decoder, real OCR.
 
-Each test runs the driver as a user does (`python -m rl.train --config ...`) in a subprocess with
+Each test runs the driver as a user does (`python -m rl.run.train --config ...`) in a subprocess with
 its own local Ray cluster, and reads the results back from the run store.
 """
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl.train_config import ConfigError, load_config
+from rl.run.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
 
@@ -108,7 +108,7 @@ def test_train_names_learners_that_exist_and_fit(tmp_path, change, message):
 def test_diffusion_lora_reaches_the_decoders_and_the_alternate_schedule_takes_turns(tmp_path):
     from types import SimpleNamespace
 
-    from rl.train import Trainer
+    from rl.run.train import Trainer
 
     raw = joint()
     raw["diffusion_learner"]["lora"] = {"rank": 4, "alpha": 8}

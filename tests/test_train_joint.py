@@ -1,7 +1,7 @@
 """Joint AR + diffusion RL end to end on CPU (issue 17): `train: [diffusion]` and `[ar, diffusion]`
 runs of the tiny SANA model with the compressibility reward through the real path (vLLM, the SDE
 sampler on the decoder worker, the reward API on Ray Serve, both DeepSpeed learners), driven as a
-user does (`python -m rl.train`, tests/train_support.py).
+user does (`python -m rl.run.train`, tests/train_support.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from rl.checkpoint import policy_digest
-from rl.eval_command import load_policy_weights, resolve_eval_model
+from rl.evaluation.command import load_policy_weights, resolve_eval_model
 from rollout.decoder_worker import DiffusionDecoderWorker
 from tests.support.chaos import inject_fault
 from tests.train_support import REPO, RunningTrain, metric_table, only_run, train, write_config

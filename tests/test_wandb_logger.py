@@ -1,4 +1,4 @@
-"""Optional W&B logging (rl/wandb_logger.py), offline: what the trainer's path (a store metrics
+"""Optional W&B logging (rl/run/wandb_logger.py), offline: what the trainer's path (a store metrics
 listener, closed at exit) and the export write into W&B's run file, read back record by record;
 the config key and the error when the package is missing.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rl.run.config import ConfigError, WandbSection, load_config
 from rl.run_store import RunStore
-from rl.train_config import ConfigError, WandbSection, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -79,14 +79,14 @@ def offline_runs(runs_dir: Path, run_id: str) -> list[Path]:
 
 
 def test_trainer_path_mirrors_every_committed_step_offline(tmp_path):
-    """As `rl/train.py` does it: attach to the store, log steps, exit without finishing (the exit hook
+    """As `rl/run/train.py` does it: attach to the store, log steps, exit without finishing (the exit hook
     attach_wandb registers does); in a child process, so W&B's global state and exit are a real process's."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
         from rl.run_store import RunStore
-        from rl.train_config import WandbSection
-        from rl.wandb_logger import attach_wandb
+        from rl.run.config import WandbSection
+        from rl.run.wandb_logger import attach_wandb
         from tests.test_wandb_logger import STEPS, metrics_at
 
         store = RunStore({str(tmp_path)!r})
@@ -109,7 +109,7 @@ def test_trainer_path_mirrors_every_committed_step_offline(tmp_path):
 
 
 def test_export_of_a_stored_run_matches_the_store(tmp_path):
-    from rl.wandb_logger import export_wandb
+    from rl.run.wandb_logger import export_wandb
 
     store = RunStore(tmp_path)
     run_id = store.create_run("baseline", {"lr": 0.001})
@@ -143,7 +143,7 @@ def test_config_key_and_a_clear_error_without_the_package(tmp_path, monkeypatch)
                                           r"package is not installed: pip install 'blip3o-rl\[wandb\]'"):
         load_config(path)
 
-    from rl.wandb_logger import WandbNotInstalledError, import_wandb
+    from rl.run.wandb_logger import WandbNotInstalledError, import_wandb
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees without the package
     with pytest.raises(WandbNotInstalledError, match=r"pip install 'blip3o-rl\[wandb\]'"):

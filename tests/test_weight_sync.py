@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from policy.weights import UNSERVICEABLE, VersionedWeights, param_specs
-from rl.learner_config import WeightSyncConfig
-from rl.weight_sync import BroadcastSender, TensorSource, WeightSyncError, make_manifest, receive_broadcast
+from rl.weight_sync import (
+    BroadcastSender,
+    TensorSource,
+    WeightSyncConfig,
+    WeightSyncError,
+    make_manifest,
+    receive_broadcast,
+)
 
 MIB = 2**20
 

@@ -1,5 +1,5 @@
 """Helpers of the end-to-end run tests: the demo config made small, running the driver as a user
-does (`python -m rl.train` in a subprocess with its own local Ray cluster), reading the store."""
+does (`python -m rl.run.train` in a subprocess with its own local Ray cluster), reading the store."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def write_config(tmp_path: Path, raw: dict, changes: dict) -> Path:
 
 
 def train(config: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "rl.train", "--config", str(config), *extra], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "rl.run.train", "--config", str(config), *extra], cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -62,12 +62,12 @@ def metric_table(store: RunStore, run_id: str) -> dict[int, dict[str, float]]:
 
 
 class RunningTrain:
-    """`python -m rl.train` in the background; its output lines are collected as they come."""
+    """`python -m rl.run.train` in the background; its output lines are collected as they come."""
 
     def __init__(self, config: Path, *extra: str):
         import threading
 
-        self.process = subprocess.Popen([sys.executable, "-m", "rl.train", "--config", str(config), *extra], cwd=REPO,
+        self.process = subprocess.Popen([sys.executable, "-m", "rl.run.train", "--config", str(config), *extra], cwd=REPO,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True)
         self.lines: list[str] = []

@@ -1,5 +1,5 @@
 """A pool of AR rollout actors that answers one request with one batch (tests, benchmarks); the
-trainer does not use it: its step dataflow (rl/pipeline.py) spreads chunks itself."""
+trainer does not use it: its step dataflow (rl/run/pipeline.py) spreads chunks itself."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ const PANELS = [
   { id: "eval-time", title: "In-run eval time (s)", scale: "nonneg", sparse: true, match: (k) => k === "time/eval" },
   { id: "time", title: "Step time by stage (s)", scale: "nonneg", match: (k) => k.startsWith("time/") },
   { id: "throughput", title: "Throughput (images/s)", scale: "nonneg", match: (k) => k.startsWith("throughput/") },
-  // statistics of the step's images (rl/image_stats.py): what the reward-hacking guard watches
+  // statistics of the step's images (rl/guard/image_stats.py): what the reward-hacking guard watches
   { id: "images-dark_share", title: "Dark-pixel share", scale: "fraction", match: (k) => k === "images/dark_share" },
   { id: "images-brightness", title: "Mean brightness (luma, 0 black .. 1 white)", scale: "fraction", match: (k) => k === "images/brightness" },
   { id: "images-colour_entropy", title: "Colour entropy (bits, at most 6)", scale: "nonneg", match: (k) => k === "images/colour_entropy" },

@@ -1,0 +1,125 @@
+"""In-run evaluation: the current policy scored on a benchmark's evaluation prompts during training.
+
+    config `eval: {every: K, bench: geneval|ocr, prompts: N, images_per_prompt: M, seed: S}`
+    after steps K, 2K, ... and the last one (Trainer._maybe_evaluate, rl/run/train.py):
+      -> rl.evaluation.harness.evaluate over the run's first rollout and decoder actors (ActorWorkers) and its
+         reward endpoint: the harness of `blip3o-rl eval`, no second sampling or scoring path
+      -> per-image results in <runs_dir>/<run_id>/eval/step-NNNNNNN/ (spec.json, samples.jsonl, images/)
+      -> metrics at that step: eval/<bench>/score, eval/ocr/exact | eval/geneval/<tag>, time/eval;
+         the first image of each prompt in the eval gallery
+      -> a score above the best so far: that step's checkpoint is saved and pinned (best.json)
+
+Why training is left exactly as it was: the eval reads its own prompt file (never the training
+sampler), samples every image with its own seed (S + p*M + s, the same at every eval, so successive
+evals differ only by the weights), and runs between steps, when no rollout is in flight and no
+publish can land. vLLM seeds each request, so the eval's requests change no generator a training
+request draws from. In the async schedule an eval step does not overlap the next step's sampling
+(like a checkpoint step), so a best-eval checkpoint never has rollouts in flight.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rl.evaluation.harness import (
+    EvalProgress,
+    EvalReport,
+    EvalSpec,
+    EvalWorkers,
+    SampleResult,
+    SampleStore,
+    evaluate,
+)
+from rl.run_store import SampleRecord
+from rl.scoring.service import RewardEndpoint
+from rollout.config import SamplingConfig
+
+if TYPE_CHECKING:
+    from rl.evaluation.config import EvalSection
+
+
+def eval_spec(section: EvalSection, model: str, sampling: SamplingConfig | None = None,
+              chunk_images: int = 16) -> EvalSpec:
+    """The `rl.evaluation.harness` spec of one in-run eval (`sampling` None: the model's defaults)."""
+    return EvalSpec(bench=section.bench, model=model, images_per_prompt=section.images_per_prompt,
+                    limit=section.prompts, seed=section.seed, sampling=sampling or SamplingConfig(),
+                    chunk_images=chunk_images)
+
+
+
+def eval_score(report: EvalReport) -> float:
+    """The number best-eval compares (higher is better): GenEval overall, OCR mean reward."""
+    return report.geneval.overall if report.geneval is not None else report.ocr.mean_reward
+
+
+def eval_metrics(report: EvalReport) -> dict[str, float]:
+    """The run store's keys: eval/<bench>/score, then GenEval's per-tag accuracies or OCR's exact-match share."""
+    if report.geneval is not None:
+        tags = {f"eval/geneval/{tag}": score.accuracy for tag, score in report.geneval.tags.items()}
+        return {"eval/geneval/score": report.geneval.overall, **tags}
+    return {"eval/ocr/score": report.ocr.mean_reward, "eval/ocr/exact": report.ocr.exact_match}
+
+
+def gallery_records(samples: list[SampleResult], root: Path, count: int) -> list[SampleRecord]:
+    """The first image of each prompt (in prompt order, at most `count`) for the eval gallery."""
+    firsts = sorted((s for s in samples if s.sample_index == 0), key=lambda s: s.prompt_index)[:count]
+    return [SampleRecord(prompt=s.prompt, image=root / s.image, reward=s.reward,
+                         components={"ocr": s.reward} if s.correct is None
+                         else {"geneval": s.reward, "geneval_correct": float(s.correct)})
+            for s in firsts]
+
+
+@dataclass(frozen=True)
+class InRunEvalResult:
+    step: int
+    score: float
+    """`eval_score` of the report."""
+    metrics: dict[str, float]
+    """`eval_metrics` plus time/eval."""
+    gallery: list[SampleRecord]
+    report: EvalReport
+    directory: Path
+    """The per-image results (`SampleStore`)."""
+    seconds: float
+
+    def describe(self, steps: int) -> str:
+        """The console's progress line of this eval (and the run store's event)."""
+        report = self.report
+        detail = (f"exact {report.ocr.exact_match:.3f}" if report.ocr is not None
+                  else f"image accuracy {report.geneval.image_accuracy:.3f}")
+        return (f"eval step {self.step}/{steps} | {report.bench} score {self.score:.4f} | {detail} | "
+                f"{report.prompts} prompts x {report.images_per_prompt} images, v{report.policy_version} | "
+                f"{self.seconds:.2f}s")
+
+
+class InRunEval:
+    """One run's in-run evals: their spec, where their per-image results go, how they are logged."""
+
+    def __init__(self, section: EvalSection, sampling: SamplingConfig, chunk_images: int, results_dir: Path):
+        self.section = section
+        self.sampling = sampling
+        """The run's own sampling settings: the policy is evaluated as it samples in training."""
+        self.chunk_images = chunk_images
+        self.results_dir = Path(results_dir)
+
+    def run(self, workers: EvalWorkers, endpoint: RewardEndpoint, step: int, label: str,
+            progress: Callable[[EvalProgress], None] | None = None) -> InRunEvalResult:
+        """Evaluate the weights the workers serve after `step`; `label` names the run in spec.json;
+        `progress` is called after every chunk (the trainer stops there when asked to)."""
+        start = time.perf_counter()
+        directory = self.results_dir / f"step-{step:07d}"
+        shutil.rmtree(directory, ignore_errors=True)  # a step redone after --resume is evaluated afresh
+        spec = eval_spec(self.section, f"{label} step {step}", self.sampling, self.chunk_images)
+        store = SampleStore(directory)
+        report = evaluate(workers, endpoint, spec, store, progress=progress)
+        samples = list(store.open(spec.identity(report.policy_version)).values())
+        gallery = gallery_records(samples, directory, self.section.gallery_images)
+        seconds = time.perf_counter() - start
+        metrics = {**eval_metrics(report), "time/eval": seconds}
+        return InRunEvalResult(step=step, score=eval_score(report), metrics=metrics, gallery=gallery, report=report,
+                               directory=directory, seconds=seconds)

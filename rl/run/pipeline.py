@@ -1,0 +1,490 @@
+"""One step's rollouts as a Ray dataflow: sample -> decode -> score, pipelined per chunk of prompts.
+
+    chunk 0:  generate(worker a) --> decode(decoder a) --> score (Ray task -> reward API)
+    chunk 1:  generate(worker b) --> decode(decoder b) --> score
+    ...
+Each arrow passes an ObjectRef, so a chunk's decoding starts the moment its tokens exist, while
+other chunks are still sampling; the driver only polls.
+Row r of chunk c is sampled with seed step_seed + (first row of c) + r: the same rows as one big
+request, whatever the chunking or the number of workers.
+
+Faults are found per chunk by `PendingStep.poll`:
+  died          the worker's process is gone (Ray restarts it, with the weights on disk);
+  hung          a stage has been RUNNING for longer than the stage timeout. Time spent queued does
+                not count: each worker (and the reward service) is a `Lane` that runs one task at
+                a time, and only the task at its head has a clock;
+  stale_weights a worker answered with weights older than those the chunk was launched with, or a
+                decoder with weights older than the tokens' (a restarted worker not reloaded yet);
+  resample      the decoder already serves newer weights than the tokens were sampled with (a
+                publish landed between the two stages): images are only ever rendered with the
+                tokens' own version, so the chunk is sampled again with the current weights.
+The caller brings the workers back to the current weights (not needed for a resample) and calls
+`redo`, which submits the chunk again from that stage. Same seed, same weights: redone work is the
+same work, nothing is lost. Any other error of a stage is its own (a bug, bad input, out of memory,
+a 4xx from the reward API): `poll` raises it as StageError, and the run stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from rl.prompts.sources import PromptItem, SamplerState
+from rl.ray_tasks import ray_task
+from rl.scoring.reward_mix import MixedRewards, RewardComponentConfig, mix_rewards, resolve_mix
+from rl.scoring.service import RewardEndpoint, SampleReward, ScoredImages, score_images
+from rollout.pool import concat_batches
+from rollout.records import RolloutBatch
+
+if TYPE_CHECKING:
+    from rollout.decoder_worker import DecodeInfo
+    from rollout.diffusion_rollout import DiffusionRollout, SdeSampling
+
+
+class RewardOutageError(RuntimeError):
+    """The reward service stayed down for longer than the outage budget."""
+
+
+@dataclass(frozen=True)
+class ChunkImages:
+    """A chunk's images, left in the object store: rows [first, first + rows) of the step."""
+
+    first: int
+    rows: int
+    ref: Any
+    """ObjectRef of the decoder's [rows, H, W, 3] uint8 array."""
+
+
+
+def _concat_rollouts(group_offsets: list[int], *parts: DiffusionRollout) -> DiffusionRollout:
+    """The step's SDE rollouts in row order, each chunk's prompt indices moved to the step's."""
+    from dataclasses import replace
+
+    from rollout.diffusion_rollout import DiffusionRollout
+
+    moved = [replace(part, group_index=[g + offset for g in part.group_index])
+             for part, offset in zip(parts, group_offsets)]
+    return DiffusionRollout.concat(moved)
+
+
+def diffusion_rollout_ref(parts: list[tuple[int, Any]]):
+    """ObjectRef of the step's `DiffusionRollout`, from each chunk's (first prompt, rollout ref): a
+    Ray task concatenates them, so the latents and hidden states never reach the driver."""
+    return ray_task(_concat_rollouts, num_cpus=0).remote([offset for offset, _ in parts], *[ref for _, ref in parts])
+
+
+def _take_rows(images: np.ndarray, rows: list[int]) -> np.ndarray:
+    return images[rows]  # [len(rows), H, W, 3]
+
+
+def fetch_rows(chunks: list[ChunkImages], rows: list[int]) -> list[np.ndarray]:
+    """The images [H, W, 3] of the step's `rows`, in that order. Only those rows reach the driver:
+    a task placed by Ray next to each chunk's images (data locality) cuts them out."""
+    import ray
+
+    take_rows = ray_task(_take_rows, num_cpus=0)
+    wanted = sorted(set(rows))
+    refs, order = [], []
+    for chunk in chunks:
+        local = [row - chunk.first for row in wanted if chunk.first <= row < chunk.first + chunk.rows]
+        if local:
+            refs.append(take_rows.remote(chunk.ref, local))
+            order.extend(chunk.first + r for r in local)
+    if len(order) != len(wanted):
+        raise IndexError(f"rows {sorted(set(wanted) - set(order))} are in no chunk of the step")
+    fetched = [image for part in ray.get(refs) for image in part]
+    by_row = dict(zip(order, fetched))
+    return [by_row[row] for row in rows]
+
+
+@dataclass
+class ScoredStep:
+    """Everything a step sampled, rendered and scored, row for row."""
+
+    items: list[PromptItem]
+    """One per group (prompt)."""
+    batch: RolloutBatch
+    images: list[ChunkImages]
+    """Where the images are (the object store, chunk by chunk): `sample_images` fetches a few rows."""
+    rewards: list[SampleReward]
+    """Each row's breakdown: its task reward's details and every component's raw reward."""
+    mixed: MixedRewards
+    """The total the run trains on and its components (rl/scoring/reward_mix.py)."""
+    timings: dict[str, float]
+    """Busy seconds per stage summed over chunks (rollout, decode, reward) and the wall time (collect)."""
+    retried_requests: list[str] = field(default_factory=list)
+    """Reward requests that failed and were retried (replica restarts, blips)."""
+    diffusion_parts: list[tuple[int, Any]] = field(default_factory=list)
+    """With SDE decoding (the diffusion learner trains): each chunk's (first prompt, ObjectRef of its
+    `DiffusionRollout`); `diffusion_rollout_ref` joins them for the learner."""
+
+    def diffusion_rollout(self):
+        """ObjectRef of the step's `DiffusionRollout`, row for row with `batch` (SDE decoding only)."""
+        if not self.diffusion_parts:
+            raise RuntimeError("this step was decoded without the SDE sampler: it has no diffusion rollout")
+        return diffusion_rollout_ref(self.diffusion_parts)
+
+    def reward_tensor(self) -> torch.Tensor:
+        """The reward GRPO trains on: the mix's total (the task reward without `rewards.mix`)."""
+        return torch.tensor(self.mixed.total, dtype=torch.float32)  # [R]
+
+    def sample_images(self, rows: list[int]) -> list[np.ndarray]:
+        """The images [H, W, 3] uint8 of these rows of the step (only they travel to the driver)."""
+        return fetch_rows(self.images, rows)
+
+
+def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
+    """The scoring task's body: the run's reward mix over one chunk's images."""
+    return score_images(endpoint, images, items, endpoint.mix)
+
+
+def _remote_score_task():
+    """The scoring Ray task (no CPU reserved: it waits on HTTP; retried if its process crashes)."""
+    return ray_task(_score, num_cpus=0, max_retries=3)
+
+
+Stage = Literal["rollout", "decode", "reward"]
+FaultKind = Literal["died", "hung", "stale_weights", "resample"]
+STAGES: tuple[Stage, ...] = ("rollout", "decode", "reward")
+
+
+class StageError(RuntimeError):
+    """A stage's own error (a bug, bad input, out of memory, a 4xx from the reward API): trying
+    again would fail the same way, so the run stops (with a checkpoint)."""
+
+    def __init__(self, chunk: int, stage: Stage, cause: BaseException):
+        first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+        super().__init__(f"chunk {chunk} {stage}: {type(cause).__name__}: {first_line}")
+        self.chunk, self.stage, self.cause = chunk, stage, cause
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A finished chunk: its tokens, their images (rendered with the tokens' version) and rewards."""
+
+    batch: RolloutBatch
+    decoded: DecodeInfo
+    images_ref: Any
+    """The images themselves stay in the object store."""
+    scored: ScoredImages
+    diffusion_ref: Any = None
+    """SDE decoding: the chunk's `DiffusionRollout`, also left in the object store."""
+
+
+@dataclass
+class Chunk:
+    """A few prompts' groups on their way through one sampler and one decoder."""
+
+    index: int
+    start: int
+    """Index of the chunk's first prompt in the step."""
+    items: list[PromptItem]
+    seed: int
+    sampler: Any
+    """ARRolloutActor handle."""
+    decoder: Any
+    """DiffusionDecoderActor handle."""
+    launched_version: int
+    """The policy version every worker served when the chunk was submitted."""
+    launched_decoder_version: int = 0
+    """The SANA transformer version every decoder served then (checked with SDE decoding only)."""
+    rollout_ref: Any = None
+    decode_ref: Any = None
+    """The decode's `DecodeInfo` (small: what the driver reads)."""
+    images_ref: Any = None
+    """The decode's images (read by the scoring task only)."""
+    diffusion_ref: Any = None
+    """SDE decoding: the decode's `DiffusionRollout` (read by the diffusion learner only)."""
+    score_ref: Any = None
+    attempts: int = 0
+    """Tries that count against `faults.max_chunk_attempts` (a resample is not a failure)."""
+    result: ChunkResult | None = None
+
+    def ref(self, stage: Stage):
+        return {"rollout": self.rollout_ref, "decode": self.decode_ref, "reward": self.score_ref}[stage]
+
+
+@dataclass(frozen=True)
+class ChunkFault:
+    chunk: int
+    stage: Stage
+    """The stage to redo the chunk from."""
+    kind: FaultKind
+    detail: str
+    actor: Any
+    """The worker at fault (None for the reward stage and for a resample)."""
+    attempts: int
+    """Tries of this chunk so far (resamples not counted)."""
+
+    def describe(self) -> str:
+        if self.kind == "resample":
+            return f"chunk {self.chunk}: {self.detail}; sampling it again with the current weights"
+        return f"chunk {self.chunk} {self.stage}: worker {self.kind} ({self.detail}); try {self.attempts} failed"
+
+
+@dataclass
+class StageTask:
+    """One submitted stage of one chunk."""
+
+    chunk: int
+    stage: Stage
+    ref: Any
+    after: Any = None
+    """The upstream result it cannot start without (None: nothing)."""
+
+
+class Lane:
+    """Work that runs one task at a time, in order: a synchronous worker (Ray runs one caller's
+    tasks on an actor in submission order, and one waiting for its input holds back the later ones),
+    or the reward service, modelled the same way with chunks in the order their images appeared.
+
+    Only the task at the head is running, so only it has a clock: it starts when the driver first
+    sees that task able to run (every earlier task done, its input there). A chunk queued behind
+    others, or behind a slow reward service, is therefore never timed; and because the driver only
+    sees progress when it polls, a clock starts late rather than early (a hang is found a little
+    later, never one that is not there)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+        """The worker (None: the reward service)."""
+        self.tasks: list[StageTask] = []
+        self.head_since: float | None = None
+
+    def running(self, ready: set, now: float) -> StageTask | None:
+        """Drop the finished tasks at the front; the head if it can run (its clock started)."""
+        while self.tasks and self.tasks[0].ref in ready:
+            self.tasks.pop(0)
+            self.head_since = None
+        if not self.tasks or (self.tasks[0].after is not None and self.tasks[0].after not in ready):
+            return None
+        if self.head_since is None:
+            self.head_since = now
+        return self.tasks[0]
+
+    def refs(self) -> list:
+        return [ref for task in self.tasks for ref in (task.ref, task.after) if ref is not None]
+
+
+def _actor_key(actor: Any) -> str:
+    return actor._actor_id.hex()
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's RayTaskError."""
+    return getattr(error, "cause", None) or error
+
+
+class PendingStep:
+    """A step whose chunks are in flight; `poll` until `done`, then `result`."""
+
+    def __init__(self, items: list[PromptItem], group_size: int, seed: int, rollout_actors: list,
+                 decoder_actors: list, endpoint: RewardEndpoint, chunk_prompts: int, policy_version: int,
+                 sampler_state: SamplerState, sde: SdeSampling | None = None, decoder_version: int = 0):
+        """`sde`: decode with the SDE sampler (`decode_sde_split`) and keep each chunk's
+        `DiffusionRollout` for the diffusion learner; every decoder must then serve transformer
+        `decoder_version`."""
+        self.items, self.group_size, self.seed, self.endpoint = items, group_size, seed, endpoint
+        self.sde = sde
+        self.sampler_state = copy.deepcopy(sampler_state)
+        """The prompt sampler's state before this step drew its prompts (to give them back if it is abandoned)."""
+        self.launched_at = time.perf_counter()
+        self.chunks = [
+            Chunk(index=c, start=start, items=items[start : start + chunk_prompts], seed=seed + start * group_size,
+                  sampler=rollout_actors[c % len(rollout_actors)], decoder=decoder_actors[c % len(decoder_actors)],
+                  launched_version=policy_version, launched_decoder_version=decoder_version)
+            for c, start in enumerate(range(0, len(items), chunk_prompts))
+        ]
+        self.lanes = {_actor_key(a): Lane(a) for a in [*rollout_actors, *decoder_actors]}
+        self.reward_lane = Lane(None)
+        for chunk in self.chunks:
+            self._submit(chunk, "rollout")
+
+    def _submit(self, chunk: Chunk, stage: Stage, counts: bool = True) -> None:
+        """(Re)submit `chunk` from `stage` on: later stages chain on the earlier refs."""
+        if stage == "rollout":
+            captions = [item.caption for item in chunk.items]
+            chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed)
+            self.lanes[_actor_key(chunk.sampler)].tasks.append(StageTask(chunk.index, "rollout", chunk.rollout_ref))
+        if stage in ("rollout", "decode"):
+            if self.sde is None:
+                chunk.decode_ref, chunk.images_ref = chunk.decoder.decode_split.remote(chunk.rollout_ref, chunk.seed)
+            else:
+                chunk.decode_ref, chunk.images_ref, chunk.diffusion_ref = chunk.decoder.decode_sde_split.remote(
+                    chunk.rollout_ref, chunk.seed, self.sde)
+            self.lanes[_actor_key(chunk.decoder)].tasks.append(
+                StageTask(chunk.index, "decode", chunk.decode_ref, after=chunk.rollout_ref))
+        row_items = [item for item in chunk.items for _ in range(self.group_size)]
+        chunk.score_ref = _remote_score_task().remote(self.endpoint, chunk.images_ref, row_items)
+        chunk.attempts += int(counts)
+
+    @property
+    def done(self) -> bool:
+        return all(chunk.result is not None for chunk in self.chunks)
+
+    def poll(self, stage_timeout_s: float, wait_s: float = 1.0) -> list[ChunkFault]:
+        """Wait up to `wait_s` for progress; returns the faults found (each chunk at most one).
+        Raises RewardOutageError when the reward service stayed down past its budget, and
+        StageError for a stage's own error (not fixed by trying again)."""
+        import ray
+
+        open_chunks = [chunk for chunk in self.chunks if chunk.result is None]
+        if not open_chunks:
+            return []
+        ray.wait([chunk.score_ref for chunk in open_chunks], num_returns=len(open_chunks), timeout=wait_s)
+        now = time.perf_counter()
+        ready = self._ready()
+        faults: dict[int, ChunkFault] = {}
+        for chunk in open_chunks:
+            fault = self._check(chunk, ready)
+            if fault is not None:
+                faults[chunk.index] = fault
+        for chunk in open_chunks:  # the reward service takes a chunk once its images exist
+            queued = {task.ref for task in self.reward_lane.tasks}
+            if chunk.result is None and chunk.decode_ref in ready and chunk.score_ref not in queued:
+                self.reward_lane.tasks.append(StageTask(chunk.index, "reward", chunk.score_ref))
+        for lane in [*self.lanes.values(), self.reward_lane]:
+            head = lane.running(ready, now)
+            if head is None or now - lane.head_since <= stage_timeout_s or head.chunk in faults:
+                continue
+            busy_for = now - lane.head_since
+            if lane.actor is None:
+                ray.cancel(head.ref, force=True)
+                faults[head.chunk] = ChunkFault(head.chunk, "reward", "hung", f"no rewards after {busy_for:.0f} s",
+                                                None, self.chunks[head.chunk].attempts)
+            else:
+                faults[head.chunk] = ChunkFault(head.chunk, head.stage, "hung", f"no answer after {busy_for:.0f} s",
+                                                lane.actor, self.chunks[head.chunk].attempts)
+        return list(faults.values())
+
+    def _ready(self) -> set:
+        """Every ref of the step that has a value or an error now (one call for all of them)."""
+        import ray
+
+        refs = [chunk.ref(stage) for chunk in self.chunks if chunk.result is None for stage in STAGES]
+        refs += [ref for lane in [*self.lanes.values(), self.reward_lane] for ref in lane.refs()]
+        refs = list(dict.fromkeys(ref for ref in refs if ref is not None))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        return set(ready)
+
+    def _check(self, chunk: Chunk, ready: set) -> ChunkFault | None:
+        """The chunk's finished stages, in order: a fault, its result, or None while it runs."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        from rewards.client import RewardServerError
+        from rollout.decoder_worker import DecoderVersionError
+
+        def fault(stage: Stage, kind: FaultKind, detail: str, actor) -> ChunkFault:
+            return ChunkFault(chunk.index, stage, kind, detail, actor, chunk.attempts)
+
+        if chunk.rollout_ref not in ready:
+            return None
+        try:
+            batch: RolloutBatch = ray.get(chunk.rollout_ref)
+        except RayActorError as error:
+            return fault("rollout", "died", str(error).splitlines()[0][:200], chunk.sampler)
+        except Exception as error:
+            raise StageError(chunk.index, "rollout", _cause(error)) from None
+        if batch.policy_version < chunk.launched_version:
+            return fault("rollout", "stale_weights", f"served v{batch.policy_version}, launched at "
+                                                     f"v{chunk.launched_version}", chunk.sampler)
+        if chunk.decode_ref not in ready:
+            return None
+        try:
+            decoded: DecodeInfo | None = ray.get(chunk.decode_ref)
+            served = decoded.policy_version
+        except RayActorError as error:
+            return fault("decode", "died", str(error).splitlines()[0][:200], chunk.decoder)
+        except Exception as error:
+            if not isinstance(_cause(error), DecoderVersionError):
+                raise StageError(chunk.index, "decode", _cause(error)) from None
+            served, decoded = _cause(error).served, None
+        # The images must come from the weights the tokens were sampled with (the decoder's
+        # hidden states condition SANA): a publish between the two stages breaks that.
+        if served < batch.policy_version:  # a restarted decoder that was not reloaded yet
+            return fault("decode", "stale_weights", f"decoder serves v{served}, tokens are "
+                                                    f"v{batch.policy_version}", chunk.decoder)
+        if served > batch.policy_version:  # new weights landed on the decoder after sampling
+            return fault("rollout", "resample", f"tokens sampled at v{batch.policy_version}, decoder serves "
+                                                f"v{served}", None)
+        # SDE rollouts train the transformer version the step was launched with (on-policy): a
+        # restarted decoder serves the weights on disk until recovery publishes the current ones
+        if self.sde is not None and decoded.decoder_version != chunk.launched_decoder_version:
+            return fault("decode", "stale_weights", f"decoder serves transformer v{decoded.decoder_version}, the "
+                                                    f"step needs v{chunk.launched_decoder_version}", chunk.decoder)
+        if chunk.score_ref not in ready:
+            return None
+        try:
+            scored: ScoredImages = ray.get(chunk.score_ref)
+        except Exception as error:
+            if isinstance(error, RewardServerError) or isinstance(_cause(error), RewardServerError):
+                raise RewardOutageError(str(_cause(error)).strip().splitlines()[-1]) from None
+            raise StageError(chunk.index, "reward", _cause(error)) from None
+        chunk.result = ChunkResult(batch, decoded, chunk.images_ref, scored, chunk.diffusion_ref)
+        return None
+
+    def restart_stage_clocks(self) -> None:
+        """After a recovery the driver waited on: time spent waiting for it is not a hang."""
+        for lane in [*self.lanes.values(), self.reward_lane]:
+            lane.head_since = None
+
+    def redo(self, fault: ChunkFault) -> None:
+        """Submit the faulty chunk again from the failed stage (the workers must serve current
+        weights). Its superseded tasks that have not started are cancelled; a resample samples
+        with whatever the sampler serves now, and does not count as a failed try."""
+        import ray
+
+        chunk = self.chunks[fault.chunk]
+        chunk.result = None
+        for stage in STAGES[STAGES.index(fault.stage):]:
+            if chunk.ref(stage) is not None:
+                ray.cancel(chunk.ref(stage))
+        self._submit(chunk, fault.stage, counts=fault.kind != "resample")
+
+    def result(self) -> ScoredStep:
+        """The step, row for row in prompt order; every row of every chunk, or an error."""
+        if not self.done:
+            raise RuntimeError("result() before every chunk finished")
+        parts = [chunk.result.batch for chunk in self.chunks]
+        decoded = [chunk.result.decoded for chunk in self.chunks]
+        scored = [chunk.result.scored for chunk in self.chunks]
+        batch = concat_batches(parts, [chunk.start for chunk in self.chunks], self.seed)
+        images, first = [], 0
+        for chunk in self.chunks:
+            images.append(ChunkImages(first, chunk.result.decoded.rows, chunk.result.images_ref))
+            first += chunk.result.decoded.rows
+        rewards = [r for s in scored for r in s.rewards]
+        rows = len(self.items) * self.group_size
+        if not (len(batch.prompt_ids) == first == len(rewards) == rows):
+            raise RuntimeError(f"step lost rows: {len(batch.prompt_ids)} rollouts, {first} images, "
+                               f"{len(rewards)} rewards for {rows} rows")
+        timings = {
+            "rollout": sum(p.timings.get("generate", 0.0) for p in parts),
+            "decode": sum(d.timings.get("decode_total", sum(d.timings.values())) for d in decoded),  # not total + stages
+            "reward": sum(s.seconds for s in scored),
+            "collect": time.perf_counter() - self.launched_at,
+        }
+        retried = [failure for s in scored for failure in s.failures]
+        mixed = step_mix(resolve_mix(self.endpoint.mix, {item.task for item in self.items}), rewards, scored,
+                         batch.group_index)
+        diffusion = [(chunk.start, chunk.result.diffusion_ref) for chunk in self.chunks] if self.sde else []
+        return ScoredStep(self.items, batch, images, rewards, mixed, timings, retried, diffusion)
+
+
+def step_mix(components: tuple[RewardComponentConfig, ...], rewards: list[SampleReward], scored: list[ScoredImages],
+             group_index: list[int]) -> MixedRewards:
+    """The step's total from its rows' raw component rewards (groups never straddle chunks, but
+    normalizing over the whole step's rows by group is the same and simpler); a component answered
+    by different scorer versions in different chunks keeps them all, joined with "|"."""
+    raw = {c.name: np.array([r.scores.get(c.name, np.nan) for r in rewards], dtype=np.float64) for c in components}
+    versions: dict[str, str] = {}
+    for c in components:
+        seen = sorted({s.versions[c.name] for s in scored if c.name in s.versions})
+        if seen:
+            versions[c.name] = "|".join(seen)
+    return mix_rewards(components, raw, group_index, versions)

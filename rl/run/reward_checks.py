@@ -1,0 +1,118 @@
+"""Whether the run's reward service can score this run: at config load (what the config alone
+settles) and once the service answers (its scorers and request limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from rewards.app.schemas import Limits
+from rl.run.config import ConfigError, TrainConfig
+from rl.scoring.reward_mix import TASK_SCORERS, RewardComponentConfig, resolve_mix, uncovered_tasks
+from rl.scoring.service import RewardEndpoint, http_scorer_limits, max_item_bytes, python_scorers
+
+
+def prompt_tasks(config: TrainConfig) -> set[str]:
+    """The tasks of the prompt sources (words are OCR prompts)."""
+    return {"geneval" if source.kind == "geneval" else "ocr" for source in config.data.sources}
+
+
+def run_mix(config: TrainConfig) -> tuple[RewardComponentConfig, ...]:
+    """The run's reward components: `rewards.mix`, or the task rewards of its prompts."""
+    return resolve_mix(config.rewards.mix, prompt_tasks(config))
+
+
+def required_scorers(config: TrainConfig) -> set[str]:
+    """The reward service's scorers the run needs: the task rewards of its prompts that the mix
+    scores, every generic and python scorer of the mix, and the in-run eval's bench."""
+    evaluated = {config.eval.bench} if config.eval is not None and config.eval.every > 0 else set()
+    tasks = prompt_tasks(config)
+    mixed = {c.served_name for c in run_mix(config) if c.kind != "http" and (c.kind != "task" or c.scorer in tasks)}
+    return mixed | evaluated
+
+
+def rows_fit(limits: Limits, image_shape: tuple[int, int], where: str) -> None:
+    """ConfigError unless one decoded image can be sent to a service with these limits."""
+    height, width = image_shape
+    if height * width > limits.max_image_pixels:
+        raise ConfigError(f"the decoder makes {width}x{height} images, more than the reward service's "
+                          f"max_image_pixels ({limits.max_image_pixels}, {where})")
+    if max_item_bytes(height, width) > limits.max_body_bytes:
+        raise ConfigError(f"one {width}x{height} image can take up to {max_item_bytes(height, width)} bytes in a "
+                          f"request, more than the reward service's max_body_bytes ({limits.max_body_bytes}, {where})")
+
+
+def _missing_scorers(config: TrainConfig, served: list[str], where: str) -> None:
+    missing = sorted(required_scorers(config) - set(served))
+    if not missing:
+        return
+    tasks = [name for name in missing if name in TASK_SCORERS]
+    named = [name for name in missing if name not in TASK_SCORERS]
+    needs = ([f"the prompts need the {', '.join(tasks)} reward"] if tasks else []) + \
+            ([f"rewards.mix names the {', '.join(named)} scorer"] if named else [])
+    raise ConfigError(f"{' and '.join(needs)}, but the reward service ({where}) runs only: "
+                      f"{', '.join(sorted(served)) or 'none'}")
+
+
+def check_mix(config: TrainConfig) -> None:
+    """Every prompt gets a reward from the mix; with service "serve", its python rewards import."""
+    uncovered = uncovered_tasks(run_mix(config), prompt_tasks(config))
+    if uncovered:
+        raise ConfigError(f"rewards.mix gives the {', '.join(uncovered)} prompts no reward: add their task reward "
+                          f"(scorer: {uncovered[0]}) or a reward that scores every prompt")
+    if config.rewards.service != "serve":
+        return  # they run inside the external service, whose code this machine need not have
+    from rewards.scorer import load_factory
+
+    for name, spec in python_scorers(config.rewards).items():
+        try:
+            load_factory(spec)
+        except ValueError as error:
+            raise ConfigError(f"rewards.mix {name}: {error}") from None
+
+
+def check_rows_fit_config(config: TrainConfig) -> None:
+    """At load time, what the config alone settles: the mix scores every prompt; with service
+    "serve" (the server settings are in the config) every needed scorer is configured and a
+    decoded image fits one request."""
+    check_mix(config)
+    if config.rewards.service != "serve":
+        return
+    from rollout.decoder_worker import decoded_image_shape
+
+    server = config.rewards.server
+    served = [*server.scorers, *server.python_scorers, *python_scorers(config.rewards)]
+    _missing_scorers(config, served, "rewards.server.scorers")
+    limits = Limits(max_items=server.max_items, max_body_bytes=server.max_body_bytes,
+                    max_image_pixels=server.max_image_pixels)
+    rows_fit(limits, decoded_image_shape(config.decoder.decoder), "rewards.server")
+
+
+def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> RewardEndpoint:
+    """Ask the running service which scorers it runs and what it accepts (waiting while it loads,
+    up to the outage budget), and each http scorer of the mix for its limits; ConfigError if the
+    run cannot be scored. Returns the endpoint with the mix, the limits and the service's scorer
+    versions, so scoring never has to ask again."""
+    from rewards.client import RewardClient, RewardServerError
+    from rollout.decoder_worker import decoded_image_shape
+
+    async def ask():
+        async with RewardClient(endpoint.url, token=endpoint.token, timeout_s=endpoint.timeout_s,
+                                backoff_s=endpoint.backoff_s, retry_budget_s=endpoint.outage_budget_s) as client:
+            return await client.readiness()
+
+    readiness = asyncio.run(ask())
+    _missing_scorers(config, readiness.scorers, endpoint.url)
+    shape = decoded_image_shape(config.decoder.decoder)
+    rows_fit(readiness.limits, shape, endpoint.url)
+    mix = run_mix(config)
+    scorer_limits = {}
+    for component in (c for c in mix if c.kind == "http"):
+        try:
+            scorer_limits[component.name] = asyncio.run(http_scorer_limits(endpoint, component))
+        except RewardServerError as error:
+            raise ConfigError(f"reward {component.name}: the http scorer at {component.url} does not answer: "
+                              f"{error}") from None
+        rows_fit(scorer_limits[component.name], shape, component.url)
+    return dataclasses.replace(endpoint, limits=readiness.limits, mix=mix, scorer_limits=scorer_limits,
+                               versions=dict(readiness.versions))
