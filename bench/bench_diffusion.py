@@ -1,4 +1,4 @@
-"""Benchmark: Flow-GRPO on the tiny SANA decoder (issue 17).
+"""Benchmark: Flow-GRPO on the tiny SANA decoder (the diffusion learner and its SDE sampler).
 
 - the SDE sampler with per-step log-probs vs the ODE sampler, images/s at batch 1 and 8 (one
   in-process decoder worker, 1 torch thread as in a Ray actor, the same steps for both);

@@ -52,9 +52,19 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> None:
-    from deploy.dashboard.app import serve
+    from pydantic import ValidationError
 
-    serve(Path(args.runs_dir), host=args.host, port=args.port)
+    from deploy.dashboard.app import serve
+    from deploy.dashboard.settings import DashboardSettings
+
+    given = {key: getattr(args, key) for key in ("runs_dir", "host", "port", "token")}
+    try:  # a flag wins; an unset one falls back to BLIP3O_RL_DASHBOARD_*, then to the default
+        settings = DashboardSettings(**{key: value for key, value in given.items() if value is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        print(f"blip3o-rl: error: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+    serve(settings)
 
 
 def _export_tensorboard(args: argparse.Namespace) -> None:
@@ -128,6 +138,12 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote the merged model directory {out}")
 
 
+def _rehearse(args: argparse.Namespace) -> None:
+    from rl.rehearsal.command import main as rehearse_main
+
+    raise SystemExit(rehearse_main(args))
+
+
 def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -172,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="run GRPO: blip3o-rl train --config FILE [--resume [RUN_ID]]")
 
     dashboard = sub.add_parser("dashboard", help="serve the live dashboard over a runs directory")
-    dashboard.add_argument("--runs-dir", default="runs", help="directory holding runs.db (default: runs)")
-    dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback; it has no login)")
-    dashboard.add_argument("--port", type=int, default=8266, help="TCP port (default: 8266; Ray's own is 8265)")
+    dashboard.add_argument("--runs-dir", help="directory holding runs.db (default: runs)")
+    dashboard.add_argument("--host", help="interface to bind (default: 127.0.0.1, loopback)")
+    dashboard.add_argument("--port", type=int, help="TCP port (default: 8266; Ray's own is 8265)")
+    dashboard.add_argument("--token", help="require this bearer token on the API and the page (default: none, open); "
+                           "prefer BLIP3O_RL_DASHBOARD_TOKEN: a flag shows in the process list")
     dashboard.set_defaults(run=_dashboard)
 
     export = sub.add_parser("export-tensorboard", help="write a run's metrics as TensorBoard event files")
@@ -213,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     export_model.add_argument("--base", help="base model directory (default: the one named in adapter_config.json)")
     export_model.set_defaults(run=_export)
 
+    rehearse = sub.add_parser("rehearse", help="run a GPU config on this CPU (tiny models, gloo, small counts; "
+                              "precision, transports and streams kept); exit 0 if it completes and log-probs agree")
+    from rl.rehearsal.command import add_arguments as add_rehearse_arguments
+
+    add_rehearse_arguments(rehearse)
+    rehearse.set_defaults(run=_rehearse)
+
     prompts = sub.add_parser("prompts", help="write a training prompt set disjoint from every evaluation set")
     prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
     for kind, help_text, default_n in (
@@ -234,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["train"]:
         from rl.run.train import main as train_main
 
-        raise SystemExit(train_main(argv[1:]))
+        raise SystemExit(train_main(argv[1:], prog="blip3o-rl train"))  # its usage line and resume hint
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submit a GRPO run to a Ray cluster as a Ray job (see deploy/README.md).
+# Submit a GRPO run to a Ray cluster as a Ray job (see docs/deploying.md).
 #
 #   deploy/ray_job.sh deploy/configs/<name>.yaml            # waits and streams the logs
 #   deploy/ray_job.sh CONFIG --resume RUN_ID                 # continue a run from its checkpoint
@@ -9,7 +9,7 @@
 # The repository this script is in is uploaded as the job's code. Ray runs the job in a temporary
 # copy of it, so relative paths in the config (runs/, runs/models/...) are made to start at
 # BLIP3O_RL_ROOT, which the job gets set to this repository (or to BLIP3O_RL_ROOT if you set one:
-# on a remote cluster, the run root on its head). See deploy/README.md, "Where a run's files go".
+# on a remote cluster, the run root on its head). See docs/deploying.md, "Where a run's files go".
 # Ray caps the upload at 100 MiB (zipped), so the virtualenv, outputs and caches are excluded;
 # the cluster's nodes bring their own environment (the same .venv, or the image in deploy/cluster.yaml).
 # Ray 2.60 turns token auth on for new clusters: the client sends the token from
@@ -46,5 +46,7 @@ RUNTIME_ENV=$(cat <<JSON
 JSON
 )
 
+# BLIP3O_RL_LAUNCHER: the driver names this script (not `python -m rl.run.train`) in a stopped run's resume hint
 exec ray job submit --address "$ADDRESS" --working-dir . --runtime-env-json "$RUNTIME_ENV" \
-  ${SUBMIT_ARGS[@]+"${SUBMIT_ARGS[@]}"} -- python -m rl.run.train --config "$CONFIG" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+  ${SUBMIT_ARGS[@]+"${SUBMIT_ARGS[@]}"} -- env BLIP3O_RL_LAUNCHER=deploy/ray_job.sh \
+  python -m rl.run.train --config "$CONFIG" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}

@@ -20,6 +20,19 @@ Two details keep every sampled token's log-prob finite:
   changes its log-prob by the mass of the boundary, which the truncated-IS weight then corrects;
 - the KL to the reference is taken on the untruncated distributions (`Truncation.off()`), so a
   token outside the reference's top-k never gives -inf.
+
+Ties at the top-p boundary (a deliberate difference from vLLM, not corrected): when several image
+tokens share the boundary logit, top-p keeps only part of that run of equal values, the part the
+sort puts last. We sort the K image logits; vLLM sorts the whole vocabulary (every other token at
+-inf), and the two sorts order equal values differently, so the kept sets can hold different tied
+tokens (the same number of them). bf16 logits tie often (a bf16 model's 65,536 image logits take a
+few thousand distinct values): with vLLM's own op on this CPU, 46 of 50 random bf16 cases at
+BLIP3o-NEXT's shape kept another tied set at top_p 0.95 (an outside check, other random logits: 16 of 50;
+tests/test_truncation_ties.py). Two things absorb it: the forced sampled token above (a token vLLM
+kept and we did not still scores finite), and the truncated importance weight (`grpo.tis_cap`),
+which corrects the remaining gap, log(1 + p_b / P) for a boundary probability p_b and a kept mass
+P (about 4e-6 in that test). Breaking ties as vLLM does would mean sorting the whole vocabulary
+(3.3x the image block) at every position, to match an order that is itself an accident of its sort.
 """
 
 from __future__ import annotations
@@ -58,7 +71,8 @@ def truncation_mask(scaled: torch.Tensor, truncation: Truncation) -> torch.Tenso
 
     The same rule as vLLM's `apply_top_k_top_p_pytorch`: top-k keeps every logit >= the k-th
     largest; top-p sorts the survivors ascending and drops those whose cumulative probability is
-    <= 1 - p, always keeping the most likely token.
+    <= 1 - p, always keeping the most likely token. Equal logits at the top-p boundary are kept or
+    dropped by their sort position, which may differ from vLLM's (module docstring).
     """
     keep = torch.ones_like(scaled, dtype=torch.bool)  # [.., K]
     size = scaled.shape[-1]

@@ -1,14 +1,33 @@
 """LoRA on the AR policy: the adapter's config, its tensor names and shapes, its files, its merge.
 
 One definition shared by the learner (which trains the adapter with peft), the vLLM rollout
-workers (which serve it as a `LoRARequest`) and the decoder workers (which merge it into their AR
-copy). The diffusion learner's adapter on SANA's transformer (policy/sana_lora.py) reuses the same
-pieces on another module: `module_adapter_specs`, `LoRAMerger.from_module`, `MergedAdapterWeights`.
+workers (which serve it as a `LoRARequest`) and the decoder workers (which serve it beside their AR
+copy, `UnmergedAdapter`). The diffusion learner's adapter on SANA's transformer (policy/sana_lora.py)
+reuses the same pieces on another module: `module_adapter_specs`, `UnmergedAdapter`, `LoRAMerger`.
 What travels between them is the adapter alone, in PEFT's saved format:
 
     base_model.model.<module>.lora_A.weight   [r, in_features]
     base_model.model.<module>.lora_B.weight   [out_features, r]
-    W_served = W_base + (alpha / r) * B @ A       (peft's LoRA, no rsLoRA, no bias)
+    y = W_base x + (alpha / r) * B (A x)          (peft's LoRA, no rsLoRA, no bias)
+
+Served unmerged, never merged into low-precision weights. A merge W_base + s B A rounded back to
+bfloat16 keeps little of a small update: W_base is already on bfloat16's grid, so every entry of
+s B A below half a unit in the last place of its weight rounds back to W_base exactly. Measured by
+tests/test_lora.py on a 2240 x 2240 layer (weights ~ N(0, 0.02), rank 32, alpha 64, peft's A): with
+B entries ~1e-4 / 3e-4 / 1e-3, 86% / 61% / 24% of the update's norm is lost (|| kept - s B A || / || s B A ||).
+The workers would then sample, and condition SANA, with a policy other than the learner's, and
+`ppo_anchor: learner` (first ratio exactly 1) would hide it. So:
+- vLLM rollout workers serve the adapter as a `LoRARequest` (vLLM adds B (A x) beside the base GEMM);
+- decoder workers (the AR copy that conditions SANA, and SANA's transformer under `transformer_lora`)
+  add s B (A x) to each adapted layer's output in a forward hook (`UnmergedAdapter`): peft's own
+  formula, in the adapter's dtype, so the served function is the learner's (its forward is peft's)
+  to within bfloat16 forward noise. Memory: the adapter only (rank x (in + out) per layer, megabytes;
+  a merge also kept a copy of every adapted base weight). Speed: two thin GEMMs per adapted layer,
+  2 r / d of its FLOPs (under 3% at r 32, d 2240), no merge per version;
+- a merged export (`export_merged`, policy/sana_lora.py `export_merged_transformer`) writes the adapted
+  layers in float32 (the rest in the base's dtype), so the file holds the update; loaded in bfloat16 it
+  is rounded away again, so serve a bfloat16 model with the adapter beside it (the checkpoint's
+  `policy/` adapter as a `LoRARequest`, or `lora` / `transformer_lora` on the workers), not merged.
 
 `<module>` is every `nn.Linear` of the causal LM whose name is, or ends with ".", one of
 `target_modules` (peft's rule for a list of names), `lm_head` included when named (vLLM adds its
@@ -20,7 +39,7 @@ processed log-probs equal to the merged model's (measured, DESIGN.md "LoRA on vl
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +47,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.logprobs import ImageTokenLogits
-from policy.weights import ParamSpec, VersionedWeights, WeightStream
+from policy.weights import ParamSpec
 
 PEFT_PREFIX = "base_model.model."
 """PEFT's prefix of a saved adapter's keys (the causal LM under PeftModel.base_model.model)."""
@@ -172,11 +191,6 @@ def check_adapter_fits(expected: Mapping[str, ParamSpec], adapter: Mapping[str, 
         raise ValueError(f"the adapter does not fit the base model {where}: {wrong[:3]}")
 
 
-def base_weight_name(key_a: str) -> str:
-    """HF name of the base weight an adapter's lora_A key belongs to."""
-    return key_a.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight"
-
-
 def write_adapter(directory: Path, lora: LoRAConfig, weights: Mapping[str, torch.Tensor], base_model: str,
                   dtype: torch.dtype | None = None) -> Path:
     """An adapter directory in PEFT's format (what vLLM's LoRARequest and peft load)."""
@@ -228,12 +242,64 @@ class AdaptedHeadImageLogits(ImageTokenLogits):
         return logits
 
 
-class LoRAMerger:
-    """Merges adapters into the base weights of the targeted layers: W_base + (alpha / r) B @ A.
+def adapted_modules(names: Iterable[str]) -> list[str]:
+    """The modules an adapter with these PEFT names adapts."""
+    return [key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for key in names
+            if key.endswith(".lora_A.weight")]
 
-    Holds a copy of the base weights of the targeted layers only (read from the checkpoint, or
-    copied from a module before any version is loaded into it), so every version is merged into
-    the base, never into the previous version's merge."""
+
+class UnmergedAdapter:
+    """A LoRA adapter served beside the frozen base weights of a module, never merged into them:
+    a forward hook on every adapted `nn.Linear` adds the adapter's term to the base layer's output,
+    as peft's `lora.Linear.forward` does (x cast to the adapter's dtype, the sum cast back):
+
+        y = W_base x + s * B (A x)        [..., out]; s = alpha / r
+
+    Before the first `load` (version 0: peft starts B at 0) the layers are the base exactly. The
+    adapter is kept in the dtype it was published in (the learner's own LoRA dtype)."""
+
+    def __init__(self, model: torch.nn.Module, specs: Mapping[str, ParamSpec], lora: LoRAConfig):
+        self.scale = lora.scale
+        self.device = next(model.parameters()).device
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Adapted module -> (A [r, in], B [out, r]) of the served version."""
+        for module in adapted_modules(specs):
+            model.get_submodule(module).register_forward_hook(self._hook(module))
+
+    def _hook(self, module: str):
+        linear = torch.nn.functional.linear
+
+        def add_adapter(_layer, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            factors = self.factors.get(module)
+            if factors is None:
+                return None  # version 0: the base layer's output
+            a, b = factors
+            update = linear(linear(inputs[0].to(a.dtype), a), b) * self.scale  # [..., r] -> [..., out]
+            return (output + update).to(output.dtype)
+
+        return add_adapter
+
+    @torch.no_grad()
+    def load(self, adapter: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Serve a checked adapter (PEFT names); the previous one serves until it is complete."""
+        tensors = {name: tensor.to(self.device, copy=True) for name, tensor in adapter}  # out of the receive buffer
+        factors = {}
+        for module in adapted_modules(tensors):
+            key_a, key_b = lora_keys(module)
+            factors[module] = (tensors[key_a], tensors[key_b])
+        self.factors = factors
+
+    def served(self) -> dict[str, torch.Tensor]:
+        """The served adapter in PEFT names (empty before the first `load`)."""
+        return {key: tensor for module, pair in self.factors.items() for key, tensor in zip(lora_keys(module), pair)}
+
+
+class LoRAMerger:
+    """Merges adapters into the base weights of the targeted layers, in float32: W_base + (alpha / r) B @ A
+    (for exports: rounded to bfloat16, a merge loses most of a small update; see the module docstring).
+
+    Holds a copy of the base weights of the targeted layers only (copied from a module, or read
+    from the checkpoint's shards), so every merge starts from the base."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], lora: LoRAConfig):
         self.base, self.lora = dict(base), lora
@@ -242,66 +308,26 @@ class LoRAMerger:
     def from_module(cls, model: torch.nn.Module, lora: LoRAConfig, dtype: torch.dtype) -> LoRAMerger:
         """A copy of the current weights of `model`'s targeted layers as the base (call it while
         `model` still holds its base weights)."""
-        specs = module_adapter_specs(model, lora, dtype)
-        base = {}
+        modules = adapted_modules(module_adapter_specs(model, lora, dtype))
         with torch.no_grad():
-            for key in specs:
-                if key.endswith("lora_A.weight"):
-                    name = base_weight_name(key)
-                    base[name] = model.get_parameter(name).detach().to(dtype=dtype, copy=True)
-        return cls(base, lora)
-
-    @classmethod
-    def from_checkpoint(cls, ar_dir: Path, lora: LoRAConfig, dtype: torch.dtype) -> LoRAMerger:
-        from safetensors import safe_open
-
-        wanted = {base_weight_name(key) for key in adapter_specs(ar_dir, lora, dtype) if key.endswith("lora_A.weight")}
-        base = {}
-        for file in sorted(Path(ar_dir).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                for name in wanted & set(handle.keys()):
-                    base[name] = handle.get_tensor(name).to(dtype)
-        missing = sorted(wanted - set(base))
-        if missing:
-            raise ValueError(f"{ar_dir} lacks base weights of the adapter's layers: {missing[:3]}")
-        return cls(base, lora)
+            return cls({f"{m}.weight": model.get_parameter(f"{m}.weight").detach().to(dtype=dtype, copy=True)
+                        for m in modules}, lora)
 
     @torch.no_grad()
     def merged(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """HF-named merged weights of every targeted layer (float32 products, cast back)."""
+        """HF-named merged weights of every targeted layer, float32 (whatever the base's dtype)."""
         out = {}
         for name, weight in self.base.items():
             key_a, key_b = lora_keys(name.removesuffix(".weight"))
             delta = adapter[key_b].float() @ adapter[key_a].float()  # [out, r] @ [r, in] -> [out, in]
-            out[name] = (weight.float() + self.lora.scale * delta).to(weight.dtype)
+            out[name] = weight.float() + self.lora.scale * delta
         return out
 
 
-class MergedAdapterWeights:
-    """A worker's versioned stream whose updates are LoRA adapters of one module: the adapter is
-    validated as a whole (`VersionedWeights` over the adapter's specs), then merged into a kept copy
-    of the module's base weights, and the merged layers go to the worker's `load`. A refused update
-    never reaches the merge; the old version keeps serving."""
-
-    def __init__(self, model: torch.nn.Module, lora: LoRAConfig, dtype: torch.dtype):
-        self.contract = VersionedWeights(module_adapter_specs(model, lora, dtype))
-        self.merger = LoRAMerger.from_module(model, lora, dtype)
-
-    @property
-    def version(self) -> int:
-        return self.contract.version
-
-    @property
-    def specs(self) -> dict[str, ParamSpec]:
-        return self.contract.specs
-
-    def require_serviceable(self) -> None:
-        self.contract.require_serviceable()
-
-    def update(self, version: int, adapter: Mapping[str, torch.Tensor] | WeightStream,
-               load: Callable[[Iterator[tuple[str, torch.Tensor]]], None]) -> int:
-        """Check `adapter` as `version`, load the base with it merged in; returns the version served."""
-        return self.contract.update(version, adapter, lambda checked: load(iter(self.merger.merged(dict(checked)).items())))
+def merge_record(source: Path, base: Path, lora: LoRAConfig) -> dict:
+    """merged_lora.json of a merged export: what was merged into what, and in which dtype."""
+    return {"adapter": str(Path(source).resolve()), "base": str(Path(base).resolve()),
+            "adapted_layers_dtype": "float32", **lora.model_dump(mode="json")}
 
 
 def find_adapter(source: Path) -> Path:
@@ -317,9 +343,10 @@ def find_adapter(source: Path) -> Path:
 
 def export_merged(source: Path, out: Path, base: str | None = None) -> Path:
     """A model directory (policy/model_dir.py layout) whose AR weights are the base's with the
-    adapter of `source` merged in; everything else (tokenizer, connector, SANA, layout) is the
-    base's. `base` defaults to the model directory the adapter names. The shards keep the base's
-    files and index; the output appears only when complete."""
+    adapter of `source` merged in, the adapted layers in float32 (a bfloat16 merge would round most
+    of the update away; the other tensors keep the base's dtype); everything else (tokenizer,
+    connector, SANA, layout) is the base's. `base` defaults to the model directory the adapter names.
+    The shards keep the base's files and index; the output appears only when complete."""
     import shutil
     import tempfile
 
@@ -347,9 +374,7 @@ def export_merged(source: Path, out: Path, base: str | None = None) -> Path:
             wanted = {name: tensors[name] for name in tensors if lora_keys(name.removesuffix(".weight"))[0] in adapter}
             tensors.update(LoRAMerger(wanted, lora).merged(adapter))
             save_file(tensors, str(tmp / "ar" / shard.name), metadata={"format": "pt"})
-        (tmp / "merged_lora.json").write_text(json.dumps(
-            {"adapter": str(Path(source).resolve()), "base": str(paths.root.resolve()),
-             **lora.model_dump(mode="json")}, indent=2))
+        (tmp / "merged_lora.json").write_text(json.dumps(merge_record(source, paths.root, lora), indent=2))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,11 @@
-"""LoRA on SANA's transformer (the diffusion learner's adapter, issue 17): its config and its merge.
+"""LoRA on SANA's transformer (the diffusion learner's adapter): its config and its merged export.
 
 The AR adapter's pieces (policy/lora.py) on another module: the same PEFT saved names
 (`base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r]), the same
 W = W_base + (alpha / r) B @ A, the same adapter directory. Only the targeted layer names and the
-defaults differ.
+defaults differ. Decoder workers serve it unmerged beside the base (`policy.lora.UnmergedAdapter`,
+rollout/decoder_weights.py); only an export merges it, with the adapted layers in float32 (why:
+policy/lora.py's module docstring).
 
 Targets: Flow-GRPO's SD3 adapter (yifan123/flow_grpo `scripts/train_sd3.py`, r 32, alpha 64) sits on
 the attention projections only: `attn.to_q/to_k/to_v/to_out.0` and SD3's joint-attention context
@@ -25,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from policy.lora import (LoRAConfig, LoRAMerger, check_adapter_fits, find_adapter, linear_adapter_specs, linear_shapes,
-                         read_adapter)
+                         merge_record, read_adapter)
 from policy.weights import ParamSpec
 
 SANA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -75,10 +77,11 @@ def _stored_dtype(transformer_dir: Path) -> torch.dtype:
 def export_merged_transformer(source: Path, out: Path, base: str | None = None) -> Path:
     """A diffusers transformer directory (what the diffusion learner's full fine-tuning export
     writes: a model directory's sana/transformer) holding the base transformer with the adapter of
-    `source` merged in, in the base's stored dtype. `source`: an adapter directory, or a checkpoint
-    whose `policy/` holds one; `base`: the model directory (default: the one the adapter names).
-    The merge is `LoRAMerger`'s, the decoder workers' own: a decoder loading this directory serves
-    the weights it serves when the adapter is published to it. The output appears only when complete."""
+    `source` merged in: the adapted layers in float32 (merged into bfloat16, most of a small update
+    would round away), the rest in the base's stored dtype. `source`: an adapter directory, or a
+    checkpoint whose `policy/` holds one; `base`: the model directory (default: the one the adapter
+    names). Loaded in float32 it is the function a decoder serves with the adapter published to it
+    (beside the base); loaded in bfloat16 the merge is rounded again. The output appears only when complete."""
     from diffusers import SanaTransformer2DModel
 
     from policy.model_dir import resolve_model_dir
@@ -97,15 +100,13 @@ def export_merged_transformer(source: Path, out: Path, base: str | None = None) 
     merged = LoRAMerger.from_module(model, lora, dtype).merged(adapter)
     with torch.no_grad():
         for name, weight in merged.items():
-            model.get_parameter(name).copy_(weight)
+            model.get_parameter(name).data = weight  # float32, not copied into the base's dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; decoders of other users read it
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "merged_lora.json").write_text(json.dumps(
-            {"adapter": str(Path(source).resolve()), "base": str(transformer_dir.resolve()),
-             **lora.model_dump(mode="json")}, indent=2))
+        (tmp / "merged_lora.json").write_text(json.dumps(merge_record(source, transformer_dir, lora), indent=2))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,12 @@ class WeightUpdateError(ValueError):
 UNSERVICEABLE = -1
 """`served_version()` of a worker whose streamed update failed half-way (it must not serve)."""
 
+AR_STREAM = "ar"
+"""The weight stream of the AR policy (HF Qwen3 names): rollout workers and the decoders' AR copy."""
+TRANSFORMER_STREAM = "transformer"
+"""The weight stream of SANA's transformer, a decoder worker's second one (rollout/decoder_weights.py).
+A worker process keeps one broadcast group per stream (rl/weight_sync.py)."""
+
 
 @dataclass(frozen=True)
 class ParamSpec:

@@ -1,7 +1,8 @@
 """Load test of the reward REST API: many concurrent clients, a seeded mix of good and bad requests.
 
-What it checks (issue 9): no 5xx, no transport errors, no lost answers, no mixed-up answers, every
-bad request refused with the 4xx status and error code we expect, and the server's memory stable.
+What it checks, the service's reliability bar: no 5xx, no transport errors, no lost answers, no
+mixed-up answers, every bad request refused with the 4xx status and error code we expect, and the
+server's memory stable.
 "Mixed-up" is checked against references: a fixed pool of distinct items is built up front, each
 item is scored once on its own before the load, and every answer under load must equal the
 reference of exactly the item sent at that position. This needs a deterministic server, so serve

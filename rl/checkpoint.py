@@ -112,7 +112,7 @@ def check_probes(root: Path, hosts: list[str], nonce: str) -> None:
         raise CheckpointError(f"checkpoints need {root} on a filesystem shared by the driver "
                               f"({socket.gethostname()}) and every learner node, but the driver cannot see the "
                               f"files written there by {', '.join(unseen)}; mount one shared volume at that path "
-                              "(deploy/README.md, \"Where a run's files go\")")
+                              "(docs/deploying.md, \"Where a run's files go\")")
 
 
 @dataclass

@@ -31,13 +31,26 @@ N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
                    the SwiGLU's gate, up, silu(gate), product; attention probabilities (heads x L)
                    when the kernel materialises them (CPU); with gradient checkpointing only the
                    layer inputs are kept (L n_l h d) plus one layer recomputed (L a d).
-    publish gather z = 3: one bucket of the weight sync (`sync.bucket_mb`, or the largest tensor,
-                   the embedding V h, if bigger) gathered whole at a time
+    publish        full weights: at z = 3 one bucket of the weight sync gathered whole at a time;
+                   over broadcast rank 0's packed bucket on `sync.broadcast_device` (a bucket is
+                   `sync.bucket_mb`, or the largest tensor, the embedding V h, if bigger)
+  diffusion learner rank (DeepSpeed on SANA's transformer, P_s its parameters): the lines above for
+                   P_s (full fine-tuning: weights, optimizer, gradients, a frozen copy as the
+                   reference when flow.beta > 0, the publish; LoRA: the frozen base and the
+                   adapter's states, the reference is the base with the adapter off), + the frozen
+                   connector, + the EMA (`ema`: float32, whole on every rank, of the trained weights
+                   or the adapter), + activations of ONE SDE step (every step is its own backward):
+                   micro_batch_size images, 2 rows each under CFG, x the bytes a row keeps
+                   (rl/sana_memory.py, with or without gradient_checkpointing), + the backward's
+                   working set (estimate: one more block's saved tensors), + the reference's forward
+                   without grad, run while the policy's activations are held (beta > 0).
   received update (every worker serving the AR policy): over shared memory or the object store
                    nothing of its own (it reads the sender's buffer, planned once as `weight buffer`);
                    over broadcast one bucket (or the embedding, if bigger), streamed in; plus for
                    vLLM the layer it is loading, which its reload builds anew before copying it
-                   back (at most the embedding, d V h); under LoRA the adapter, whole.
+                   back (at most the embedding, d V h); under LoRA the adapter, whole. The
+                   decoders' transformer stream (from the diffusion learner) likewise, its largest
+                   tensor SANA's feed-forward conv (2F x D_s) instead of the embedding.
   weight buffer (shared memory, object store): the packed update d_learner P, one copy in the
                    host's RAM (tmpfs / the object store) that every worker on the machine reads.
   rollout worker (vLLM):  weights d P (on CPU vLLM packs every linear layer for oneDNN in place,
@@ -46,12 +59,14 @@ N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
                    layer is d V h on GPU; on CPU 3 d V h: the rebuilt layer, its new packed copy
                    and the transposed copy packing makes (inferred: the worker's start-up, which
                    packs the head once, peaks d V h above its steady state; bench_scale.py).
-  decoder worker: AR copy, connector, SANA, whole DC-AE in its dtype + runtime + the larger of a
-                   received update and a decode's activations (an actor runs one call at a time):
-                   SANA's (CFG doubles the batch: 2 B T (c_sana) d, T = latent tokens) + DC-AE
-                   decode B H W C0 d x 5 (the interpolated input at 2 C0, the conv output, the
-                   shortcut and the sum at full resolution); B = chunk_prompts x group_size (a
-                   chunk is decoded in one call).
+  decoder worker: AR copy, connector, SANA, whole DC-AE in its dtype (+ the transformer adapter,
+                   served unmerged, under transformer_lora) + runtime + the larger of a received
+                   update (the AR or the transformer stream; an actor runs one call at a time) and a
+                   decode call's activations (rl/sana_memory.py), planned as if they coexisted:
+                   SANA's forward without grad for the call's m images (decoder.micro_batch_size,
+                   default the chunk, chunk_prompts x group_size), 2 rows each under CFG; with the
+                   SDE sampler (train has diffusion) the trajectory's float32 latents and the AR
+                   states; the DC-AE decode of vae_micro_batch_size images (default m) at a time.
   reward replica: per scorer, parameters + activations (constants below).
 
 `runtime` is the process itself (Python, torch and the role's libraries): measured RSS of the
@@ -66,6 +81,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from rl.sana_memory import (
+    SanaShape,
+    dc_ae_decode_peak,
+    guided_forward_peak,
+    sana_adapter_params,
+    saved_per_block,
+    saved_per_row,
+    sde_trajectory_bytes,
+    shape_from_sana_configs,
+)
 
 GIB = 2**30
 MIB = 2**20
@@ -107,11 +133,9 @@ class ModelShape:
     decoder: str
     connector_params: int = 0
     sana_params: int = 0
-    sana_hidden: int = 0
-    sana_ff: int = 0
-    latent_side: int = 0
     vae_params: int = 0
-    vae_first_width: int = 0
+    sana: SanaShape | None = None
+    """SANA's and the DC-AE's widths (rl/sana_memory.py); None without a SANA decoder."""
 
 
 @dataclass(frozen=True)
@@ -164,15 +188,19 @@ def shape_from_configs(ar_config, layout: dict, connector: tuple[int, int] | Non
         h, out = connector
         fields["connector_params"] = h * out + out + out * out + out + out
     if transformer_config and vae_config:
+        import torch
         from diffusers import AutoencoderDC, SanaTransformer2DModel
 
+        from policy.lora import linear_shapes
+
         clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-        fields["sana_params"] = _meta_params(lambda: SanaTransformer2DModel(**clean(transformer_config)))
-        fields["vae_params"] = _meta_params(lambda: AutoencoderDC(**clean(vae_config)))
-        fields["sana_hidden"] = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
-        fields["sana_ff"] = int(fields["sana_hidden"] * transformer_config.get("mlp_ratio", 2.5))
-        fields["vae_first_width"] = vae_config["decoder_block_out_channels"][0]
-        fields["latent_side"] = fields["image_size"] // 2 ** (len(vae_config["decoder_block_out_channels"]) - 1)
+        transformer_config, vae_config = clean(transformer_config), clean(vae_config)
+        with torch.device("meta"):
+            transformer = SanaTransformer2DModel(**transformer_config)
+        fields["sana_params"] = sum(p.numel() for p in transformer.parameters())
+        fields["vae_params"] = _meta_params(lambda: AutoencoderDC(**vae_config))
+        fields["sana"] = shape_from_sana_configs(transformer.config, vae_config, fields["image_size"],
+                                                 linear_shapes(transformer))
     return ModelShape(**fields)
 
 
@@ -304,9 +332,8 @@ def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
                                  learner.zero_stage)
     if shape.tied and learner.lora is None:  # under LoRA the embedding is frozen: no gradient
         lines.append(Line("tied head gradient (transient)", d * shape.vocab_rows * shape.hidden, "[V, h] dense"))
-    if learner.zero_stage == 3 and learner.lora is None:
-        lines.append(Line("publish gather (one bucket)", max(learner.sync.bucket_mb * MIB, d * shape.vocab_rows * shape.hidden),
-                          f"sync.bucket_mb {learner.sync.bucket_mb} or the embedding, gathered whole"))
+    if learner.lora is None:
+        lines += publish_lines(learner, d * shape.vocab_rows * shape.hidden, "the embedding")
     head, layers = learner_row_bytes(shape, d, learner.gradient_checkpointing, probs=not on_gpu)
     b = learner.micro_batch_size
     lines.append(Line("activations: image logits", b * head,
@@ -315,6 +342,20 @@ def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
                       f"{shape.layers} layers" + (" (checkpointed)" if learner.gradient_checkpointing else "")))
     lines.append(_runtime("learner", on_gpu))
     return RolePlan("learner rank", lines, learner.device, learner.world_size)
+
+
+def publish_lines(learner, largest: float, largest_name: str) -> list[Line]:
+    """What publishing full weights adds on the sender: at ZeRO-3 one bucket gathered whole at a
+    time; over broadcast rank 0's packed bucket, on `sync.broadcast_device` (a bucket is
+    `sync.bucket_mb`, or the largest tensor if bigger). An adapter (LoRA) is megabytes: not planned."""
+    bucket = max(learner.sync.bucket_mb * MIB, largest)
+    where = f"sync.bucket_mb {learner.sync.bucket_mb} or {largest_name}"
+    lines = []
+    if learner.zero_stage == 3:
+        lines.append(Line("publish gather (one bucket)", bucket, f"{where}, gathered whole"))
+    if learner.sync.transport == "broadcast":
+        lines.append(Line("publish packed bucket (rank 0)", bucket, f"{where}, on {learner.sync.broadcast_device}"))
+    return lines
 
 
 def received_update(shape: ModelShape, learner, served_d: int, vllm: bool, on_gpu: bool = True) -> Line:
@@ -335,14 +376,19 @@ def received_update(shape: ModelShape, learner, served_d: int, vllm: bool, on_gp
                 f"streamed: one {learner.sync.bucket_mb} MiB bucket or the embedding{rebuilt}")
 
 
-def plan_weight_buffer(shape: ModelShape, learner) -> RolePlan | None:
-    """The packed update the shared-memory and object-store transports keep in the host's RAM."""
+def plan_weight_buffer(learner, params: int, role: str = "weight buffer (shared memory)") -> RolePlan | None:
+    """The packed update (`params` parameters in the learner's precision) that the shared-memory and
+    object-store transports keep in the host's RAM."""
     if learner is None or learner.sync.transport == "broadcast":
         return None
     d = bytes_per_element(learner.precision)
-    params = lora_params(shape, learner.lora) if learner.lora is not None else shape.ar_params
-    return RolePlan("weight buffer (shared memory)", [Line("packed update", d * params, f"{learner.sync.transport}, "
-                                                           "one copy read by every worker")], "cpu")
+    return RolePlan(role, [Line("packed update", d * params, f"{learner.sync.transport}, one copy read by every worker")],
+                    "cpu")
+
+
+def published_ar_params(shape: ModelShape, learner) -> int:
+    """Parameters an AR publish sends: the adapter under LoRA, else the model (a tied head once)."""
+    return lora_params(shape, learner.lora) if learner.lora is not None else shape.ar_params
 
 
 def plan_rollout(shape: ModelShape, engine, learner, on_gpu: bool, workers: int) -> RolePlan:
@@ -357,27 +403,101 @@ def plan_rollout(shape: ModelShape, engine, learner, on_gpu: bool, workers: int)
     return RolePlan("rollout worker (vLLM)", lines, engine.device, workers)
 
 
-def plan_decoder(shape: ModelShape, decoder, learner, batch: int, on_gpu: bool, workers: int) -> RolePlan:
+def received_transformer_update(shape: ModelShape, diffusion) -> Line:
+    """What a decoder holds of one SANA transformer update while loading it (the second stream)."""
+    if diffusion is None:
+        return Line("transformer update received", 0, "SANA is frozen: no update")
+    d = bytes_per_element(diffusion.precision)
+    if diffusion.lora is not None:
+        return Line("transformer update received", d * sana_adapter_params(shape.sana, diffusion.lora),
+                    "the LoRA adapter, whole")
+    if diffusion.sync.transport != "broadcast":
+        return Line("transformer update received", 0, f"read from the sender's {diffusion.sync.transport} buffer")
+    bucket = max(diffusion.sync.bucket_mb * MIB, d * largest_sana_tensor(shape.sana))
+    return Line("transformer update received", bucket, f"streamed: one {diffusion.sync.bucket_mb} MiB bucket "
+                "or the feed-forward's conv, if bigger")
+
+
+def largest_sana_tensor(sana: SanaShape) -> int:
+    """Elements of SANA's largest weight: the feed-forward's 1x1 conv to 2F channels, or a Linear."""
+    return max([2 * sana.ff * sana.hidden] + [out * inp for out, inp in sana.linears.values()])
+
+
+def decode_lines(shape: ModelShape, decoder, images: int, sde_steps: int | None) -> list[Line]:
+    """The activations of one decode call of `images` images (module docstring): SANA's guided
+    forward (2 rows an image under CFG), with the SDE sampler its trajectory and the AR states, then
+    the DC-AE in calls of `decoder.vae_micro_batch_size` images. Planned as if they coexisted."""
+    sana, d = shape.sana, bytes_per_element(decoder.dtype)
+    captions = shape.tokens_per_image + 1
+    cfg = 1 if decoder.guidance_scale == 1.0 else 2
+    rows = cfg * images
+    lines = [Line(f"SANA forward ({rows} rows)", rows * guided_forward_peak(sana, captions, d),
+                  f"{images} images{' x 2 (CFG)' if cfg == 2 else ''} x {sana.tokens} latent tokens, no grad")]
+    if sde_steps is not None:
+        kept = images * (sde_trajectory_bytes(sana, sde_steps) + captions * shape.hidden * d)
+        lines.append(Line("SDE trajectory + AR states", kept, f"{sde_steps + 1} float32 latents (list and stack) "
+                          f"and [{captions}, {shape.hidden}] states per image"))
+    vae_images = min(decoder.vae_micro_batch_size or images, images)
+    lines.append(Line(f"DC-AE decode ({vae_images} images per call)", vae_images * dc_ae_decode_peak(sana, shape.image_size, d),
+                      f"{shape.image_size}^2 px x {sana.vae_first_width} ch x "
+                      f"{dc_ae_decode_peak(sana, 1, d) / sana.vae_first_width:g} B"))
+    return lines
+
+
+def plan_decoder(shape: ModelShape, decoder, learner, batch: int, on_gpu: bool, workers: int,
+                 diffusion=None) -> RolePlan:
+    """`batch` images per chunk; `diffusion`: the diffusion learner (the SDE sampler, the transformer stream)."""
     d = bytes_per_element(decoder.dtype)
     lines = [Line("AR model copy", d * shape.ar_params, "hidden states for SANA")]
     update = received_update(shape, learner, d, vllm=False)
-    decoding = 0
-    if (decoder.kind or shape.decoder) == "sana" and shape.sana_params:
-        tokens = shape.latent_side ** 2
+    decoding: list[Line] = []
+    if (decoder.kind or shape.decoder) == "sana" and shape.sana is not None:
         lines.append(Line("connector + SANA + DC-AE", d * (shape.connector_params + shape.sana_params + shape.vae_params),
-                          "frozen"))
-        sana = Line("SANA activations (CFG x2)", 2 * batch * tokens * (3 * shape.sana_hidden + 2 * shape.sana_ff) * d,
-                    f"2 x {batch} images x {tokens} latent tokens")
-        vae = Line("DC-AE decode", batch * shape.image_size ** 2 * shape.vae_first_width * d * 5,
-                   f"{batch} images x {shape.image_size}^2 px x {shape.vae_first_width} ch x 5")
-        decoding = sana.bytes + vae.bytes
+                          "frozen" if diffusion is None else "SANA's transformer trained by the diffusion learner"))
+        if decoder.transformer_lora is not None:
+            lines.append(Line("transformer adapter (served unmerged)", d * sana_adapter_params(shape.sana, decoder.transformer_lora),
+                              f"rank {decoder.transformer_lora.rank}"))
+        images = min(decoder.micro_batch_size or batch, batch)
+        decoding = decode_lines(shape, decoder, images, diffusion.sampling.steps if diffusion is not None else None)
+        update = max(update, received_transformer_update(shape, diffusion), key=lambda line: line.bytes)
     # an actor runs one call at a time: a weight update never coexists with a decode's activations
-    if update.bytes >= decoding:
+    if update.bytes >= sum(line.bytes for line in decoding):
         lines.append(Line(update.what, update.bytes, update.note + "; more than a decode's activations"))
     else:
-        lines += [sana, vae]
+        lines += decoding
     lines.append(_runtime("decoder", on_gpu))
     return RolePlan("decoder worker", lines, decoder.device, workers)
+
+
+def plan_diffusion_learner(shape: ModelShape, diffusion, guidance_scale: float, on_gpu: bool) -> RolePlan:
+    """One rank of the diffusion learner (module docstring); `guidance_scale` of the SDE rollouts."""
+    sana, d = shape.sana, bytes_per_element(diffusion.precision)
+    world, zero = diffusion.world_size, diffusion.zero_stage
+    lora = diffusion.lora
+    if lora is None:
+        trained = shape.sana_params
+        lines = learner_state_lines(trained, d, world, zero, reference=diffusion.flow.beta > 0)
+        lines += publish_lines(diffusion, d * largest_sana_tensor(sana), "the feed-forward's conv")
+    else:
+        trained = sana_adapter_params(sana, lora)
+        lines = lora_state_lines(shape.sana_params, trained, d, world, zero)
+    lines.append(Line("connector (frozen)", d * shape.connector_params, "AR states -> SANA captions"))
+    if diffusion.ema is not None:
+        lines.append(Line("EMA of the trained weights", 4 * trained, "float32, whole on every rank"))
+    captions = shape.tokens_per_image + 1
+    rows = diffusion.micro_batch_size * (1 if guidance_scale == 1.0 else 2)
+    checkpointing = diffusion.gradient_checkpointing
+    row = saved_per_row(sana, captions, d, lora, checkpointing)
+    lines.append(Line("activations: one SDE step", rows * row,
+                      f"{rows} rows ({diffusion.micro_batch_size} images{' x 2 CFG' if rows > diffusion.micro_batch_size else ''}) "
+                      f"x {row / GIB:.3f} GiB" + (" (checkpointed)" if checkpointing else "")))
+    lines.append(Line("backward working set (estimate)", rows * saved_per_block(sana, captions, d, lora),
+                      "one more block's saved tensors"))
+    if diffusion.flow.beta > 0:
+        lines.append(Line("reference forward (no grad)", rows * guided_forward_peak(sana, captions, d),
+                          "beside the policy's activations" + (": adapter off" if lora is not None else "")))
+    lines.append(_runtime("learner", on_gpu))
+    return RolePlan("diffusion learner rank", lines, diffusion.device, world)
 
 
 def geneval_params(server) -> int:
@@ -419,20 +539,22 @@ def _runtime(role: str, on_gpu: bool) -> Line:
 def plan_config(config, shape: ModelShape) -> list[RolePlan]:
     """Every role of a TrainConfig."""
     learner = config.learner  # None: the AR policy is frozen (no AR learner, no AR update received)
+    diffusion = config.diffusion_learner  # None: SANA is frozen (ODE sampling, no transformer stream)
     engine, decoder = config.rollout.engine, config.decoder.decoder
     batch = config.schedule.chunk_prompts * config.data.group_size
     plans = [plan_rollout(shape, engine, learner, engine.device != "cpu", config.rollout.workers),
-             plan_decoder(shape, decoder, learner, batch, decoder.device != "cpu", config.decoder.workers)]
+             plan_decoder(shape, decoder, learner, batch, decoder.device != "cpu", config.decoder.workers, diffusion)]
     if learner is not None:
         plans.append(plan_learner(shape, learner, learner.device != "cpu"))
-        buffer = plan_weight_buffer(shape, learner)
-        if buffer is not None:
-            plans.append(buffer)
-    # not planned yet: the diffusion learner (`diffusion_learner`, issue 17) and the decoders' SDE rollouts
+        plans.append(plan_weight_buffer(learner, published_ar_params(shape, learner)))
+    if diffusion is not None:
+        plans.append(plan_diffusion_learner(shape, diffusion, decoder.guidance_scale, diffusion.device != "cpu"))
+        published = sana_adapter_params(shape.sana, diffusion.lora) if diffusion.lora is not None else shape.sana_params
+        plans.append(plan_weight_buffer(diffusion, published, "transformer weight buffer (shared memory)"))
     if config.rewards.service == "serve":
         server = config.rewards.server
         plans.append(plan_reward(server, batch, "geneval" in server.scorers and server.geneval.device != "cpu"))
-    return plans
+    return [plan for plan in plans if plan is not None]
 
 
 # ----- fitting and printing ---------------------------------------------------------------------

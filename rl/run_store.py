@@ -18,7 +18,7 @@ NaN, stored as NULL): the dashboard draws a gap there, never a placeholder 0.
     geneval/<tag>               GenEval accuracy per tag (single_object, counting, position, ...)
     ocr/<name>                  OCR reward details (ocr/exact, ...), fractions
     policy/kl, policy/entropy, policy/clip_fraction, ...   learner numbers (absent without an update)
-    diffusion/<name>            the diffusion decoder's Flow-GRPO learner (issue 17), beside the AR
+    diffusion/<name>            the diffusion decoder's Flow-GRPO learner (train: diffusion), beside the AR
                                 policy's policy/* in a joint run: kl (per SDE step), clip_fraction (share
                                 of (image, SDE step) pairs), loss, policy_loss, grad_norm, ratio_max,
                                 ratio_min, lr, version, logprob_diff (max |learner - sampler| per-step

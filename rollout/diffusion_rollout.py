@@ -1,5 +1,5 @@
 """What the decoder hands the diffusion learner: per image, enough to recompute every trained SDE
-step's log-prob exactly (Flow-GRPO on the SANA decoder, issue 17).
+step's log-prob exactly (Flow-GRPO on the SANA decoder: the diffusion learner trains on these).
 
 The learner scores step t of image b as log p(x_{t+1} | x_t) under its own transformer
 (rollout/flow_sde.py). That needs x_t and x_{t+1} at every trained t, the condition, the timestep

@@ -121,6 +121,7 @@ class SanaDecoder:
         self.transformer, self.vae, self.scheduler = load_sana_parts(paths, self.dtype, config.device)
         self.image_size = paths.layout().image_size
         self.vae_scale = 2 ** (len(self.vae.config.decoder_block_out_channels) - 1)
+        self.vae_micro_batch_size = config.vae_micro_batch_size
 
     @torch.no_grad()
     def load_ar_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -206,13 +207,17 @@ class SanaDecoder:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """DC-AE decode: latents / scaling_factor (+ shift_factor if any) -> [B, H, W, 3] uint8."""
+        """DC-AE decode: latents / scaling_factor (+ shift_factor if any) -> [B, H, W, 3] uint8, in
+        calls of `vae_micro_batch_size` images (all at once by default)."""
         scaled = latents / self.vae.config.scaling_factor  # [B, C, h, w]
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             scaled = scaled + shift
-        pixels = self.vae.decode(scaled.to(self.dtype), return_dict=False)[0]  # [B, 3, H, W]
-        return latents_to_uint8(pixels)
+        step = self.vae_micro_batch_size or scaled.shape[0]
+        # each part's pixels become uint8 before the next decode: only one part's maps are alive
+        parts = [latents_to_uint8(self.vae.decode(part.to(self.dtype), return_dict=False)[0])  # [m, H, W, 3]
+                 for part in scaled.split(step)]
+        return np.concatenate(parts)  # [B, H, W, 3]
 
     def decode(self, prompt_ids: list[list[int]], image_tokens: torch.Tensor, seed: int) -> tuple[np.ndarray, dict[str, float]]:
         """All three stages, with the seconds spent in each (for the benchmark and metrics)."""

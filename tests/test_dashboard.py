@@ -106,22 +106,27 @@ def make_runs(runs_dir: Path) -> tuple[RunStore, str, str]:
 
 
 @contextlib.contextmanager
-def dashboard_server(runs_dir: Path):
-    """`blip3o-rl dashboard` on a free port, as a user starts it; yields its base URL."""
+def dashboard_server(runs_dir: Path, token: str | None = None):
+    """`blip3o-rl dashboard` on a free port, as a user starts it (a token from its environment
+    variable, as the KubeRay manifest passes it); yields its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BLIP3O_RL_DASHBOARD_")}
+    if token is not None:
+        env["BLIP3O_RL_DASHBOARD_TOKEN"] = token
     process = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "dashboard", "--runs-dir", str(runs_dir),
          "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                httpx.get(f"{url}/api/runs", timeout=2).raise_for_status()
+                httpx.get(f"{url}/api/runs", timeout=2, headers=headers).raise_for_status()
                 break
             except httpx.HTTPError:
                 assert process.poll() is None, process.stdout.read().decode()
@@ -218,6 +223,105 @@ def test_api_bad_query_parameters_are_422_json(server, runs, path, params, detai
     response = httpx.get(f"{server}/api/runs/{runs[1]}/{path}", params=params)
     assert response.status_code == 422
     assert detail in str(response.json()["detail"])
+
+
+TOKEN = "dashboard-secret-0123"
+
+
+@pytest.fixture(scope="module")
+def locked(runs):
+    """The dashboard app over the same store with a token (in process: FastAPI's TestClient)."""
+    from fastapi.testclient import TestClient
+
+    from deploy.dashboard.app import create_app
+
+    with TestClient(create_app(runs[0].runs_dir, token=TOKEN)) as client:
+        yield client
+
+
+def protected_paths(live: str) -> list[str]:
+    return ["/api/runs", f"/api/runs/{live}", f"/api/runs/{live}/metrics", f"/api/runs/{live}/samples",
+            f"/api/runs/{live}/samples/4/2.png"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                                     {"Authorization": f"Bearer {TOKEN}x"}])
+def test_with_a_token_the_api_answers_the_reward_apis_401_without_it(locked, runs, headers):
+    from fastapi.testclient import TestClient
+
+    from rewards.app.main import create_app as rewards_app
+    from rewards.app.settings import Settings
+
+    with TestClient(rewards_app(Settings(scorers=[], token=TOKEN))) as rewards:
+        reference = rewards.post("/v1/rewards/ocr", json={"items": []}, headers=headers)
+    assert reference.status_code == 401
+    for path in protected_paths(runs[1]):
+        answer = locked.get(path, headers=headers)
+        assert answer.status_code == 401 and answer.json() == reference.json(), path
+        assert answer.headers["www-authenticate"] == "Bearer"
+    # the token in the URL is never read (access logs, history and Referer headers keep URLs)
+    assert locked.get("/api/runs", params={"token": TOKEN}).status_code == 401
+
+
+def test_with_a_token_the_api_answers_200_to_it_and_a_browser_opens_a_session(locked, runs):
+    from deploy.dashboard.auth import COOKIE
+
+    _, live, _ = runs
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for path in protected_paths(live):
+        assert locked.get(path, headers=bearer).status_code == 200, path
+    # the page: a 401 login form without the token, then the session cookie, then the dashboard
+    locked.cookies.clear()
+    login = locked.get("/")
+    assert login.status_code == 401 and 'type="password"' in login.text and "/api/session" in login.text
+    assert locked.post("/api/session").status_code == 401
+    assert locked.post("/api/session", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    opened = locked.post("/api/session", headers=bearer)
+    assert opened.status_code == 204
+    cookie = opened.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert TOKEN not in cookie  # derived from the token, not the token
+    assert locked.get("/").status_code == 200 and "<title>blip3o-rl dashboard</title>" in locked.get("/").text
+    for path in protected_paths(live):
+        assert locked.get(path).status_code == 200, path  # the cookie alone
+    assert locked.get("/static/dashboard.js").status_code == 200  # the page's code is public
+    locked.cookies.clear()
+    locked.cookies.set(COOKIE, "0" * 64)  # a forged session
+    assert locked.get("/api/runs").status_code == 401 and locked.get("/").status_code == 401
+    locked.cookies.clear()
+
+
+def test_without_a_token_everything_is_open(runs):
+    from fastapi.testclient import TestClient
+
+    from deploy.dashboard.app import create_app
+
+    with TestClient(create_app(runs[0].runs_dir)) as client:
+        for path in [*protected_paths(runs[1]), "/"]:
+            assert client.get(path).status_code == 200, path
+        assert client.get("/api/runs", headers={"Authorization": "Bearer anything"}).status_code == 200
+        opened = client.post("/api/session")
+        assert opened.status_code == 204 and "set-cookie" not in opened.headers
+
+
+def test_the_command_takes_the_token_from_its_flag_or_environment(runs, monkeypatch):
+    """`blip3o-rl dashboard`: a flag wins over BLIP3O_RL_DASHBOARD_*, which wins over the defaults."""
+    from deploy import cli
+    from deploy.dashboard import app
+
+    served = []
+    monkeypatch.setattr(app, "serve", served.append)
+    monkeypatch.setenv("BLIP3O_RL_DASHBOARD_TOKEN", "from-env")
+    monkeypatch.setenv("BLIP3O_RL_DASHBOARD_PORT", "9001")
+    cli.main(["dashboard", "--runs-dir", str(runs[0].runs_dir)])
+    cli.main(["dashboard", "--token", "from-flag", "--host", "0.0.0.0"])
+    first, second = served
+    assert (first.token.get_secret_value(), first.port, first.host, first.runs_dir) == (
+        "from-env", 9001, "127.0.0.1", str(runs[0].runs_dir))
+    assert (second.token.get_secret_value(), second.host, second.runs_dir) == ("from-flag", "0.0.0.0", "runs")
+    monkeypatch.delenv("BLIP3O_RL_DASHBOARD_TOKEN")
+    cli.main(["dashboard"])
+    assert served[2].token is None
 
 
 def test_tensorboard_export_matches_the_store(runs, tmp_path):
@@ -319,6 +423,35 @@ def test_page_shows_live_curves_gallery_and_comparison(tmp_path):
         simulate_step(store, live, 6)
         expect(chart).to_have_attribute("data-points", "7", timeout=15_000)
         expect(page.locator("#events li").first.locator(".kind")).to_have_text("resume")
+        browser.close()
+    assert errors == []
+
+
+def test_page_with_a_token_asks_for_it_once_then_shows_curves_and_images(tmp_path):
+    """The dashboard started with BLIP3O_RL_DASHBOARD_TOKEN: the page asks for the token, refuses a
+    wrong one, then shows the runs, the curves and the gallery's images (sent with the session cookie)."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    store, live, _ = make_runs(tmp_path)
+    with dashboard_server(store.runs_dir, token=TOKEN) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{server}/?poll=300")
+        page.locator("#token").fill("wrong")
+        page.locator("button[type=submit]").click()
+        expect(page.locator("#error")).to_have_text("wrong token")
+        page.locator("#token").fill(TOKEN)
+        page.locator("button[type=submit]").click()
+        expect(page.locator("#runs li")).to_have_count(2, timeout=15_000)
+        expect(page.locator("#chart-reward-mean")).to_have_attribute("data-points", str(STEPS), timeout=15_000)
+        expect(page.locator("#gallery .card img")).to_have_count(SAMPLES_PER_STEP)
+        page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth === 64)")
+        assert page.url == f"{server}/?poll=300"  # the token never went into the URL
+        [cookie] = page.context.cookies()
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != TOKEN
         browser.close()
     assert errors == []
 
@@ -428,7 +561,7 @@ DIFFUSION_LEARNER = {"diffusion/kl": 0.2, "diffusion/clip_fraction": 0.3, "diffu
 
 
 def diffusion_run_metrics(step: int, joint: bool) -> dict[str, float]:
-    """What a run training the diffusion decoder logs (issue 17): diffusion/* learner numbers at
+    """What a run training the diffusion decoder logs: diffusion/* learner numbers at
     steps with an update (none at NO_UPDATE_STEPS), and in a joint run the AR policy's twins. A
     diffusion-only run logs policy/version (constant: the AR policy is frozen) and no other policy/*."""
     trained = max(0, step - 1)
@@ -493,7 +626,7 @@ def measured(panel: dict, key: str) -> list[float]:
 
 
 def test_page_draws_diffusion_learner_panels_beside_their_ar_twins(tmp_path):
-    """A joint AR + diffusion run and a diffusion-only run (issue 17): each diffusion number gets a
+    """A joint AR + diffusion run and a diffusion-only run: each diffusion number gets a
     titled panel on the right scale next to its AR twin, and never an axis with a twin in another unit."""
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
@@ -610,6 +743,17 @@ def test_deploy_files_are_valid_and_consistent():
     dashboard = next(c for c in head["spec"]["containers"] if c["name"] == "blip3o-rl-dashboard")
     assert dashboard["command"][:2] == ["blip3o-rl", "dashboard"]
     assert dashboard["ports"][0]["containerPort"] == dashboard_service["spec"]["ports"][0]["targetPort"]
+    # the dashboard listens on the pod's address: its token comes from a Secret, under the name the
+    # settings read (and the VM cluster starts it on the head with the token file it mounts there)
+    from deploy.dashboard.settings import DashboardSettings
+
+    [token_env] = dashboard["env"]
+    assert token_env["name"] == DashboardSettings.model_config["env_prefix"] + "TOKEN"
+    assert token_env["valueFrom"]["secretKeyRef"]["name"] == "blip3o-rl-dashboard"
+    [start] = [c for c in cluster["head_start_ray_commands"] if "blip3o-rl dashboard" in c]
+    mounted = [path for path in cluster["file_mounts"] if path.endswith("dashboard_token")]
+    assert f"{token_env['name']}=$(cat ~/.blip3o-rl/dashboard_token)" in start
+    assert mounted == ["/home/ray/.blip3o-rl/dashboard_token"] and "--host 127.0.0.1" in start
     pod = rewards_deployment["spec"]["template"]
     assert rewards_service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     [env] = pod["spec"]["containers"][0]["env"]

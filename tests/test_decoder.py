@@ -54,9 +54,10 @@ def row(batch: RolloutBatch, r: int) -> RolloutBatch:
 
 
 def assert_images_close(a: np.ndarray, b: np.ndarray) -> None:
-    """Equal up to float reassociation: batched vs single matmuls (or 1 vs 2 threads) differ by
-    ~1e-6 relative, which after STEPS Euler steps flips a uint8 value by at most 1, and only for a
-    value within ~1e-4 of a rounding boundary (well under 1% of the pixels)."""
+    """Equal up to float reassociation: batched vs single matmuls (or 1 vs 2 threads, or two loads
+    of the same weights at other addresses) differ by ~1e-6 relative, which after STEPS Euler steps
+    flips a uint8 value by at most 1, and only for a value within ~1e-4 of a rounding boundary (well
+    under 1% of the pixels)."""
     assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     assert diff.max() <= 1

@@ -205,7 +205,10 @@ def read_samples(path: Path) -> list[SampleResult]:
 
 
 def outcome(samples: list[SampleResult]) -> list[tuple]:
-    """What must be identical between two evals of one checkpoint."""
+    """What must be identical between two evals of one checkpoint, even in other processes or other
+    chunks: seeds, the recognized text of glyph images drawn from the tokens, and rewards computed
+    from that text. Float rounding (another batch, process or thread count) enters only through the
+    sampled tokens, and moves one only at a near-tie of two perturbed logits."""
     return [(s.prompt_index, s.sample_index, s.seed, s.reward, s.recognized, s.correct) for s in samples]
 
 

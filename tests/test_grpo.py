@@ -66,6 +66,34 @@ def test_group_advantages_grpo_and_dr_grpo():
         group_advantages(torch.tensor([1.0, float("nan")]), [0, 0], GRPOConfig())
 
 
+def test_group_advantages_over_the_batch_std_as_flow_grpo():
+    """The diffusion learner's default (Flow-GRPO's `sample.global_std`): each group's mean, the
+    biased std of every reward of the batch; the AR learner keeps the group std."""
+    from rl.learners.diffusion_config import FlowGRPOConfig
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 3.0, 1.0])
+    groups = [0, 0, 0, 0, 1, 1]
+    # batch mean 1, squared deviations 0 1 0.25 0.25 4 0 -> 5.5 / 6 = 0.916667, std 0.957427 (np.std)
+    # group 0: mean 0.5, centred [0.5, -0.5, 0, 0] -> 0.5 / (0.957427 + 1e-4) = 0.522178
+    # group 1: mean 2, centred [1, -1] -> 1 / 0.957527 = 1.044357
+    flow = FlowGRPOConfig()
+    assert flow.std_scope == "batch" and GRPOConfig().std_scope == "group"
+    out = group_advantages(rewards, groups, flow)
+    assert out.advantages.tolist() == pytest.approx([0.522178, -0.522178, 0, 0, 1.044357, -1.044357], abs=1e-5)
+    # the group std instead: group 0 -> 0.5 / (0.408248 + 1e-4) = 1.224445, group 1 -> 1 / (1.414214 + 1e-4) = 0.707057
+    per_group = group_advantages(rewards, groups, FlowGRPOConfig(std_scope="group"))
+    assert per_group.advantages.tolist() == pytest.approx([1.224445, -1.224445, 0, 0, 0.707057, -0.707057], abs=1e-5)
+    # a zero-signal group stays at 0 and counts in the batch std: [2, 2] added -> mean 1.25, squared
+    # deviations 0.0625 1.5625 0.5625 0.5625 3.0625 0.0625 0.5625 0.5625 = 7 -> 7 / 8, std 0.935414
+    with_flat = group_advantages(torch.cat([rewards, torch.tensor([2.0, 2.0])]), groups + [2, 2],
+                                 FlowGRPOConfig(filter_zero_signal_groups=True))
+    assert with_flat.advantages.tolist() == pytest.approx(
+        [0.5 / 0.935514, -0.5 / 0.935514, 0, 0, 1 / 0.935514, -1 / 0.935514, 0, 0], abs=1e-5)
+    assert with_flat.kept_rows() == [0, 1, 2, 3, 4, 5] and with_flat.zero_signal_groups == 1
+    with pytest.raises(ValidationError):
+        FlowGRPOConfig(std_scope="prompt")
+
+
 def test_clipped_surrogate_clip_higher():
     ratio = torch.tensor([[0.5, 0.9, 1.1, 1.5], [0.5, 0.9, 1.1, 1.5]], requires_grad=True)
     # clip range [1 - 0.2, 1 + 0.3] = [0.8, 1.3]

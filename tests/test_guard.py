@@ -38,6 +38,7 @@ def test_band_fires_once_per_excursion_around_the_first_steps_mean():
     series = dark(0.4, 0.2, 0.45, 0.46, 0.9, 0.3, 0.1)
     firings = [f for step, m in series.items() for f in guard.observe(step, m)]
     assert [f.step for f in firings] == [4, 7]  # 0.9 at step 5 is the same excursion; back in at 6
+    assert [f.since for f in firings] == [4, 7]  # patience 1: each excursion begins where it fires
     assert firings[0].value == 0.46 and firings[0].rule == "band images/dark_share"
     assert "[0.1500, 0.4500]" in firings[0].detail and "steps 1-2" in firings[0].detail
 
@@ -45,7 +46,9 @@ def test_band_fires_once_per_excursion_around_the_first_steps_mean():
 def test_band_absolute_tolerance_and_patience():
     guard = guard_of(band(baseline_steps=1, tolerance=0.1, relative=False, patience=2))
     # band 0.3 +- 0.1; one step outside (0.45) then back in resets the streak; two in a row fire
-    assert fired_steps(guard, dark(0.3, 0.45, 0.35, 0.45, 0.15, 0.5)) == [5]
+    series = dark(0.3, 0.45, 0.35, 0.45, 0.15, 0.5)
+    firings = [f for step, m in series.items() for f in guard.observe(step, m)]
+    assert [(f.step, f.since) for f in firings] == [(5, 4)]  # the excursion began at step 4
 
 
 def test_band_skips_steps_without_the_metric():
@@ -69,7 +72,7 @@ def test_reward_up_eval_down_fires_when_eval_falls_while_reward_rises():
     # of 0.1) while R(6) = mean(0.5, 0.6) = 0.55 > R(2) = mean(0.1, 0.2) = 0.15
     firings = [f for s, m in reward_eval_series(RISING, {2: 0.5, 4: 0.6, 6: 0.4}).items()
                for f in guard.observe(s, m)]
-    assert [f.step for f in firings] == [6]
+    assert [(f.step, f.since) for f in firings] == [(6, 3)]  # the eval of step 2 was still the better one
     assert firings[0].value == 0.4 and "0.5000 (step 2) -> 0.4000" in firings[0].detail
     assert "0.1500 -> 0.5500" in firings[0].detail
     # step 8: the oldest point within 4 steps is step 4's 0.6 -> 0.55: fires again
@@ -157,7 +160,7 @@ def test_a_resumed_trainer_continues_the_guard_from_its_saved_state(tmp_path):
     """Trainer(config, resume=run) takes guard.json back: its rollback count, minus what it saw after
     the checkpoint's step; a guard config whose rules differ is refused (ConfigError)."""
     from rl.run.config import ConfigError, load_config
-    from rl.run.train import Trainer
+    from rl.run.trainer import Trainer
     from tests.train_support import small_config
 
     config = load_config(small_config(tmp_path, tmp_path / "no-model", steps=10,
@@ -167,7 +170,7 @@ def test_a_resumed_trainer_continues_the_guard_from_its_saved_state(tmp_path):
     first.checkpoints.commit(tmp, TrainerState(3, 3, first.run_id, SamplerState(cursors=[3])))
     assert fired_steps(first.guard, dark(0.4, 0.2, 0.3, 0.6)) == [4]
     first.guard.count_rollback()
-    first._save_guard_state()
+    first.guard.save()
 
     resumed = Trainer(config, resume=first.run_id)
     assert resumed.state.step == 3 and resumed.guard.rollbacks == 1
@@ -181,8 +184,9 @@ def test_guard_actions_short_of_a_rollback(tmp_path):
     """What the trainer does on a firing (the end-to-end test does the rollback itself): every firing
     is a `guard` event; warn trains on; stop, a rollback without any checkpoint yet, and a firing
     after max_rollbacks raise GuardTripped, which the loop turns into the clean stop (exit 5)."""
+    from rl.guard.rollback import GuardTripped
     from rl.run.config import load_config
-    from rl.run.train import GuardTripped, Trainer
+    from rl.run.trainer import Trainer
     from tests.train_support import small_config
 
     def trainer(action: str, **rollback) -> Trainer:
@@ -207,3 +211,74 @@ def test_guard_actions_short_of_a_rollback(tmp_path):
     spent.guard.count_rollback()
     with pytest.raises(GuardTripped, match=r"max_rollbacks \(1\) already taken"):
         feed(spent, 0.4, 0.2, 0.3, 0.6)
+
+
+class StandInLearners:
+    """A learner group whose `load_checkpoint` takes the weights a checkpoint's learner folder holds
+    (one tensor, written by the test), and whose digest is theirs."""
+
+    def __init__(self):
+        self.weights, self.version, self.hyperparameters = None, None, None
+
+    def load_checkpoint(self, directory: str, version: int | None = None) -> int:
+        from safetensors.torch import load_file
+
+        self.weights, self.version = load_file(f"{directory}/weights.safetensors"), version
+        return version
+
+    def weights_digest(self) -> str:
+        return weights_digest(self.weights)
+
+    def set_hyperparameters(self, lr_scale: float, beta: float) -> None:
+        self.hyperparameters = (lr_scale, beta)
+
+
+def test_a_rollback_restores_a_checkpoint_from_before_the_excursion(tmp_path):
+    """Patience 2: steps 4 and 5 are outside the band, it fires at 5. The run has checkpoints of steps 2,
+    4 and 5, and an eval pinned step 5 as the best before the guard saw step 5 (what `_evaluate` does
+    before `_guard_step`). Steps 4 and 5 are inside the excursion: the rollback restores step 2, the
+    newest checkpoint older than the excursion's first step, bit for bit and under a new version. The
+    step in flight (async) is dropped first: waited out (tests/test_pipeline.py)."""
+    from types import SimpleNamespace
+
+    from rl.run.config import load_config
+    from rl.run.policies import ARPolicy
+    from rl.run.trainer import Trainer
+    from tests.train_support import small_config
+
+    guard = {"action": "rollback", "rules": [band(patience=2)], "rollback": {"lr_scale": 0.5, "beta": 0.01}}
+    trainer = Trainer(load_config(small_config(tmp_path, tmp_path / "no-model", steps=10, guard=guard,
+                                               **{"checkpoint.keep_last": 3})))
+    group, published = StandInLearners(), []
+    trainer.policies = {"ar": ARPolicy(group, trainer.config.learner, lambda versions, _: published.append(versions))}
+    fleet_calls = []
+    trainer.fleet = SimpleNamespace(check_versions=lambda versions, timeout_s: None,
+                                    describe=lambda versions: f"v{versions.policy}", name=lambda actor: actor,
+                                    restart=lambda actor: fleet_calls.append(("restart", actor)),
+                                    recover=lambda versions, why: fleet_calls.append(("recover", why)))
+    dropped = []  # async: the next step is in flight when the guard fires; one worker stays busy with it
+    trainer.in_flight = SimpleNamespace(drain=lambda stage_timeout_s: dropped.append(stage_timeout_s) or ["rollout-0"])
+    for step in (2, 4, 5):  # weights of step s: a tensor holding s; the export is the same tensor
+        tmp = trainer.checkpoints.begin(step)
+        for folder, name in (("learner", "weights"), ("policy", "model")):
+            (tmp / folder).mkdir()
+            save_file({"w": torch.full((3,), float(step))}, str(tmp / folder / f"{name}.safetensors"))
+        trainer.checkpoints.commit(tmp, TrainerState(step, step, trainer.run_id, SamplerState(cursors=[step])))
+    trainer.checkpoints.mark_best(5, 0.9)
+    trainer.state = TrainerState(5, 5, trainer.run_id, SamplerState(cursors=[5]))
+    trainer.checkpointed_step = 5
+
+    rolled = [trainer._guard_step(step, metrics) for step, metrics in dark(0.4, 0.2, 0.3, 0.6, 0.7).items()]
+    assert rolled == [False, False, False, False, True]
+    [rollback] = [e.message for e in trainer.store.events(trainer.run_id) if e.kind == "rollback"]
+    assert rollback.startswith("rollback 1/2 to step-000002: learner weights policy sha256 ")
+    assert "served as v6; training on from step 3 with lr x0.5 (0.001), beta 0.01" in rollback
+    assert group.weights["w"].tolist() == [2.0, 2.0, 2.0] and group.version == 6
+    assert group.hyperparameters == (0.5, 0.01)
+    assert (trainer.state.step, trainer.state.policy_version, trainer.state.sampler.cursors) == (2, 6, [2])
+    assert [versions.policy for versions in published] == [6]
+    assert trainer.checkpoints.complete_steps() == [2]  # the steps after the target are redone
+    # the in-flight step was waited out first; the worker still busy with it restarted like a hung one
+    assert dropped == [trainer.config.schedule.stage_timeout_s] and trainer.in_flight is None
+    assert fleet_calls == [("restart", "rollout-0"),
+                           ("recover", "step 5: guard rollback: rollout-0 still busy with a dropped step")]

@@ -1,4 +1,4 @@
-"""The reward-hacking guard end to end (issue 16): the glyph demo trained on a reward built to be
+"""The reward-hacking guard end to end: the glyph demo trained on a reward built to be
 hacked, next to an in-run eval that dislikes what the hack does; the guard's dark-pixel band fires,
 the run rolls back to its best-eval checkpoint bit for bit and trains on with a lower lr and a KL.
 
@@ -79,11 +79,14 @@ def test_guard_rolls_back_a_hacked_run_to_its_best_checkpoint(tmp_path, glyph_mo
     fired = events[kinds.index("guard")].message
     assert "band images/dark_share" in fired and "guard: step" in result.stdout
 
-    # the rollback restored the best-eval checkpoint as of the firing: the last "new best" before it
+    # the rollback restored the best-eval checkpoint from before the excursion (patience 1: the firing
+    # step; an eval can pin the firing step itself as best before the guard sees it): the last "new best"
+    # of an earlier step
+    fired_at = int(re.match(r"step (\d+):", fired)[1])
     bests = [int(m[1]) for e in events[: kinds.index("guard")] if (m := re.search(r"new best \(checkpoint step (\d+)", e.message))]
     rollback = events[kinds.index("rollback")].message
     target_step = int(re.search(r"to step-(\d+)", rollback)[1])
-    assert bests and target_step == bests[-1], (bests, rollback)
+    assert bests and target_step == max(b for b in bests if b < fired_at), (bests, rollback)
     # ... bit for bit: the learner's weights right after the load (their sha256, in the event) are the
     # checkpoint's exported policy, which differs from the untrained model
     target = tmp_path / "runs" / "checkpoints" / run.id / f"step-{target_step:06d}"

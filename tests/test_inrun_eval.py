@@ -1,4 +1,4 @@
-"""In-run evaluation (rl/evaluation/in_run.py, Trainer._maybe_evaluate): the config, the best-eval
+"""In-run evaluation (rl/evaluation/in_run.py, Trainer._evaluate): the config, the best-eval
 checkpoint, then one short real run on the glyph demo.
 
 Cost: the unit tests take a second; the end-to-end test is one 3-step glyph run (Ray, vLLM, Serve,

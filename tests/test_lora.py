@@ -1,5 +1,6 @@
-"""LoRA GRPO (issue 20): the learner trains a peft adapter, publishes only it, the vLLM rollout
-worker serves it as a LoRARequest per version and the SANA decoder merges it.
+"""LoRA GRPO: the learner trains a peft adapter, publishes only it, the vLLM rollout worker serves it
+as a LoRARequest per version and the SANA decoder serves it beside its AR copy (never merged: a
+bfloat16 merge loses most of a small update, measured here by hand at the size of SANA's layers).
 
 One learner (1 rank, ZeRO-1), one LoRA vLLM actor and one decoder actor are shared by the module
 (`lora_run` runs the publish -> sample -> update -> publish -> sample sequence once, with an adapter
@@ -97,7 +98,7 @@ def test_an_adapter_on_the_head_covers_the_whole_vocabulary_and_a_tied_head_is_r
 def test_adapted_head_logits_are_the_peft_models_and_the_base_with_the_adapter_off(tiny_model_dir):
     """`AdaptedHeadImageLogits` (image rows of W + s B A, never the full [V] logits) gives the
     numbers of the peft model's own forward through its LoRA head, and with the adapter switched
-    off (the KL reference) the base model's bit for bit."""
+    off (the KL reference) the base model's up to float rounding (two loads of the base)."""
     from peft import get_peft_model
 
     from policy.loading import load_tokenizer, load_vocab
@@ -126,8 +127,111 @@ def test_adapted_head_logits_are_the_peft_models_and_the_base_with_the_adapter_o
         with peft_model.disable_adapter():
             off = AdaptedHeadImageLogits(lm, vocab).image_logits(prompts, tokens, tokenizer.pad_token_id)
         base = ImageTokenLogits(load_ar_model(paths), vocab).image_logits(prompts, tokens, tokenizer.pad_token_id)
-    assert torch.equal(off, base)
+    # two loads of the base: other addresses may take other CPU kernel paths (summation orders,
+    # ~1e-7 relative); the adapter moves these logits by more than 0.1
+    torch.testing.assert_close(off, base, rtol=1e-5, atol=1e-5)
 
+
+
+def test_a_bf16_merge_loses_a_small_update_and_the_unmerged_adapter_serves_the_learners_layer():
+    """A 2240 x 2240 bf16 layer (SANA 1.6B's width; weights ~ N(0, 0.02)), rank 32, alpha 64, A as
+    peft initialises it (U(+-1/sqrt(2240))), B ~ N(0, b^2) for b = 1e-4, 3e-4, 1e-3 (a few Adam steps
+    at Flow-GRPO's lr 3e-4), the learner's layer in bf16 as DeepSpeed casts it.
+
+    Weights, by hand: a bf16 merge keeps round_bf16(W + dW) - W of dW = s B A. W is on bf16's grid,
+    so an entry of dW under half a unit in the last place of its W (|W| 2^-9) rounds back to W:
+    lost = ||kept - dW|| / ||dW|| is 0.86 / 0.61 / 0.24. The export's float32 merge keeps all of it.
+    Outputs, on 64 inputs: the decoder's `UnmergedAdapter` gives the learner's peft layer (bit for bit
+    here; asserted to 1% of the learner's output update, as separate tensors may take other CPU kernel
+    paths), the bf16-merged layer misses a multiple of that update (2.8 / 1.3 / 0.47)."""
+    from peft import get_peft_model
+
+    from policy.lora import UnmergedAdapter, lora_keys, module_adapter_specs
+
+    width, lora = 2240, LoRAConfig(rank=32, alpha=64.0, target_modules=("proj",))
+
+    def layer() -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.proj = torch.nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            module.proj.weight.copy_(0.02 * torch.randn(width, width, generator=torch.Generator().manual_seed(0)))
+        return module.bfloat16()
+
+    torch.manual_seed(1)  # peft's A
+    learner = get_peft_model(layer(), lora.peft_config()).bfloat16().base_model.model.proj
+    base, served = layer(), layer()
+    adapter = UnmergedAdapter(served, module_adapter_specs(served, lora, torch.bfloat16), lora)
+    x = torch.randn(64, width, generator=torch.Generator().manual_seed(2)).bfloat16()  # [64, 2240]
+    w = base.proj.weight.detach().double()  # [out, in], bf16 values
+    lost, missed, unmerged_missed = [], [], []
+    for b in (1e-4, 3e-4, 1e-3):
+        with torch.no_grad():
+            learner.lora_B["default"].weight.copy_(b * torch.randn(width, 32, generator=torch.Generator().manual_seed(3)))
+        published = {key: getattr(learner, f"lora_{m}")["default"].weight.detach().clone()
+                     for key, m in zip(lora_keys("proj"), "AB")}  # PEFT names, bf16 as a bf16 learner publishes
+        key_a, key_b = lora_keys("proj")
+        update = lora.scale * published[key_b].double() @ published[key_a].double()  # dW = s B A [out, in]
+        merged = (w + update).to(torch.bfloat16)  # the old decoder's merge
+        lost.append(float(((merged.double() - w) - update).norm() / update.norm()))
+        float32_merge = (w.float() + update.float()).double()  # the export's
+        assert float(((float32_merge - w) - update).norm() / update.norm()) < 1e-3
+        adapter.load(iter(published.items()))
+        with torch.no_grad():
+            learner_out, served_out, base_out = learner(x), served.proj(x), base.proj(x)  # [64, 2240] bf16
+            merged_out = torch.nn.functional.linear(x, merged)
+        learner_update = learner_out.double() - base_out.double()  # [64, 2240]
+
+        def miss(out: torch.Tensor) -> float:
+            return float(((out.double() - base_out.double()) - learner_update).norm() / learner_update.norm())
+
+        missed.append(miss(merged_out))
+        unmerged_missed.append(miss(served_out))
+    print(f"bf16 merge: update lost {[round(v, 3) for v in lost]}, learner's output update missed "
+          f"{[round(v, 2) for v in missed]}; unmerged: adapter kept whole, output update missed {unmerged_missed}")
+    assert lost == pytest.approx([0.86, 0.61, 0.24], abs=0.02)
+    assert missed[0] > 1.0 and missed[1] > 0.5 and missed[2] > 0.2
+    assert max(unmerged_missed) < 0.01
+
+
+def test_a_merged_export_of_a_bf16_model_holds_the_update_in_float32_layers(tiny_model_dir, tmp_path):
+    """`blip3o-rl export --merge` on a bfloat16 base: the adapted layers are W + s B A in float32,
+    exactly (a bf16 merge would lose a good part of this small update: B ~3e-4); every other tensor
+    is the base's, still bfloat16."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from policy.lora import export_merged, lora_keys, write_adapter
+
+    base_dir = tmp_path / "bf16-base"
+    shutil.copytree(tiny_model_dir, base_dir)
+    for shard in (base_dir / "ar").glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}, str(shard), metadata={"format": "pt"})
+    base = {k: v for shard in (base_dir / "ar").glob("*.safetensors") for k, v in load_file(shard).items()}
+    generator = torch.Generator().manual_seed(0)
+    adapter = {key: (3e-4 if "lora_B" in key else 0.1) * torch.randn(spec.shape, generator=generator)
+               for key, spec in adapter_specs(base_dir / "ar", LORA, torch.float32).items()}
+    write_adapter(tmp_path / "adapter", LORA, adapter, str(base_dir))
+    export_merged(tmp_path / "adapter", tmp_path / "merged")
+    merged = {k: v for shard in (tmp_path / "merged" / "ar").glob("*.safetensors") for k, v in load_file(shard).items()}
+    assert merged.keys() == base.keys()
+    adapted, lost_in_bf16 = set(), []
+    for key in adapter:
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            key_a, key_b = lora_keys(module)
+            update = LORA.scale * adapter[key_b] @ adapter[key_a]  # [out, in] float32
+            name = f"{module}.weight"
+            assert merged[name].dtype == torch.float32
+            assert torch.equal(merged[name], base[name].float() + update)
+            kept_in_bf16 = (base[name].float() + update).bfloat16().float() - base[name].float()
+            lost_in_bf16.append(float((kept_in_bf16 - update).norm() / update.norm()))
+            adapted.add(name)
+    print(f"a bf16 export would lose {min(lost_in_bf16):.2f}-{max(lost_in_bf16):.2f} of each layer's update")
+    assert len(adapted) == 2 * 7 and min(lost_in_bf16) > 0.1  # what a bf16 export would have lost
+    assert all(merged[k].dtype == torch.bfloat16 and torch.equal(merged[k], base[k]) for k in base if k not in adapted)
+    assert json.loads((tmp_path / "merged" / "merged_lora.json").read_text())["adapted_layers_dtype"] == "float32"
 
 
 def test_adapter_folders_of_dead_workers_are_removed(tmp_path):
@@ -185,8 +289,8 @@ def test_gradient_checkpointing_gives_the_adapter_the_same_gradients(tiny_model_
 
 def base_logprobs_in_learner_process(rank, batch: RolloutBatch) -> torch.Tensor:
     """The base model from disk scored in the learner rank's own process, micro-batch for
-    micro-batch as `LearnerRank.logprobs` does: same kernels, threads and shapes, so the
-    reference must agree bit for bit."""
+    micro-batch as `LearnerRank.logprobs` does: same threads and shapes, so the reference must
+    agree up to float rounding (a second load of the base, whose tensors sit at other addresses)."""
     from rl.learners.ar_learner import plan_epoch
 
     head = ImageTokenLogits(load_ar_model(rank.paths).train(), rank.vocab)
@@ -201,7 +305,8 @@ def base_logprobs_in_learner_process(rank, batch: RolloutBatch) -> torch.Tensor:
 
 
 def decoder_logprobs(worker, batch: RolloutBatch) -> torch.Tensor:
-    """Log-probs under the AR copy a SANA decoder worker conditions on (its merged weights)."""
+    """Log-probs under the AR copy a SANA decoder worker conditions on (its base weights with the
+    served adapter beside them)."""
     decoder = worker.decoder
     with torch.no_grad():
         return sequence_image_logprobs(decoder.ar, batch.prompt_ids, batch.image_tokens, decoder.vocab,
@@ -260,6 +365,7 @@ def lora_run(ray_cluster, tiny_model_dir, tmp_path_factory):
         ray.kill(decoder)
 
 
+@pytest.mark.slow
 def test_learner_logprobs_equal_vllm_serving_the_adapter_before_and_after_an_update(lora_run):
     run = lora_run
     assert run.before.policy_version == 0 and run.after.policy_version == 1
@@ -271,16 +377,21 @@ def test_learner_logprobs_equal_vllm_serving_the_adapter_before_and_after_an_upd
     assert run.kl_at_first_update == pytest.approx(0.0, abs=1e-7)  # version 0 is the base model exactly
 
 
+@pytest.mark.slow
 def test_reference_is_the_base_model_exactly_with_the_adapter_switched_off(lora_run):
     import ray
 
     run = lora_run
     reference = run.learner.logprobs(run.after, reference=True)
     base = ray.get(run.learner.ranks[0].__ray_call__.remote(base_logprobs_in_learner_process, run.after), timeout=300)
-    assert torch.equal(reference, base)
-    assert not torch.equal(reference, run.after_learner)  # ...while the adapter is non-zero
+    # not bit for bit: DeepSpeed's copy of the base and a fresh load are separate tensors, and CPU
+    # kernels may sum in another order for another alignment (~1e-7 relative, log-probs ~ -7); the
+    # adapter moves the policy away from the reference by more than 100 * TOLERANCE (the test above)
+    torch.testing.assert_close(reference, base, rtol=0, atol=1e-5)
+    assert float((reference - run.after_learner).abs().max()) > 1e-3  # ...while the adapter is non-zero
 
 
+@pytest.mark.slow
 def test_a_publish_sends_only_the_adapter_and_every_worker_serves_its_version(lora_run, tiny_model_dir):
     import ray
 
@@ -300,11 +411,12 @@ def test_a_publish_sends_only_the_adapter_and_every_worker_serves_its_version(lo
     on_disk = load_ar_model(ModelPaths(tiny_model_dir)).state_dict()
     base = run.learner.gather_base_weights()
     assert base.keys() == on_disk.keys() and all(torch.equal(base[k], on_disk[k]) for k in on_disk)
-    # ...and the decoder's AR copy is the base with this adapter merged in (same numbers as the learner)
-    merged = ray.get(run.decoder.__ray_call__.remote(decoder_logprobs, run.after), timeout=120)
-    assert float((merged - run.after_learner).abs().max()) < TOLERANCE
+    # ...and the decoder's AR copy is the base with this adapter beside it (same numbers as the learner)
+    decoded_with = ray.get(run.decoder.__ray_call__.remote(decoder_logprobs, run.after), timeout=120)
+    assert float((decoded_with - run.after_learner).abs().max()) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_bad_adapter_is_refused_and_the_served_version_keeps_serving(lora_run, tiny_model_dir):
     import ray
 
@@ -327,6 +439,7 @@ def test_a_bad_adapter_is_refused_and_the_served_version_keeps_serving(lora_run,
     assert again.policy_version == 1 and torch.equal(again.image_tokens, run.after.image_tokens)
 
 
+@pytest.mark.slow
 def test_resume_of_a_lora_learner_is_exact_and_its_checkpoint_holds_only_the_adapter(lora_run, tmp_path):
     run = lora_run
     learner = run.learner
@@ -347,6 +460,7 @@ def test_resume_of_a_lora_learner_is_exact_and_its_checkpoint_holds_only_the_ada
     assert list((tmp_path / "learner").rglob("*optim_states.pt"))
 
 
+@pytest.mark.slow
 def test_merged_export_reproduces_the_adapters_logprobs(lora_run, tmp_path, tiny_model_dir, capsys):
     from deploy.cli import main as cli_main
 

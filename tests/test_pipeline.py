@@ -29,8 +29,11 @@ class StandInSampler:
     """Answers like ARRolloutWorker.generate, stamped with the version it is told to serve;
     `hang_on_call` n: the n-th generate (from 1) never answers."""
 
-    def __init__(self, version: int = 0, delay_s: float = 0.0, hang_on_call: int | None = None):
+    def __init__(self, version: int = 0, delay_s: float = 0.0, hang_on_call: int | None = None,
+                 slow: dict[int, float] | None = None):
+        """`slow`: seed -> seconds a generate of that chunk seed takes instead of `delay_s`."""
         self.version, self.delay_s, self.hang_on_call, self.calls = version, delay_s, hang_on_call, 0
+        self.slow, self.seeds = slow or {}, []
 
     def set(self, version: int, delay_s: float = 0.0) -> None:
         self.version, self.delay_s = version, delay_s
@@ -38,9 +41,14 @@ class StandInSampler:
     def pid(self) -> int:
         return os.getpid()
 
+    def generated_seeds(self) -> list[int]:
+        """The chunk seeds of every generate that ran, in order."""
+        return self.seeds
+
     def generate(self, captions: list[str], group_size: int, seed: int) -> RolloutBatch:
         self.calls += 1
-        time.sleep(3600 if self.calls == self.hang_on_call else self.delay_s)
+        self.seeds.append(seed)
+        time.sleep(3600 if self.calls == self.hang_on_call else self.slow.get(seed, self.delay_s))
         rows = len(captions) * group_size
         return RolloutBatch(prompt_ids=[[1, 2]] * rows, group_index=[r // group_size for r in range(rows)],
                             image_tokens=torch.zeros(rows, 4, dtype=torch.long), logprobs=torch.zeros(rows, 4),
@@ -240,9 +248,13 @@ def test_chunks_queued_behind_others_or_a_slow_reward_service_are_not_hangs(ray_
 
 
 def test_a_real_hang_among_queued_chunks_is_still_caught_and_blamed_on_the_running_one(ray_cluster, reward_url):
+    from rl.run.pipeline import _remote_score_task
+
     sampler = ray_cluster.remote(StandInSampler).remote(0, 0.5, hang_on_call=2)
     decoder = ray_cluster.remote(StandInDecoder).remote()
     ray_cluster.get([sampler.pid.remote(), decoder.set.remote(0)])
+    # a scoring worker process too: run first in a session, starting one ate the 2 s of chunk 0's reward stage
+    ray_cluster.get(_remote_score_task().remote(endpoint(reward_url), np.zeros((1, 8, 8, 3), np.uint8), FOUR[:1]))
     pending = launch(ray_cluster, sampler, decoder, reward_url, items=FOUR, chunk_prompts=1)
     started = time.monotonic()
     faults = poll_until_settled(pending, stage_timeout_s=2.0, deadline_s=30)
@@ -280,6 +292,39 @@ def test_a_decoder_behind_the_tokens_is_stale_and_is_redone_from_the_decode(ray_
     for fault in faults:
         pending.redo(fault)
     assert poll_until_settled(pending) == [] and pending.result().batch.policy_version == 2
+
+
+def test_a_dropped_step_is_waited_out_before_the_next_one(ray_cluster, reward_url):
+    """A step dropped with 4 chunks of 1 s on one sampler, the first one generating (an async rollback
+    drops the next step): its tasks are waited out, and the next step, launched right after, is timed
+    from its own start. Without this its first chunk waits ~3 s behind the dropped ones and, with a
+    2.5 s stage timeout, is taken for a hang."""
+    from rl.run.pipeline import _remote_score_task
+
+    sampler = ray_cluster.remote(StandInSampler).remote(0, 1.0)
+    decoder = ray_cluster.remote(StandInDecoder).remote()
+    ray_cluster.get([sampler.pid.remote(), decoder.set.remote(0)])  # started, as the trainer's are
+    warm = np.zeros((1, 8, 8, 3), np.uint8)  # a scoring worker process too
+    ray_cluster.get(_remote_score_task().remote(endpoint(reward_url), warm, FOUR[:1]))
+    dropped = launch(ray_cluster, sampler, decoder, reward_url, items=FOUR, chunk_prompts=1)
+    time.sleep(0.5)  # chunk 0 is generating, chunks 1-3 are queued behind it
+    started = time.monotonic()
+    assert dropped.drain(stage_timeout_s=2.5) == []  # every worker came free within its stage timeout
+    assert time.monotonic() - started > 2.5  # the three queued chunks ran (1 s each): drained, not abandoned
+    assert all(chunk.score_ref in dropped._ready() for chunk in dropped.chunks)  # its scoring too
+    after = launch(ray_cluster, sampler, decoder, reward_url, items=FOUR[:2], chunk_prompts=1)
+    assert poll_until_settled(after, stage_timeout_s=2.5) == []
+    assert ray_cluster.get(sampler.generated_seeds.remote()) == [100, 104, 108, 112, 100, 104]
+
+
+def test_a_dropped_steps_hung_task_names_its_worker(ray_cluster, reward_url):
+    sampler = ray_cluster.remote(StandInSampler).remote(0, 0.0, hang_on_call=1)
+    decoder = ray_cluster.remote(StandInDecoder).remote()
+    dropped = launch(ray_cluster, sampler, decoder, reward_url)
+    started = time.monotonic()
+    [hung] = dropped.drain(stage_timeout_s=1.0)  # chunk 1's generate and both decodes wait behind it
+    assert hung == sampler and 1.0 < time.monotonic() - started < 10
+    ray_cluster.kill(sampler)
 
 
 def test_a_stages_own_error_is_raised_naming_the_chunk_and_stage(ray_cluster, reward_url):
@@ -352,7 +397,8 @@ def test_a_stage_error_mid_run_stops_it_failed_with_a_checkpoint_of_the_last_fin
     from rl.checkpoint import CheckpointDir
     from rl.run.config import load_config
     from rl.run.fleet import Fleet
-    from rl.run.train import RunStopped, Trainer
+    from rl.run.lifecycle import RunStopped
+    from rl.run.trainer import Trainer
     from rl.run_store import RunStore
     from tests.train_support import small_config
 
@@ -362,8 +408,8 @@ def test_a_stage_error_mid_run_stops_it_failed_with_a_checkpoint_of_the_last_fin
     oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     decoder = ray_cluster.remote(StandInDecoder).remote(0, oom, fail_from_call=3)
     trainer.endpoint = endpoint(flaky_reward_url)
-    trainer.fleet = Fleet([sampler], [decoder], StandInLearner(ray_cluster, [sampler, decoder]), max_worker_restarts=0,
-                          restart_timeout_s=30, call_timeout_s=30, log_event=trainer._log_event)
+    trainer.attach(Fleet([sampler], [decoder], StandInLearner(ray_cluster, [sampler, decoder]), max_worker_restarts=0,
+                         restart_timeout_s=30, call_timeout_s=30, log_event=trainer._log_event))
     with pytest.raises(RunStopped) as stopped:
         trainer.run()
     assert stopped.value.exit_code == 4

@@ -255,21 +255,25 @@ def test_batched_logprobs_equal_single_row_logprobs(tiny_model_dir):
     assert bool((batched < 0).all())
 
 
-def test_tiny_save_load_gives_identical_outputs(tiny_model_dir, tmp_path):
+def test_tiny_save_load_gives_identical_weights_and_outputs(tiny_model_dir, tmp_path):
     from policy.tiny import make_tiny
 
-    # building twice with the same seed gives the same weights; loading gives the same outputs
+    # building twice with the same seed gives the same weights, bit for bit...
     second = make_tiny(tmp_path / "again", PRESETS["sana"])
     a = load_ar_model(ModelPaths(tiny_model_dir))
     b = load_ar_model(second)
+    connector, connector_b = load_connector(ModelPaths(tiny_model_dir)), load_connector(second)
+    for one, other in ((a.state_dict(), b.state_dict()), (connector.state_dict(), connector_b.state_dict())):
+        assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+    # ...and the two loads give the same outputs up to float rounding: two models at other addresses
+    # may get other CPU kernel paths (summation orders, ~1e-7 relative); another weight moves them by far more
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         out_a = a(input_ids=ids, output_hidden_states=True)
         out_b = b(input_ids=ids, output_hidden_states=True)
-    assert torch.equal(out_a.logits, out_b.logits)
-    connector = load_connector(ModelPaths(tiny_model_dir))
+    torch.testing.assert_close(out_b.logits, out_a.logits, rtol=1e-5, atol=1e-5)
     hidden = out_a.hidden_states[-1]
-    assert torch.equal(connector(hidden), load_connector(second)(hidden))
+    torch.testing.assert_close(connector_b(hidden), connector(hidden), rtol=1e-5, atol=1e-5)
     assert connector(hidden).shape == (1, 5, PRESETS["sana"].connector_dim)
 
 

@@ -1,4 +1,4 @@
-"""Load test of the reward API (issue 9): the real server (PP-OCRv6 tiny + tiny GenEval models) in
+"""Load test of the reward API: the real server (PP-OCRv6 tiny + tiny GenEval models) in
 its own process, 32 clients for 60 s, a mix of good and bad requests; plus a fast test that the
 checker itself catches a wrong answer and a wrong refusal (so the "zero" assertions can fail)."""
 

@@ -1,4 +1,4 @@
-"""Where a run's files go (deploy/README.md, "Where a run's files go"): relative config paths start
+"""Where a run's files go (docs/deploying.md, "Where a run's files go"): relative config paths start
 at the run root ($BLIP3O_RL_ROOT, else the launch directory), a run that would write into Ray's
 temporary copy of the code is refused, every path of the GPU configs lies on a volume the cluster
 manifests mount where it is used, and `deploy/ray_job.sh` with the shipped config puts the run in
@@ -233,6 +233,91 @@ def test_the_checker_catches_the_old_layout(tmp_path):
     assert any("logging.runs_dir = /data/runs" in p for p in problems)
 
 
+# ----- a stopped run's resume hint --------------------------------------------------------------------
+
+RUN_ID = "glyph-ocr-20261205-0001"
+SHIPPED = "deploy/configs/tiny-cpu-glyph-ocr.yaml"
+
+
+class StoppedTrainer:
+    """Stands in for the Trainer in `main`: its run stops at once, as a SIGTERM'd one does."""
+
+    def __init__(self, config, resume=None):
+        from types import SimpleNamespace
+
+        self.run_id, self.state, self.stop_reason = RUN_ID, SimpleNamespace(step=0), None
+
+    def start(self) -> None:
+        pass
+
+    def run(self) -> None:
+        from rl.run.lifecycle import RunStopped
+
+        raise RunStopped(f"run {RUN_ID} stopped after step 2: stop requested (SIGTERM); checkpoint step-000002", 0)
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def stopping_driver(tmp_path, monkeypatch):
+    """`rl.run.train.main` up to a run that stops, without Ray, models or signal handlers."""
+    from rl.run import train
+
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    monkeypatch.delenv("BLIP3O_RL_LAUNCHER", raising=False)
+    monkeypatch.chdir(REPO)
+    for name, stand_in in (("ensure_model", lambda config: None), ("resolve_model_dir", lambda path: None),
+                           ("check_rows_fit_config", lambda config: None), ("init_ray", lambda config: None),
+                           ("install_stop_handlers", lambda trainer: None), ("Trainer", StoppedTrainer)):
+        monkeypatch.setattr(train, name, stand_in)
+    return train
+
+
+def hint(capsys) -> str:
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("continue it with: ")]
+    return line.removeprefix("continue it with: ")
+
+
+def test_the_resume_hint_is_the_command_the_user_ran(stopping_driver, tmp_path, monkeypatch, capsys):
+    from deploy.cli import main as cli_main
+
+    runs = tmp_path / "my runs"  # a space: the hint is quoted for a shell
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["train", "--config", SHIPPED, "--runs-dir", str(runs)])
+    assert exited.value.code == 0
+    assert hint(capsys) == f"blip3o-rl train --config {SHIPPED} --resume {RUN_ID} --runs-dir '{runs}'"
+
+    assert stopping_driver.main(["--config", SHIPPED, "--steps", "3"]) == 0
+    assert hint(capsys) == f"python -m rl.run.train --config {SHIPPED} --resume {RUN_ID} --steps 3"
+
+
+def test_inside_a_ray_job_the_resume_hint_is_the_job_script(stopping_driver, tmp_path, monkeypatch, capsys):
+    """deploy/ray_job.sh's entrypoint (read from a stand-in `ray` CLI) names the script to the driver,
+    which hints at the script's own form: the config first, then --resume (and --steps)."""
+    import stat
+    import subprocess
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    recorded = tmp_path / "ray-args"
+    (fake_bin / "ray").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{recorded}"\n')
+    (fake_bin / "ray").chmod((fake_bin / "ray").stat().st_mode | stat.S_IXUSR)
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    subprocess.run([str(REPO / "deploy" / "ray_job.sh"), SHIPPED, "--steps", "2", "--no-wait"], env=env,
+                   check=True, timeout=60)
+    submitted = recorded.read_text().splitlines()
+    entrypoint = submitted[submitted.index("--") + 1:]
+    assert entrypoint == ["env", "BLIP3O_RL_LAUNCHER=deploy/ray_job.sh", "python", "-m", "rl.run.train",
+                          "--config", SHIPPED, "--steps", "2"]
+    assert "--no-wait" in submitted[:submitted.index("--")]  # other flags still go to `ray job submit`
+
+    variable, value = entrypoint[1].split("=")
+    monkeypatch.setenv(variable, value)  # what the job's driver sees
+    assert stopping_driver.main(entrypoint[5:]) == 0
+    assert hint(capsys) == f"deploy/ray_job.sh {SHIPPED} --resume {RUN_ID} --steps 2"
+
+
 # ----- a real Ray job -----------------------------------------------------------------------------
 
 
@@ -246,6 +331,7 @@ def repo_copy(tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_ray_job_with_the_shipped_config_writes_the_repository_runs_and_resumes(repo_copy, ray_head):
     """deploy/ray_job.sh with tiny-cpu-glyph-ocr.yaml as shipped (relative paths): the run, its
     checkpoints and the built model go to <repository>/runs, not Ray's copy; the dashboard's API

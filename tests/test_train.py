@@ -48,6 +48,12 @@ def test_glyph_ocr_run_learns(tmp_path, glyph_model_dir):
     # the sync schedule trains on fresh rollouts only; versions advance with every real update
     assert all(table[s]["policy/staleness"] == 0 for s in table)
     assert table[steps]["policy/version"] > 0
+    # ... so every update measures the learner against vLLM at the sampling weights: fp32 agrees to
+    # float rounding (policy/logprob_diff, max over the step's tokens), far below the run alarm's 0.05
+    gaps = [table[s]["policy/logprob_diff"] for s in table if "policy/loss" in table[s]]
+    print(f"max |learner - vLLM| token log-prob over the run: {max(gaps):.2e}")
+    assert len(gaps) == sum("policy/loss" in table[s] for s in table) and max(gaps) < 1e-3
+    assert "alarm" not in [e.kind for e in store.events(run.id)]
     # progress lines a person can follow, and the samples behind the numbers
     assert f"step {steps}/{steps} | reward" in result.stdout
     # a quiet console: no worker output (vLLM, Serve, learner) and no INFO lines; it names the folder
@@ -72,6 +78,8 @@ def test_async_schedule_learns_with_bounded_staleness(tmp_path, glyph_model_dir)
     table = metric_table(store, run.id)
     staleness = [table[s]["policy/staleness"] for s in sorted(table)]
     assert max(staleness) <= 1 and staleness.count(1) >= steps // 2, staleness
+    # the learner is a version ahead of stale rollouts: their log-prob gap is not an agreement measure
+    assert not any("policy/logprob_diff" in table[s] for s in table if table[s]["policy/staleness"] == 1)
     rewards = [table[s]["reward/mean"] for s in sorted(table)]
     first, last = float(np.mean(rewards[:6])), float(np.mean(rewards[-6:]))
     print(f"async: mean reward first 6 steps {first:.3f}, last 6 steps {last:.3f}")
@@ -110,8 +118,13 @@ def test_killed_run_resumes_exactly(tmp_path, glyph_model_dir):
     after = metric_table(store, record.id)
     assert sorted(after) == list(range(1, steps + 1))  # step 4 was logged twice, stored once
     assert before[3]["policy/version"] >= 1 and after[steps]["policy/version"] > before[3]["policy/version"]
+    # the redone step runs in a new process: weights, optimizer state and sampler come back bit for
+    # bit, but CPU kernels may sum in another order there (tensors at other addresses), so the
+    # learner's floats agree to float32 rounding (rel 1e-5); the rewards are exact functions of the
+    # sampled tokens, which a rounding difference flips only at a near-tie of two sampled logits.
+    # A resume that lost any of the restored state samples other tokens: these numbers move by far more.
     for key in ("reward/mean", "reward/std", "policy/version", "policy/loss", "policy/entropy"):
-        assert after[4].get(key, "absent") == pytest.approx(before[4].get(key, "absent"), abs=1e-6), key
+        assert after[4].get(key, "absent") == pytest.approx(before[4].get(key, "absent"), rel=1e-5, abs=1e-6), key
     assert [s.prompt for s in store.samples(record.id, 4)] == prompts_before
     assert "resume" in [e.kind for e in store.events(record.id)]
 

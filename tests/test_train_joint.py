@@ -1,4 +1,4 @@
-"""Joint AR + diffusion RL end to end on CPU (issue 17): `train: [diffusion]` and `[ar, diffusion]`
+"""Joint AR + diffusion RL end to end on CPU: `train: [diffusion]` and `[ar, diffusion]`
 runs of the tiny SANA model with the compressibility reward through the real path (vLLM, the SDE
 sampler on the decoder worker, the reward API on Ray Serve, both DeepSpeed learners), driven as a
 user does (`python -m rl.run.train`, tests/train_support.py).
@@ -100,6 +100,10 @@ def test_joint_run_updates_both_policies_and_resumes_exactly(tmp_path, tiny_mode
     assert record.status == "finished" and sorted(after) == list(range(1, steps + 1))
     assert [after[s]["policy/version"] for s in after] == [after[s]["diffusion/version"] for s in after] \
         == list(range(1, steps + 1))
+    # a new process redoes step 4 from bit-identical restored state, so the learners' floats agree to
+    # float32 rounding (rel 1e-5: tensors at other addresses may sum in another order). The JPEG
+    # reward sees every pixel, so this also needs the decoder to render the same uint8 images: it
+    # holds the same weights at the same file offsets and runs 1 thread in both runs
     for key in ("reward/mean", "reward/std", "policy/version", "policy/loss", "policy/entropy", "diffusion/version",
                 "diffusion/loss", "diffusion/kl", "diffusion/clip_fraction"):
         assert after[4][key] == pytest.approx(before[4][key], abs=1e-6, rel=1e-5), key

@@ -10,7 +10,7 @@ and in a run config (deploy/configs/*.yaml):
         - {name: ocr, scorer: ocr}
         - {name: brightness, scorer: http, url: "http://127.0.0.1:9000/score", weight: 0.5, normalize: group}
 
-The protocol (README, "Your own scorer over HTTP"):
+The protocol (docs/rewards.md, "Your own scorer over HTTP"):
     POST /score   {"items": [{"image": "<base64 PNG>", "prompt": "...", "metadata": {...}}, ...]}
       200  {"results": [{"reward": <float>, "details": {...}}, ...], "scorer": "...", "version": "..."}
            one result per item, in item order; `version` names the model behind the numbers

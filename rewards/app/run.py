@@ -56,6 +56,17 @@ def settings_from_args(args: argparse.Namespace):
         raise UserError(f"invalid setting {where}: {first['msg']}") from None
 
 
+def warn_if_open(host: str, token, what: str) -> None:
+    """A warning on stderr when `host` is not a loopback address and there is no token (the reward
+    API's and the dashboard's start)."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and token is None:
+        print(f"blip3o-rl: warning: {what} on {host} without a token", file=sys.stderr)
+
+
 def serve_from_args(args: argparse.Namespace) -> None:
     """Load the scorers, then serve until interrupted."""
     import uvicorn
@@ -65,12 +76,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
     try:
         settings = settings_from_args(args)
-        try:
-            loopback = ipaddress.ip_address(settings.host).is_loopback
-        except ValueError:
-            loopback = settings.host == "localhost"
-        if not loopback and settings.token is None:
-            print(f"blip3o-rl: warning: serving on {settings.host} without a token", file=sys.stderr)
+        warn_if_open(settings.host, settings.token, "serving")
         try:
             scorers = load_scorers(settings)  # before binding: a missing model is an error, not a half-up server
         # ValueError: a python scorer (--python-scorer) that does not import

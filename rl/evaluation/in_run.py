@@ -1,13 +1,14 @@
 """In-run evaluation: the current policy scored on a benchmark's evaluation prompts during training.
 
     config `eval: {every: K, bench: geneval|ocr, prompts: N, images_per_prompt: M, seed: S}`
-    after steps K, 2K, ... and the last one (Trainer._maybe_evaluate, rl/run/train.py):
+    after steps K, 2K, ... and the last one (Trainer._evaluate, rl/run/trainer.py):
       -> rl.evaluation.harness.evaluate over the run's first rollout and decoder actors (ActorWorkers) and its
          reward endpoint: the harness of `blip3o-rl eval`, no second sampling or scoring path
       -> per-image results in <runs_dir>/<run_id>/eval/step-NNNNNNN/ (spec.json, samples.jsonl, images/)
       -> metrics at that step: eval/<bench>/score, eval/ocr/exact | eval/geneval/<tag>, time/eval;
          the first image of each prompt in the eval gallery
-      -> a score above the best so far: that step's checkpoint is saved and pinned (best.json)
+      -> a score above the best so far: that step's checkpoint is saved and pinned (best.json,
+         `keep_if_best`)
 
 Why training is left exactly as it was: the eval reads its own prompt file (never the training
 sampler), samples every image with its own seed (S + p*M + s, the same at every eval, so successive
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rl.checkpoint import CheckpointDir
 from rl.evaluation.harness import (
     EvalProgress,
     EvalReport,
@@ -123,3 +125,17 @@ class InRunEval:
         metrics = {**eval_metrics(report), "time/eval": seconds}
         return InRunEvalResult(step=step, score=eval_score(report), metrics=metrics, gallery=gallery, report=report,
                                directory=directory, seconds=seconds)
+
+
+def keep_if_best(result: InRunEvalResult, checkpoints: CheckpointDir, checkpoint_step: Callable[[], object],
+                 steps: int) -> str:
+    """A score above the best so far pins this step's checkpoint as the best (`CheckpointDir.mark_best`),
+    after `checkpoint_step()` saved it (a no-op when the step already has one). Returns the eval's
+    console line (and the run store's event)."""
+    best = checkpoints.best_record()
+    line = result.describe(steps)
+    if best is None or result.score > best.score:
+        checkpoint_step()
+        checkpoints.mark_best(result.step, result.score)
+        return line + f" | new best (checkpoint step {result.step} kept)"
+    return line + f" | best {best.score:.4f} at step {best.step}"

@@ -1,14 +1,16 @@
 """The reward-hacking guard: rules over each step's metrics that catch a reward being gamed.
 
-    Trainer._guard_step(step, metrics)              rl/run/train.py: once a step, after its metrics (and eval)
+    Trainer._guard_step(step, metrics)              rl/run/trainer.py: once a step, after its metrics (and eval)
       -> Guard.observe(step, metrics) -> [Firing]    this module: pure, no I/O, no Ray
       -> each firing: a `guard` event in the run store and a `guard:` console line
       -> config `guard.action`:
            warn      nothing more
            stop      the run's clean stop with a checkpoint, exit code 5
-           rollback  restore the best-eval checkpoint (else the latest), then train on with
+           rollback  restore the best-eval checkpoint (else the newest) among those older than the
+                     excursion's first step (`Firing.since`), then train on with
                      `rollback_hyperparameters` (lower lr, higher beta); a firing after
                      `rollback.max_rollbacks` rollbacks stops the run instead (exit 5)
+                     (rl/guard/rollback.py)
 
 Rules (config `guard.rules`, rl/run/config.py):
     band                 metric m leaves [c - tol, c + tol] (absolute) or [c (1 - tol), c (1 + tol)]
@@ -81,6 +83,10 @@ class Firing:
     """The value that tripped it (the metric; the eval score for reward_up_eval_down)."""
     detail: str
     """Why, with the numbers."""
+    since: int
+    """First step of the excursion: the first of the `patience` steps outside the band; for
+    reward_up_eval_down the step after the earlier, better eval point. A rollback restores a
+    checkpoint older than this step (a newer one holds weights from inside the excursion)."""
 
     def describe(self) -> str:
         return f"step {self.step}: {self.rule}: {self.detail}"
@@ -130,7 +136,7 @@ class BandRule:
         return Firing(self.name, step, value, f"{value:.4f} is outside [{low:.4f}, {high:.4f}] ({width} around "
                                               f"{centre:.4f}, its mean over steps "
                                               f"{state.baseline[0].step}-{state.baseline[-1].step}) for "
-                                              f"{len(state.streak)} step(s)")
+                                              f"{len(state.streak)} step(s)", since=state.streak[0])
 
     def forget_after(self, step: int) -> None:
         state = self.state
@@ -180,7 +186,8 @@ class RewardEvalRule:
         drop, rise = oldest.value - score, now - before
         if drop > config.min_eval_drop and rise > config.min_reward_rise:
             return Firing(self.name, step, score, f"eval score {oldest.value:.4f} (step {oldest.step}) -> {score:.4f} "
-                                                  f"while the training reward rose {before:.4f} -> {now:.4f}")
+                                                  f"while the training reward rose {before:.4f} -> {now:.4f}",
+                          since=oldest.step + 1)
         return None
 
     def forget_after(self, step: int) -> None:

@@ -143,6 +143,9 @@ class LearnerMetrics:
     ratio_max: float = 0.0
     is_weight_mean: float = 0.0
     is_truncated_frac: float = 0.0
+    logprob_max_abs_diff: float = float("nan")
+    """max |learner - sampler| log-prob of the batch's image tokens at the weights that sampled them (the
+    first optimizer step's forwards); NaN when the rollouts are older than the learner (async)."""
     grad_norm: float = 0.0
     lr: float = 0.0
     step_s: float = 0.0
@@ -324,7 +327,9 @@ class LearnerRank:
         truncation = Truncation.off() if reference else batch.truncation
         return self._logprob_table(reference, batch, plan, truncation).cpu()  # [R, N]
 
-    def _micro_step(self, batch, advantages, mb: MicroBatch, denominator: float, proximal, reference) -> LossStats:
+    def _micro_step(self, batch, advantages, mb: MicroBatch, denominator: float, proximal,
+                    reference) -> tuple[LossStats, float]:
+        """One forward/backward; returns its loss pieces and max |learner - sampler| log-prob."""
         mb = mb.without_padding()
         logits, codes = self._image_logits(False, batch, mb.rows)  # [b, N, K], [b, N]
         temperature, truncation = self.config.grpo.temperature, batch.truncation
@@ -351,7 +356,7 @@ class LearnerRank:
         # the step's loss (denominator over all ranks and micro-batches), so undo both.
         self.engine.backward(out.loss * self.config.gradient_accumulation_steps * self.world)
         self.engine.step()  # applies the optimizer only at the gradient-accumulation boundary
-        return out.stats
+        return out.stats, float((logprobs.detach() - sampler).abs().max())
 
     def train_step(self, batch: RolloutBatch, advantages: GroupAdvantages) -> LearnerMetrics:
         """Several epochs of mini-batch updates on one rollout batch; the version goes up by one."""
@@ -376,17 +381,23 @@ class LearnerRank:
         # the KL's reference log-probs, untruncated (see policy/logprobs.py), once per row
         reference = self._logprob_table(True, batch, plans[0], Truncation.off()) if self.has_reference else None
         total, losses, grad_norms = LossStats(), [], []
+        gap = torch.tensor(float("-inf"), dtype=torch.float64, device=self.device)
         for plan in plans:
             for step in plan:
                 denominator = self.loss_fn.aggregation.denominator(step.rows, step.rows * n_tokens)
                 step_stats = LossStats()
                 for mb in step.micro_batches:
-                    step_stats = step_stats + self._micro_step(batch, advantages, mb, denominator, proximal, reference)
+                    stats, mb_gap = self._micro_step(batch, advantages, mb, denominator, proximal, reference)
+                    step_stats = step_stats + stats
+                    if step is plans[0][0]:  # the weights are updated only at its end: the sampler's still
+                        gap = torch.maximum(gap, torch.tensor(mb_gap, dtype=torch.float64, device=self.device))
                 norm = self.engine.get_global_grad_norm()
                 grad_norms.append(float("nan") if norm is None else float(norm))
                 losses.append(step_stats.loss)
                 total = total + step_stats
         total, losses = self._reduce(total, losses)
+        torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
+        on_policy = batch.policy_version == self.version  # else the learner is ahead of the sampler (async)
         self.version += 1
         summary = total.summary()
         summary.update(loss=sum(losses) / n_steps, pg_loss=total.pg_loss / n_steps, kl_loss=total.kl_loss / n_steps)
@@ -396,7 +407,8 @@ class LearnerRank:
             policy_version=self.version, sampler_version=batch.policy_version, optimizer_steps=n_steps,
             rows=len(kept), zero_signal_share=advantages.zero_signal_share, losses=losses, grad_norms=grad_norms,
             grad_norm=float(np.mean(grad_norms)), lr=float(self.engine.get_lr()[0]),
-            step_s=time.perf_counter() - start, **summary,
+            step_s=time.perf_counter() - start, logprob_max_abs_diff=float(gap) if on_policy else float("nan"),
+            **summary,
         )
 
     def _reduce(self, stats: LossStats, losses: list[float]) -> tuple[LossStats, list[float]]:
@@ -508,9 +520,16 @@ class LearnerRank:
         from rl.checkpoint import commit_rank_part
 
         # Under LoRA the frozen base is the model directory's: only the adapter and its optimizer state are saved.
-        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"version": self.version},
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=self._client_state(),
                                     exclude_frozen_parameters=self.peft_model is not None)
         return commit_rank_part(Path(directory), self.rank)
+
+    def _client_state(self) -> dict:
+        """What a checkpoint keeps beside the engine's state (the diffusion learner adds its EMA)."""
+        return {"version": self.version}
+
+    def _restore_client_state(self, client_state: dict) -> None:
+        """Take back what `_client_state` saved, apart from the version."""
 
     def write_probe(self, root: str, nonce: str) -> str:
         """Write this rank's probe file under `root` (the driver then reads it); returns this host."""
@@ -527,6 +546,7 @@ class LearnerRank:
                                                          load_module_strict=self.peft_model is None)
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint '{CHECKPOINT_TAG}' in {directory}")
+        self._restore_client_state(client_state)
         self.version = int(client_state["version"]) if version is None else version
         return self.version
 
@@ -537,7 +557,15 @@ class LearnerRank:
         with self._gathered(published_only=True):
             if self.rank != 0:
                 return
-            weights = {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
+            # one CPU copy per tensor: a tied head stays an alias of the embedding, which save_pretrained
+            # leaves out as `weights_digest` does (copying each name broke the alias: the export held the
+            # head twice and its digest never matched the learner's, so every rollback of a tied model failed)
+            copies, weights = {}, {}
+            for name, t in self._exported_weights().items():
+                key = (t.data_ptr(), tuple(t.shape))
+                if key not in copies:
+                    copies[key] = t.to("cpu", copy=True)
+                weights[name] = copies[key]
             if self.peft_model is not None:
                 from policy.lora import write_adapter
 
@@ -553,7 +581,12 @@ class LearnerRank:
         from rl.checkpoint import weights_digest
 
         with self._gathered(published_only=True):
-            return weights_digest(self._named_weights()) if self.rank == 0 else None
+            return weights_digest(self._exported_weights()) if self.rank == 0 else None
+
+    def _exported_weights(self) -> dict[str, torch.Tensor]:
+        """What an export writes (inside `_gathered`): what a publish sends (the diffusion learner's
+        EMA instead, when it keeps one)."""
+        return self._named_weights()
 
     def close(self) -> None:
         """Release the sender (its shared-memory file, its process group)."""

@@ -25,10 +25,10 @@ class FlowGRPOConfig(BaseModel):
     """Ratio clipped to [1 - eps, 1 + eps] (Flow-GRPO: 1e-4)."""
     adv_clip_max: float = Field(5.0, gt=0)
     """Advantages clamped to [-max, max] (Flow-GRPO: 5)."""
-    beta: float = Field(0.004, ge=0)
-    """KL coefficient to the frozen decoder; 0 loads no reference copy. Our KL is the exact one between
-    the two Gaussian steps, Flow-GRPO's is ours times -dt (rl/objectives/flow_grpo.py): its beta 0.04 (GenEval,
-    OCR) at 10 steps (-dt = 0.1) is 0.004 here."""
+    beta: float = Field(0.04, ge=0)
+    """KL coefficient to the frozen decoder, in Flow-GRPO's units (each step's exact Gaussian KL
+    weighted by its -dt: rl/objectives/flow_grpo.py `flow_grpo_kl`); 0 loads no reference copy.
+    Flow-GRPO: 0.04 for GenEval and OCR, 0.01 for PickScore."""
     ppo_anchor: Literal["learner", "sampler"] = "learner"
     """logp_old of the ratio. learner: the learner's own log-probs at the start of the update (the
     first ratio is exactly 1; recomputed once when the update has several optimizer steps);
@@ -37,12 +37,28 @@ class FlowGRPOConfig(BaseModel):
     max_staleness: int = Field(0, ge=0)
     """How many versions older than the learner's the sampling transformer may be (0: on-policy)."""
     scale_by_std: bool = True
-    """Group advantages (r - mean) / (std + eps) (Flow-GRPO's per-prompt stat tracker); False: r - mean."""
+    """Advantages (r - mean_group) / (std + eps) (Flow-GRPO's per-prompt stat tracker); False: r - mean_group."""
+    std_scope: Literal["group", "batch"] = "batch"
+    """The std of the advantages (rl/objectives/grpo.py `group_advantages`): batch = the biased std of
+    every reward of the step (Flow-GRPO's `sample.global_std`, set in all its configs); group = each
+    group's unbiased std (as the AR policy's, BLIP3o-NEXT)."""
     advantage_eps: float = Field(1e-4, gt=0)
-    """eps of the advantage's denominator (Flow-GRPO: 1e-4; its std is the biased one, ours the
-    unbiased one as for the AR policy: rl/objectives/grpo.py)."""
+    """eps of the advantage's denominator (Flow-GRPO: 1e-4)."""
     filter_zero_signal_groups: bool = False
     """Leave groups whose rewards are all equal out of the update (their advantages are 0 anyway)."""
+
+
+class EMAConfig(BaseModel):
+    """An EMA of the trained weights (rl/objectives/flow_grpo.py `WeightsEMA`): the rollouts still sample
+    the trained weights; exports (checkpoints' `diffusion_policy/`) hold the EMA, and `serve(ema=True)`
+    puts it on the decoders for an evaluation. Flow-GRPO's `train.ema` (on in its GRPO configs)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    decay: float = Field(0.9, gt=0, lt=1)
+    """Largest decay d; early updates use min((1 + n) / (10 + n), d) after n optimizer steps (Flow-GRPO: 0.9)."""
+    update_interval: int = Field(8, ge=1)
+    """The EMA takes the weights after optimizer step n when (n + 1) % interval == 0 (Flow-GRPO: 8)."""
 
 
 class DiffusionLearnerConfig(DeepSpeedRanksConfig):
@@ -54,6 +70,10 @@ class DiffusionLearnerConfig(DeepSpeedRanksConfig):
     micro_batch_size: int = Field(4, ge=1)
     """Images per forward/backward on one rank (each image then runs one guided forward per SDE
     step); one optimizer step sees world * gas * micro images, every SDE step."""
+    gradient_checkpointing: bool = False
+    """Recompute each SANA block's activations in the backward instead of keeping them (diffusers'
+    gradient checkpointing): a row keeps each block's input only (rl/sana_memory.py; SANA1.5 at 1024 px,
+    bf16, LoRA: 0.31 GiB a row instead of 4.4; CFG makes two rows an image), for about a third more compute."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate (Flow-GRPO: 3e-4, with LoRA; its grad clip 1.0 and 1 inner epoch are the defaults)."""
     weight_decay: float = Field(1e-4, ge=0)
@@ -67,6 +87,9 @@ class DiffusionLearnerConfig(DeepSpeedRanksConfig):
     adapter is optimised, published and checkpointed, and the KL reference is the transformer with
     the adapter off (no frozen copy). Decoders need the same config as `transformer_lora`. None:
     full fine-tuning."""
+    ema: EMAConfig | None = None
+    """Keep an EMA of the trained weights (the adapter under LoRA), float32, on every rank and in
+    checkpoints; None: no EMA (exports hold the trained weights)."""
 
 
 def diffusion_deepspeed_config(config: DiffusionLearnerConfig) -> dict:

@@ -1,4 +1,4 @@
-"""One DeepSpeed rank of the diffusion learner: Flow-GRPO on SANA's transformer (issue 17).
+"""One DeepSpeed rank of the diffusion learner: Flow-GRPO on SANA's transformer.
 
     train_step(rollout, advantages) on every rank:
         plan: kept images -> shuffled optimizer steps of world * gas * micro images, padded so every
@@ -9,11 +9,22 @@
         per micro-batch, per SDE step t (S of them):
               guided velocity at x_t (the trained transformer; the reference without grad when
               beta > 0: the frozen copy, or under LoRA the same transformer with its adapter off)
-              -> Gaussian step -> log p(x_{t+1} | x_t) -> flow_grpo_step_loss -> backward;
+              -> Gaussian step -> log p(x_{t+1} | x_t) (and the KL term flow_grpo_kl)
+              -> flow_grpo_step_loss -> backward;
               engine.step() (DeepSpeed accumulates gas * S backwards into one optimizer step)
+        [after each optimizer step: the EMA of the trained weights (`ema`) counts it, and takes
+         the weights every update_interval steps]
     publish_weights() on every rank: ZeRO-3 gathers the weights collectively; rank 0 sends the
         transformer (or under LoRA its adapter) with rl/weight_sync.py's sender to every decoder's
         transformer stream (rollout/decoder_weights.py: validated and versioned like the AR weights)
+    serve(ema) on every rank: the next version, holding the EMA (an evaluation) or the trained weights
+
+The EMA (rl/objectives/flow_grpo.py `WeightsEMA`, config `ema`) is used as Flow-GRPO uses it: the
+rollouts sample the trained weights (`publish_weights`); exports (`export_policy`, a checkpoint's
+`diffusion_policy/`) and `weights_digest` are the EMA's; `serve(ema=True)` puts it on the decoders
+for an evaluation and `serve(ema=False)` the trained weights back. Every rank holds it whole in
+float32 (the adapter under LoRA: megabytes; full fine-tuning: 4 bytes a parameter) and saves it in
+its checkpoint's client state, so a resume and a guard rollback restore it with the weights.
 
 The rank is the AR learner's `LearnerRank` with another model, batch and loss: joining the group,
 checkpoints (save/load/probe), gathering and publishing weights are inherited unchanged, and so is
@@ -30,8 +41,9 @@ Where this differs from Flow-GRPO (yifan123/flow_grpo `scripts/train_sd3.py`), o
 - every SDE step of the rollout is trained (Flow-GRPO: the first int(0.99 T) steps).
 - `ppo_anchor: learner` by default: logp_old is the learner's own at the start of the update, so
   the first ratio is exactly 1; `sampler` is Flow-GRPO's (the decoder's recorded log-probs).
-- the exact Gaussian KL (rl/objectives/flow_grpo.py), and the loss normalised over the whole optimizer step on
-  all ranks: the mean over its images and SDE steps (Flow-GRPO: per process).
+- the loss normalised over the whole optimizer step on all ranks: the mean over its images and SDE
+  steps (Flow-GRPO: per process).
+- the EMA in float32 and updated once per optimizer step (rl/objectives/flow_grpo.py `WeightsEMA`).
 """
 
 from __future__ import annotations
@@ -57,15 +69,21 @@ from rl.learners.ar_learner import (
     lr_lambda,
     plan_epoch,
 )
-from rl.learners.diffusion_config import DiffusionLearnerConfig, diffusion_deepspeed_config
+from rl.learners.diffusion_config import (
+    DiffusionLearnerConfig,
+    diffusion_deepspeed_config,
+)
 from rl.learners.group import LearnerGroup, _get_all
-from rl.objectives.flow_grpo import flow_grpo_step_loss, gaussian_kl
+from rl.objectives.flow_grpo import WeightsEMA, flow_grpo_kl, flow_grpo_step_loss
 from rl.objectives.grpo import GroupAdvantages
-from rl.weight_sync import WeightSyncConfig
+from rl.weight_sync import SyncReport, TensorSource, WeightSyncConfig
 from rollout.decoder_weights import TransformerWeightsHandle
 from rollout.diffusion_rollout import DiffusionRollout
 from rollout.flow_sde import SdeStep, sde_step, step_log_prob
 from rollout.sana_decoder import guided_velocity, null_and_cond_captions
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+"""The weights file of a diffusers model directory (what `from_pretrained` reads)."""
 
 
 @dataclass
@@ -86,7 +104,8 @@ class DiffusionLearnerMetrics:
     loss: float = 0.0
     policy_loss: float = 0.0
     kl: float = 0.0
-    """Mean per-step KL to the frozen decoder (before beta); NaN without a reference (beta 0)."""
+    """Mean per-step KL term to the frozen decoder (Flow-GRPO's, rl/objectives/flow_grpo.py `flow_grpo_kl`;
+    before beta); NaN without a reference (beta 0)."""
     clip_fraction: float = 0.0
     ratio_mean: float = 0.0
     ratio_min: float = 0.0
@@ -165,6 +184,8 @@ class DiffusionLearnerRank(LearnerRank):
             self.reference = deepspeed.initialize(model=transformer().eval().requires_grad_(False),
                                                   config=reference_deepspeed_config(config))[0]
         model = transformer().train()
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
         self.timestep_scale = model.config.timestep_scale
         self.peft_model = None
         if config.lora is not None:  # the same transformer module, its targeted Linears now LoRA layers
@@ -179,6 +200,10 @@ class DiffusionLearnerRank(LearnerRank):
         self.version = config.initial_version
         self.sender = None
         self.paths = paths  # the adapter's base model, as exports name it
+        self.ema = None
+        if config.ema is not None:  # of what a publish sends: every weight, or the adapter
+            with self._gathered(published_only=True):
+                self.ema = WeightsEMA(self._named_weights(), config.ema.decay, config.ema.update_interval)
 
     def set_hyperparameters(self, lr_scale: float, beta: float) -> None:
         """The AR learner's (its beta is GRPO's KL coefficient, with an AR reference model): not this
@@ -279,7 +304,8 @@ class DiffusionLearnerRank(LearnerRank):
             kl = None
             if self.has_reference:
                 reference = self._reference_transition(part, captions, t)  # no grad
-                kl = gaussian_kl(transition.mean, reference.mean, transition.scale)  # [b]
+                dt = part.sigmas[t + 1] - part.sigmas[t]  # this step's own length weighs its KL
+                kl = flow_grpo_kl(transition.mean, reference.mean, transition.scale, dt)  # [b]
             sampler = part.log_probs[s].to(self.device)  # [b]
             if flow.ppo_anchor == "sampler":
                 old = sampler
@@ -325,6 +351,7 @@ class DiffusionLearnerRank(LearnerRank):
                                                    tally) for mb in step.micro_batches))
                 norm = self.engine.get_global_grad_norm()
                 grad_norms.append(float("nan") if norm is None else float(norm))
+                self._update_ema()
                 first = False
         self.version += 1
         return self._metrics(rollout, advantages, kept, n_steps, tally, losses, grad_norms, start)
@@ -365,20 +392,63 @@ class DiffusionLearnerRank(LearnerRank):
             return dict(named)
         return {name.replace(".base_layer.", "."): p for name, p in named if ".lora_" not in name}
 
+    def _exported_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA in the weights' dtypes when the learner keeps one (Flow-GRPO saves the EMA), else
+        what a publish sends; `export_policy` writes these and `weights_digest` hashes them."""
+        return self.ema.cast() if self.ema is not None else self._named_weights()
+
     def export_policy(self, directory: str) -> None:
-        """The trained transformer as a diffusers directory (a model directory's sana/transformer),
-        or under LoRA the adapter in PEFT's format, naming the model directory as its base (as the AR
-        learner's export; policy/sana_lora.py `export_merged_transformer` merges it)."""
+        """The transformer (its EMA with `ema`) as a diffusers directory (a model directory's
+        sana/transformer), or under LoRA the adapter in PEFT's format, naming the model directory as
+        its base (as the AR learner's export; policy/sana_lora.py `export_merged_transformer` merges it)."""
+        from safetensors.torch import save_file
+
         with self._gathered(published_only=True):
             if self.rank != 0:
                 return
-            if self.peft_model is None:
-                self.engine.module.save_pretrained(directory, safe_serialization=True)
+            weights = {name: t.to("cpu", copy=True) for name, t in self._exported_weights().items()}
+            if self.peft_model is None:  # diffusers' layout: its config and one safetensors file
+                self.engine.module.save_config(directory)
+                save_file(weights, str(Path(directory) / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
                 return
             from policy.lora import write_adapter
 
-            weights = {name: t.to("cpu", copy=True) for name, t in self._named_weights().items()}
             write_adapter(Path(directory), self.config.lora, weights, base_model=str(self.paths.root))
+
+    def serve(self, ema: bool) -> SyncReport | None:
+        """Advance the version by one and publish under it the EMA (`ema`: what Flow-GRPO evaluates)
+        or the trained weights (back to training); rank 0's report. Decoders take only newer
+        versions, so both directions take a new one: the driver's decoder version follows the
+        report's, and no rollout is trained between the two (it would be sampled by the EMA)."""
+        if ema and self.ema is None:
+            raise ValueError("the diffusion learner keeps no EMA (diffusion_learner.ema is not set)")
+        self.version += 1
+        if not ema:
+            return self.publish_weights()
+        return self._send(TensorSource(self.ema.cast())) if self.rank == 0 else None
+
+    def _update_ema(self) -> None:
+        """After an optimizer step: the EMA counts it and, when due, takes the weights (every rank;
+        a gather under ZeRO-3)."""
+        if self.ema is not None and self.ema.tick():
+            with self._gathered(published_only=True):
+                self.ema.update(self._named_weights())
+
+    def _client_state(self) -> dict:
+        """The version and the EMA (its weights and step count): a resume and a rollback restore it."""
+        state = super()._client_state()
+        return state if self.ema is None else {**state, "ema": self.ema.state_dict()}
+
+    def _restore_client_state(self, client_state: dict) -> None:
+        if self.ema is None:
+            return
+        if "ema" in client_state:
+            self.ema.load_state_dict(client_state["ema"])
+            return
+        print("diffusion learner: the checkpoint holds no EMA (saved without `ema`): it starts at the restored "
+              "weights", flush=True)
+        with self._gathered(published_only=True):
+            self.ema = WeightsEMA(self._named_weights(), self.config.ema.decay, self.config.ema.update_interval)
 
 
 class DiffusionLearnerGroup(LearnerGroup):
@@ -404,6 +474,10 @@ class DiffusionLearnerGroup(LearnerGroup):
     def connect_workers(self, decoders: list, sync: WeightSyncConfig | None = None) -> None:
         """Publish the transformer to these decoder actors (DiffusionDecoderActor handles) from now on."""
         super().connect_workers([TransformerWeightsHandle(decoder) for decoder in decoders], sync)
+
+    def serve(self, ema: bool) -> SyncReport:
+        """The next version on every decoder: the EMA (`ema`, for an evaluation) or the trained weights."""
+        return _get_all([r.serve.remote(ema) for r in self.ranks], self.timeout_s, "serve")[0]
 
     def recompute_log_probs(self, rollout: DiffusionRollout, reference: bool = False) -> torch.Tensor:
         """[S, B] per-step log-probs of `rollout` under the learner's current weights (or its KL reference)."""

@@ -48,9 +48,11 @@ class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     scale_by_std: bool = True
-    """Divide group-centred rewards by the group std (GRPO); False = Dr. GRPO (centre only)."""
+    """Divide group-centred rewards by a std (GRPO); False = Dr. GRPO (centre only)."""
+    std_scope: Literal["group", "batch"] = "group"
+    """Which std divides (`group_advantages`): each group's own (BLIP3o-NEXT / TRL) or the whole batch's."""
     advantage_eps: float = Field(1e-4, gt=0)
-    """Added to the group std before dividing (BLIP3o-NEXT / TRL: 1e-4)."""
+    """Added to the std before dividing (BLIP3o-NEXT / TRL: 1e-4)."""
     filter_zero_signal_groups: bool = False
     """Leave groups whose rewards are all equal out of the update (filtering: they are not sampled
     again, unlike DAPO's dynamic sampling). Off = upstream: they stay in at advantage 0, so they
@@ -112,18 +114,35 @@ class AdvantageSettings(Protocol):
     learner's `flow` (rl/learners/diffusion_config.py) both have these."""
 
     scale_by_std: bool
+    std_scope: Literal["group", "batch"]
     advantage_eps: float
     filter_zero_signal_groups: bool
+
+
+def group_std(group_rewards: torch.Tensor, batch_rewards: torch.Tensor) -> torch.Tensor:
+    """std_g(r): the group's unbiased sample std (DeepSeekMath, TRL, BLIP3o-NEXT)."""
+    return group_rewards.std()
+
+
+def batch_std(group_rewards: torch.Tensor, batch_rewards: torch.Tensor) -> torch.Tensor:
+    """std(r) over every reward of the batch, biased (Flow-GRPO `stat_tracking.py` with
+    `sample.global_std`: `np.std(rewards)` of the gathered batch, the per-prompt mean kept)."""
+    return batch_rewards.std(correction=0)
+
+
+STD_SCOPES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"group": group_std, "batch": batch_std}
 
 
 def group_advantages(
     rewards: torch.Tensor, group_index: torch.Tensor | list[int], config: AdvantageSettings
 ) -> GroupAdvantages:
-    """A_b = (r_b - mean_g(r)) / (std_g(r) + eps), or r_b - mean_g(r) without std scaling (Dr. GRPO).
+    """A_b = (r_b - mean_g(r)) / (std + eps), or r_b - mean_g(r) without std scaling (Dr. GRPO).
 
-    std is the unbiased sample std (as DeepSeekMath/TRL). A group with all-equal rewards (or a
-    single sample) is zero-signal: its advantages are 0 and, with `filter_zero_signal_groups`, its
-    rows are not kept.
+    The mean is always the group's; the std is the group's (`std_scope: group`, unbiased, as
+    DeepSeekMath/TRL) or the whole batch's (`batch`, biased, as Flow-GRPO's global std: a group
+    whose rewards barely differ then gets small advantages instead of unit-scale ones). A group
+    with all-equal rewards (or a single sample) is zero-signal: its advantages are 0 and, with
+    `filter_zero_signal_groups`, its rows are not kept (the batch std still counts its rewards).
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32).flatten()  # [R]
     group_index = torch.as_tensor(group_index, dtype=torch.long).flatten()  # [R]
@@ -131,6 +150,7 @@ def group_advantages(
         raise ValueError(f"{rewards.numel()} rewards for {group_index.numel()} group indices")
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contain NaN or inf")
+    std = STD_SCOPES[config.std_scope]
     advantages = torch.zeros_like(rewards)  # [R]
     keep = torch.ones_like(rewards, dtype=torch.bool)  # [R]
     groups = group_index.unique()
@@ -143,7 +163,7 @@ def group_advantages(
             keep[rows] = not config.filter_zero_signal_groups
             continue
         centred = r - r.mean()  # [G]
-        advantages[rows] = centred / (r.std() + config.advantage_eps) if config.scale_by_std else centred
+        advantages[rows] = centred / (std(r, rewards) + config.advantage_eps) if config.scale_by_std else centred
     return GroupAdvantages(advantages, keep, groups=len(groups), zero_signal_groups=zero_signal)
 
 

@@ -7,7 +7,7 @@ Relative paths (`PATH_KEYS`) start at the run root: `$BLIP3O_RL_ROOT` if set, el
 run is launched from. They are made absolute here, before anything reads them, so the run store,
 checkpoints, `--resume` and the model builders all see one place. `deploy/ray_job.sh` sets the
 root to the repository it runs in, because a Ray job's driver runs in Ray's temporary copy of the
-code; a run that would write there is refused (see deploy/README.md, "Where a run's files go").
+code; a run that would write there is refused (see docs/deploying.md, "Where a run's files go").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -169,6 +169,13 @@ class LoggingSection(BaseModel):
     """Sample images recorded per step (spread over the groups)."""
     wandb: WandbSection | None = None
     """Also log every step's metrics to Weights & Biases (None: the run store and dashboard only)."""
+    alarms: dict[str, Annotated[float, Field(gt=0)]] = {"policy/logprob_diff": 0.05, "diffusion/logprob_diff": 1e-4}
+    """metric -> threshold: a value above it is an `alarm` event and an `alarm:` console line, once per
+    crossing (rl/run/alarms.py); {}: none. The defaults watch the sampler/learner log-prob gap at the
+    sampling weights. AR (max over the step's image tokens): <= 1.5e-5 in fp32 (1.4e-6 over the glyph
+    demo run), 4-5e-3 in bf16, while one update moves the log-probs by 0.06-0.13: 0.05 is a sampler
+    serving other weights than the learner's. SANA (per-step SDE log-prob, a mean over the latent): 0 to
+    2e-7 in fp32 and bf16; 1e-4 is Flow-GRPO's ratio clip range (a lossy bf16 adapter merge drifted 8.4e-4)."""
 
 
 class RaySection(BaseModel):
@@ -356,7 +363,7 @@ def run_root() -> Path:
     root = Path(value).expanduser()
     if not (root.is_absolute() and root.is_dir()):
         raise ConfigError(f"{ROOT_ENV}={value} is not an existing absolute directory on this machine: set it to the "
-                          "directory relative config paths start from here (deploy/README.md, \"Where a run's files go\")")
+                          "directory relative config paths start from here (docs/deploying.md, \"Where a run's files go\")")
     return root
 
 
@@ -441,7 +448,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, overrides: dict | None = None, root: Path | None = None) -> TrainConfig:
+def load_config(path: str | Path, overrides: dict | None = None, root: Path | None = None) -> "TrainConfig":
     """Read and validate a YAML config; `overrides` (dotted keys) win over the file. Relative paths
     are made absolute under `root` (default: `run_root()`)."""
     path = Path(path)

@@ -1,7 +1,7 @@
 """The run's fleet: the rollout and decoder workers (Ray actors), the learner groups, and the one
 invariant between them: every worker serves the learners' weight versions.
 
-    Trainer (rl/run/train.py: the loop, checkpoints, run store, sampler, reward service)
+    Trainer (rl/run/trainer.py: the loop, checkpoints, run store, sampler, reward service)
       -> Fleet.publish(v)          AR learner --weights v--> every worker; a lost worker -> recover
       -> Fleet.publish_decoder(d)  diffusion learner --transformer d--> every decoder; likewise
       -> Fleet.recover(Versions)   restart half-updated workers, wait for restarted ones,

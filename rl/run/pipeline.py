@@ -50,6 +50,11 @@ class RewardOutageError(RuntimeError):
     """The reward service stayed down for longer than the outage budget."""
 
 
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of a step: distinct per step, reproducible per run (rows add their index)."""
+    return (seed * 1_000_003 + step * 65_537) % (2**31 - 1)
+
+
 @dataclass(frozen=True)
 class ChunkImages:
     """A chunk's images, left in the object store: rows [first, first + rows) of the step."""
@@ -343,10 +348,7 @@ class PendingStep:
             fault = self._check(chunk, ready)
             if fault is not None:
                 faults[chunk.index] = fault
-        for chunk in open_chunks:  # the reward service takes a chunk once its images exist
-            queued = {task.ref for task in self.reward_lane.tasks}
-            if chunk.result is None and chunk.decode_ref in ready and chunk.score_ref not in queued:
-                self.reward_lane.tasks.append(StageTask(chunk.index, "reward", chunk.score_ref))
+        self._queue_rewards(open_chunks, ready)
         for lane in [*self.lanes.values(), self.reward_lane]:
             head = lane.running(ready, now)
             if head is None or now - lane.head_since <= stage_timeout_s or head.chunk in faults:
@@ -370,6 +372,40 @@ class PendingStep:
         refs = list(dict.fromkeys(ref for ref in refs if ref is not None))
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         return set(ready)
+
+    def drain(self, stage_timeout_s: float, wait_s: float = 0.2) -> list:
+        """Wait out a dropped step (a guard rollback drops the async schedule's next step): none of its
+        tasks may keep a worker or the reward service busy in front of the next step's, whose stage
+        clocks would start behind them (a false hang). Each task is timed like a stage, from when it
+        can run. Returns the workers whose task ran past `stage_timeout_s` (hung: the caller restarts
+        them); a hung reward task is no longer waited for.
+
+        Why not `ray.cancel` (Ray 2.60, measured here): a synchronous actor runs its queued tasks
+        anyway; cancelling an actor task not sent yet (a decode waiting for its tokens) leaves a gap in
+        the driver's sequence numbers that stalls the actor's later tasks for 30 s, then fails them;
+        and cancelling a scoring task waiting for its images aborted the driver when the images came
+        (reference counter check failure). Draining costs at most the dropped step's own sampling time."""
+        import ray
+
+        hung: list[Lane] = []
+        while True:
+            ready, now = self._ready(), time.perf_counter()
+            self._queue_rewards([chunk for chunk in self.chunks if chunk.result is None], ready)
+            running = [lane for lane in [*self.lanes.values(), self.reward_lane]
+                       if lane not in hung and lane.running(ready, now)]
+            hung += [lane for lane in running if now - lane.head_since > stage_timeout_s]
+            heads = [lane.tasks[0].ref for lane in running if lane not in hung]
+            if not heads:  # all done, or the rest waits for a hung worker's output
+                return [lane.actor for lane in hung if lane.actor is not None]
+            ray.wait(heads, num_returns=1, timeout=wait_s, fetch_local=False)
+
+    def _queue_rewards(self, chunks: list[Chunk], ready: set) -> None:
+        """The reward service takes a chunk once its images exist: it joins the reward lane."""
+        queued = {task.ref for task in self.reward_lane.tasks}
+        for chunk in chunks:
+            if chunk.result is None and chunk.decode_ref in ready and chunk.score_ref not in queued:
+                self.reward_lane.tasks.append(StageTask(chunk.index, "reward", chunk.score_ref))
+                queued.add(chunk.score_ref)
 
     def _check(self, chunk: Chunk, ready: set) -> ChunkFault | None:
         """The chunk's finished stages, in order: a fault, its result, or None while it runs."""

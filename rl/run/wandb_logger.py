@@ -3,12 +3,18 @@
 The run store stays the record (the dashboard, `--resume` and the TensorBoard export read it);
 W&B gets each step's metrics as the store commits them, through the store's metrics listener, so
 every writer of metrics (training steps, in-run eval, the guard) reaches W&B through one place.
-Keys are the store's (`reward/mean`, `policy/kl`, `eval/...`), the step is W&B's step, and the
-run id is W&B's run id, so a resumed run continues the same W&B run. Values that were not
-measured (absent, NaN) are left out, as on the dashboard.
+Keys are the store's (`reward/mean`, `policy/kl`, `eval/...`) and the run id is W&B's run id, so a
+resumed run continues the same W&B run. Values that were not measured (absent, NaN) are left out,
+as on the dashboard.
 
-W&B cannot drop steps: after `--resume`, the steps the run redoes were usually logged already by
-the killed attempt, and W&B keeps those (resume is exact, so they hold the same numbers).
+Two step axes. A guard rollback (and a `--resume`) redoes steps W&B has already seen, and W&B
+drops whatever is logged at a step below its current one. So W&B's own step is a log counter that
+only grows (kept in `<run_dir>/wandb/log_count`, so a resumed run continues it), and the training
+step is the metric `trainer/step`, declared (`define_metric`) as the x-axis of every other key:
+charts are drawn against the training step, and a redone step appears again at its step, beside
+the abandoned one, instead of being lost. (W&B's run rewind, `resume_from`, would replace the
+abandoned steps instead, but it needs W&B's server: it is a private preview there, and offline
+runs cannot use it.)
 
 Config: `logging.wandb: {project: NAME, mode: online|offline}`. Offline runs are written under
 `<runs_dir>/<run_id>/wandb/` and uploaded later with `wandb sync DIR`. `wandb` is an optional
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -42,6 +49,11 @@ def import_wandb() -> ModuleType:
     return wandb
 
 
+STEP_METRIC = "trainer/step"
+"""The training step, logged with every record: the x-axis of every chart."""
+LOG_COUNT_FILE = "log_count"
+
+
 class WandbLogger:
     """One W&B run mirroring one run-store run; call it as a store metrics listener."""
 
@@ -56,13 +68,23 @@ class WandbLogger:
             settings=wandb.Settings(console="off", silent=True),
         )
         self.dir = Path(self.run.dir).parent  # .../wandb/<offline-run|run>-<time>-<id>
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
+        self.count_file = run_dir / "wandb" / LOG_COUNT_FILE
+        saved = int(self.count_file.read_text()) if self.count_file.is_file() else 0
+        self.logged = max(saved, self.run.step)
+        """W&B's step of the next record: the records logged to this W&B run so far (by any attempt)."""
 
     def __call__(self, run_id: str, step: int, metrics: dict[str, float | None]) -> None:
         if run_id != self.run_id:
             return
         finite = {key: value for key, value in metrics.items() if value is not None and math.isfinite(value)}
         if finite:
-            self.run.log(finite, step=step)
+            self.run.log({**finite, STEP_METRIC: step}, step=self.logged)
+            self.logged += 1
+            tmp = self.count_file.with_suffix(".tmp")
+            tmp.write_text(str(self.logged))
+            os.replace(tmp, self.count_file)
 
     def describe(self, mode: str) -> str:
         """One console line saying where the W&B run is."""

@@ -60,7 +60,7 @@ class RewardComponentConfig(BaseModel):
     normalize: Literal["none", "group"] = "none"
     """none: the raw reward; group: centred and scaled within each prompt group before weighting."""
     url: str | None = None
-    """http: the URL answering `POST {url}` with the generic protocol (README, "Your own scorer over HTTP")."""
+    """http: the URL answering `POST {url}` with the generic protocol (docs/rewards.md, "Your own scorer over HTTP")."""
     function: str | None = None
     """python: "module:function" of f(images, prompts, metadatas) -> one reward per image."""
     token: str | None = None

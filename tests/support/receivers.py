@@ -6,12 +6,14 @@ import torch
 
 from policy.loading import load_ar_model
 from policy.model_dir import resolve_model_dir
-from policy.weights import VersionedWeights, WeightStream, param_specs
+from policy.weights import AR_STREAM, VersionedWeights, WeightStream, param_specs
 
 
 class TransformersReceiver:
     """The smallest correct worker of the `WeightReceiver` contract (rl/weight_sync.py): the same
     `VersionedWeights` checks as the rollout and decoder workers, over a transformers AR model."""
+
+    weight_stream = AR_STREAM
 
     def __init__(self, model_dir: str, torch_threads: int | None = None):
         if torch_threads is not None:

@@ -10,7 +10,7 @@
 //   unit      0..1 while every value fits, else data (eval results, guard statistics)
 // A step where a metric was not measured is null: a gap in the line (spanGaps false), never a 0.
 // Eval panels are sparse by design (every K steps), so their points are drawn and joined.
-// Two policies can learn in one run (issue 17): the AR policy (policy/*) and the diffusion decoder
+// Two policies can learn in one run: the AR policy (policy/*) and the diffusion decoder
 // (diffusion/*, Flow-GRPO). A diffusion number shares its AR twin's panel only where both are the
 // same count of the same thing on the same range (weight versions, zero-signal group share);
 // otherwise it has a panel of its own right after its twin: its KL is per SDE step (the AR one per
@@ -133,7 +133,11 @@ const $ = (id) => document.getElementById(id);
 
 async function getJSON(url) {
   const response = await fetch(url);
-  if (!response.ok) throw new Error(`${url}: ${response.status} ${(await response.json()).detail}`);
+  if (response.status === 401) location.reload(); // the session is gone: the page asks for the token again
+  if (!response.ok) {
+    const body = await response.json();
+    throw new Error(`${url}: ${response.status} ${body.detail ?? body.message}`);
+  }
   return response.json();
 }
 
