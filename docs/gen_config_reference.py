@@ -103,7 +103,9 @@ def type_text(annotation, sections: dict) -> str:
         name = f"kind {section.variant}" if section.variant else section.paths[0].replace("[]", "")
         return f"[{name}](#{section.anchor})"
     if origin is typing.Literal:
-        return " \\| ".join(f"`{json.dumps(value)}`" for value in arguments)
+        # sorted: typing caches Literal[...] by its set of values, so the order a model declared may come
+        # back as another module's (Literal["sana", "glyph"] is Literal["glyph", "sana"] once that exists)
+        return " \\| ".join(f"`{json.dumps(value)}`" for value in sorted(arguments, key=json.dumps))
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(type_text(argument, sections) for argument in arguments)
     if origin is list or (origin is tuple and len(arguments) == 2 and arguments[1] is Ellipsis):

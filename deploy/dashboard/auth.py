@@ -25,10 +25,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+from rewards.app.errors import UNAUTHORIZED_MESSAGE, error_response
+
 COOKIE = "blip3o_rl_dashboard_session"
-UNAUTHORIZED = {"error": "unauthorized", "message": "missing or wrong bearer token (Authorization: Bearer <token>)",
-                "item": None}
-"""The reward API's 401 body, word for word."""
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token, when the dashboard was started with one")
@@ -73,7 +72,8 @@ def require_bearer(request: Request, credentials: Credentials) -> None:
 
 
 def unauthorized_response(request: Request, error: Unauthorized) -> JSONResponse:
-    return JSONResponse(UNAUTHORIZED, status_code=401, headers=CHALLENGE)
+    """The reward API's 401 body (rewards/app/errors.py), with the Bearer challenge."""
+    return error_response(401, "unauthorized", UNAUTHORIZED_MESSAGE, headers=CHALLENGE)
 
 
 LOGIN_PAGE = """<!doctype html>

@@ -15,6 +15,10 @@ from rewards.errors import RewardInputError
 log = logging.getLogger(__name__)
 
 
+UNAUTHORIZED_MESSAGE = "missing or wrong bearer token (Authorization: Bearer <token>)"
+"""The 401 message of a missing or wrong token (the run dashboard answers with the same)."""
+
+
 class ApiError(Exception):
     """An error with an HTTP status, a machine code, a human message and the item it concerns."""
 

@@ -53,7 +53,6 @@ def eval_spec(section: EvalSection, model: str, sampling: SamplingConfig | None 
                     chunk_images=chunk_images)
 
 
-
 def eval_score(report: EvalReport) -> float:
     """The number best-eval compares (higher is better): GenEval overall, OCR mean reward."""
     return report.geneval.overall if report.geneval is not None else report.ocr.mean_reward

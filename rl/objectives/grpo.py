@@ -181,7 +181,6 @@ def clamped_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
     return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # [B, N]
 
 
-
 @dataclass(frozen=True)
 class Surrogate:
     loss: torch.Tensor

@@ -137,7 +137,6 @@ def read_prompt_file(path: Path, kind: Literal["geneval", "ocr"]) -> list[Prompt
     return items
 
 
-
 def benchmark_prompts(bench: Literal["geneval", "ocr"], limit: int | None = None,
                       prompt_file: Path | None = None) -> list[tuple[int, PromptItem]]:
     """(index in the file, prompt) of a benchmark's evaluation prompts, in file order. With a

@@ -92,7 +92,6 @@ class DecoderSection(BaseModel):
     """The decoder."""
 
 
-
 class ScheduleSection(BaseModel):
     model_config = STRICT
 
@@ -139,7 +138,6 @@ class CheckpointSection(BaseModel):
     """Save every this many steps (and after the last step)."""
     keep_last: int = Field(2, ge=1)
     """Complete checkpoints kept."""
-
 
 
 class WandbSection(BaseModel):

@@ -65,7 +65,6 @@ class ChunkImages:
     """ObjectRef of the decoder's [rows, H, W, 3] uint8 array."""
 
 
-
 def _concat_rollouts(group_offsets: list[int], *parts: DiffusionRollout) -> DiffusionRollout:
     """The step's SDE rollouts in row order, each chunk's prompt indices moved to the step's."""
     from dataclasses import replace

@@ -251,11 +251,9 @@ def max_item_bytes(height: int, width: int) -> int:
     return 4 * math.ceil(png / 3) + TEXT_ALLOWANCE_BYTES
 
 
-
 def python_scorers(config: RewardsSection) -> dict[str, str]:
     """The mix's python rewards: name -> "module:function", loaded inside the reward service."""
     return {c.name: c.function for c in config.mix or () if c.kind == "python"}
-
 
 
 async def http_scorer_limits(endpoint: RewardEndpoint, component: RewardComponentConfig) -> Limits:
@@ -270,7 +268,6 @@ async def http_scorer_limits(endpoint: RewardEndpoint, component: RewardComponen
                             backoff_s=endpoint.backoff_s,
                             retry_budget_s=component.outage_budget_s or endpoint.outage_budget_s) as client:
         return await client.scorer_limits(default)
-
 
 
 def stop_reward_service(config: RewardsSection) -> None:
