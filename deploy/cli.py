@@ -28,7 +28,8 @@ def _convert_blip3o_next(args: argparse.Namespace) -> None:
     from policy.convert import ConversionError, convert_blip3o_next
 
     try:
-        convert_blip3o_next(args.source, Path(args.out), sana=args.sana, tokens_per_image=args.tokens_per_image)
+        convert_blip3o_next(args.source, Path(args.out), sana=args.sana, tokens_per_image=args.tokens_per_image,
+                            ta_tok=args.ta_tok)
     except ConversionError as error:
         print(f"blip3o-rl: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -117,6 +118,17 @@ def _prompts(args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
 
 
+def _prompts_edit(args: argparse.Namespace) -> None:
+    from rl.prompts.edit_synthetic import write_edit_set
+    from rl.prompts.generators import PromptSetError
+
+    try:
+        write_edit_set(Path(args.out), args.n, args.seed, args.split)
+    except PromptSetError as error:
+        print(f"blip3o-rl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _eval(args: argparse.Namespace) -> None:
     from rl.evaluation.command import main as eval_main
 
@@ -174,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the checkpoint's diffusion_name_or_path; the public checkpoints say DIFFUSION there, "
                          "so pass it)")
     convert.add_argument("--tokens-per-image", type=int, default=729, help="image tokens per image (default 729)")
+    convert.add_argument("--ta-tok", help="keep the TA-Tok image tokenizer (edit prompts need it): a ta_tok.pth, its "
+                         "directory, or the hub id csuhan/TA-Tok (default: the tower is dropped)")
     convert.set_defaults(run=_convert_blip3o_next)
 
     plan = sub.add_parser("plan", help="memory each role of a config needs, and whether it fits (exit 2 if not)")
@@ -249,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         maker.add_argument("--n", type=_at_least_one, default=default_n, help=f"lines to write (default {default_n})")
         maker.add_argument("--seed", type=int, default=0, help="the same seed writes the same file (default 0)")
         maker.set_defaults(run=_prompts)
+    edit = prompts_sub.add_parser("edit", help="synthetic edits for the CPU demos: rendered words, masks, "
+                                               "'change the word X to Y' (train and eval use disjoint words)")
+    edit.add_argument("--out", required=True, help="JSONL to write (replaced); images/ and masks/ go beside it")
+    edit.add_argument("--n", type=_at_least_one, default=256, help="edits to write (default 256)")
+    edit.add_argument("--seed", type=int, default=0, help="the same seed writes the same set (default 0)")
+    edit.add_argument("--split", choices=["train", "eval"], default="train",
+                      help="train: the training words; eval: the evaluation words (default train)")
+    edit.set_defaults(run=_prompts_edit)
     return parser
 
 

@@ -10,7 +10,7 @@ lines 26-44; the TA-Tok wrapper in `blip3o/model/multimodal_encoder/ta_tok_encod
     model.diffusion_connector.{0,2,3}.*   Linear -> GELU(tanh) -> Linear -> RMSNorm -> connector/
     model.sana.*                          SanaTransformer2DModel                   -> sana/transformer/
     model.sana_vae.*                      AutoencoderDC (DC-AE)                    -> sana/vae/
-    model.vision_tower.vision_tower.*     TA-Tok image tokenizer (understanding)   dropped
+    model.vision_tower.vision_tower.*     TA-Tok image tokenizer (source images)   -> image_tokenizer/ (with ta_tok)
 
 BLIP3o-NEXT has no other parts (no LLaVA `mm_projector` / `vision_resampler`: it feeds TA-Tok's
 discrete codes through `embed_tokens`, blip3o_arch.py lines 155-165), so any other tensor is refused.
@@ -18,6 +18,14 @@ The two layouts on the hub differ by the vision tower: SFT and Pretrain (~5B on 
 (their training loads TA-Tok: blip3o/train/train.py line 164, blip3o_arch.py line 91); the GRPO checkpoints (~4B) do not (the
 sizes are the hub's; upstream's code does not say how the tower was left out). Both convert the same
 way; a checkpoint without SANA or DC-AE weights takes them from the SANA repo.
+
+The TA-Tok tower (`policy.image_tokenizer`) is written only with `ta_tok=` (`--ta-tok`): TA-Tok's own
+checkpoint csuhan/TA-Tok `ta_tok.pth`, which upstream always loads to build the tower
+(`TextAlignedTokenizer.from_checkpoint`, tok/ta_tok.py), holds its constructor arguments (codebook
+lookup mode, input size, layer) that no BLIP3o-NEXT file records. The tower's tensors then come from the
+checkpoint when it carries them (checked name for name and shape for shape against ta_tok.pth's) and
+from ta_tok.pth otherwise (the GRPO checkpoints), as upstream's loading would give. Without `ta_tok`
+the tower is dropped, as text-to-image needs no image tokenizer.
 
 What a real checkpoint needs beyond its tensors:
 - SANA's configs and the scheduler config are not in the checkpoint: BLIP3o-NEXT builds SANA from
@@ -59,15 +67,33 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from policy.connector import Connector
-from policy.model_dir import CheckpointNotFoundError, ModelLayout, ModelPaths, SamplingDefaults, resolve_checkpoint
+from policy.image_tokenizer import (
+    TA_TOK_FILE,
+    TA_TOK_HUB_ID,
+    WEIGHTS_STEM,
+    TATokCheckpoint,
+    TATokSpec,
+    encode_shape_problems,
+    read_ta_tok,
+    vision_config,
+    write_ta_tok_configs,
+)
+from policy.model_dir import (
+    CheckpointNotFoundError,
+    ModelLayout,
+    ModelPaths,
+    SamplingDefaults,
+    looks_like_hub_id,
+    resolve_checkpoint,
+)
 from policy.prompt import rollout_prompt_ids
 from policy.vocab import IM_END, IM_START, SCALE_TOKENS, ImageVocab, image_token
 
 CONNECTOR_PREFIX = "model.diffusion_connector."
 SANA_PREFIX = "model.sana."
 VAE_PREFIX = "model.sana_vae."
-DROPPED_PREFIXES = ("model.vision_tower.",)
-"""Understanding-side parts the image-generation policy never runs (the TA-Tok tower of SFT saves)."""
+TOWER_PREFIX = "model.vision_tower.vision_tower."
+"""TATokVisionTower keeps TextAlignedTokenizer as `.vision_tower` (ta_tok_encoder.py line 41)."""
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -270,7 +296,7 @@ class SanaRepo:
 
 def split_names(names) -> dict[str, set[str]]:
     """Route each checkpoint tensor name to the part it belongs to (prefix match)."""
-    parts = {"ar": set(), "connector": set(), "sana": set(), "vae": set(), "dropped": set()}
+    parts = {"ar": set(), "connector": set(), "sana": set(), "vae": set(), "tower": set(), "dropped": set()}
     for name in names:
         if name.startswith(CONNECTOR_PREFIX):
             parts["connector"].add(name)
@@ -278,8 +304,8 @@ def split_names(names) -> dict[str, set[str]]:
             parts["vae"].add(name)
         elif name.startswith(SANA_PREFIX):
             parts["sana"].add(name)
-        elif name.startswith(DROPPED_PREFIXES):
-            parts["dropped"].add(name)
+        elif name.startswith(TOWER_PREFIX):
+            parts["tower"].add(name)
         else:
             parts["ar"].add(name)  # checked against Qwen3ForCausalLM's names: strays are reported there
     return parts
@@ -474,10 +500,12 @@ def convert_blip3o_next(
     tokens_per_image: int = TOKENS_PER_IMAGE,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     local_files_only: bool | None = None,
+    ta_tok: str | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> ModelPaths:
     """Write the blip3o-rl model directory `out_dir` from BLIP3o-NEXT checkpoint `source` (a local
-    dir or hub id) and SANA diffusers repo `sana` (default: the checkpoint's diffusion_name_or_path)."""
+    dir or hub id) and SANA diffusers repo `sana` (default: the checkpoint's diffusion_name_or_path);
+    with `ta_tok` (a ta_tok.pth, its directory or the hub id csuhan/TA-Tok) also the image tokenizer."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ConversionError(f"output {out_dir} already exists; remove it or choose another directory")
@@ -509,6 +537,7 @@ def convert_blip3o_next(
                   "model.sana_vae, model.vision_tower)", expected_ar_shapes(config), {n: shapes[n] for n in parts["ar"]})
 
     out_dim = _check_connector(parts["connector"], shapes, hidden, source)
+    tower = open_tower(ta_tok, parts, shapes, local_files_only=local_files_only, log=log)
     repo, sana_spec = open_sana(sana, hub_config, local_files_only=local_files_only, log=log)
     log(f"[convert] SANA configs from {sana_spec} -> {repo.root}")
     sources = _sana_sources(parts, shapes, repo, sana_spec)
@@ -539,11 +568,14 @@ def convert_blip3o_next(
         # checked from ar/ (a plain qwen3 config), before the long part
         vocab = _check_tokenizer(paths.ar, tokens_per_image, vocab_rows, hub_config, log)
         log(f"[convert] tokenizer: {vocab.codebook_size} image tokens from id {vocab.image_token_start}")
-        _write_weights(checkpoint, parts, repo, sources, paths, max_shard_bytes, log)
+        if tower is not None:
+            check_tower_fits(tower, vocab)
+        _write_weights(checkpoint, parts, repo, sources, paths, max_shard_bytes, log, tower)
         ModelLayout(tokens_per_image=tokens_per_image, image_size=repo.image_size(), decoder="sana",
                     sampling=sampling).save(staging)
         provenance = {"source": source, "sana": sana_spec, "sana_transformer_from": sources["transformer"],
-                      "sana_vae_from": sources["vae"], "dropped": sorted(parts["dropped"])}
+                      "sana_vae_from": sources["vae"], "dropped": sorted(parts["dropped"]),
+                      "image_tokenizer_from": None if tower is None else "checkpoint" if parts["tower"] else ta_tok}
         (staging / "converted_from.json").write_text(json.dumps(provenance, indent=2))
         os.replace(staging, out_dir)
     except BaseException:
@@ -553,13 +585,17 @@ def convert_blip3o_next(
     return ModelPaths(out_dir)
 
 
-def _write_weights(checkpoint, parts, repo: SanaRepo, sources, paths: ModelPaths, max_shard_bytes, log) -> None:
-    """Stream every checkpoint tensor to its part (and the SANA repo's weights where needed)."""
+def _write_weights(checkpoint, parts, repo: SanaRepo, sources, paths: ModelPaths, max_shard_bytes, log,
+                   tower: TATokCheckpoint | None) -> None:
+    """Stream every checkpoint tensor to its part (and the SANA repo's or ta_tok.pth's weights where needed)."""
     writers = {
         "ar": ShardedWriter(paths.ar, "model", max_shard_bytes, log),
         "sana": ShardedWriter(paths.sana_transformer, "diffusion_pytorch_model", max_shard_bytes, log),
         "vae": ShardedWriter(paths.sana_vae, "diffusion_pytorch_model", max_shard_bytes, log),
     }
+    if tower is not None:
+        write_ta_tok_configs(paths.image_tokenizer, tower.args, tower.encoder_config)
+        writers["image_tokenizer"] = ShardedWriter(paths.image_tokenizer, WEIGHTS_STEM, max_shard_bytes, log)
     prefixes = {"sana": SANA_PREFIX, "vae": VAE_PREFIX}
     connector: dict[str, torch.Tensor] = {}
     total = len(checkpoint.files)
@@ -571,6 +607,8 @@ def _write_weights(checkpoint, parts, repo: SanaRepo, sources, paths: ModelPaths
         elif name in parts["sana"] or name in parts["vae"]:
             part = "sana" if name in parts["sana"] else "vae"
             writers[part].add(name[len(prefixes[part]):], tensor)
+        elif name in parts["tower"]:
+            writers["image_tokenizer"].add(name[len(TOWER_PREFIX):], tensor)
         if done % 200 == 0 or done == total:
             log(f"[convert] read {done}/{total} checkpoint tensors")
     for part, subdir in (("sana", "transformer"), ("vae", "vae")):
@@ -579,6 +617,10 @@ def _write_weights(checkpoint, parts, repo: SanaRepo, sources, paths: ModelPaths
             for name, tensor in repo.weights(subdir).tensors():
                 writers[part].add(name, tensor)
         shutil.copy2(repo.root / subdir / "config.json", (paths.sana_transformer if part == "sana" else paths.sana_vae) / "config.json")
+    if tower is not None and not parts["tower"]:
+        log(f"[convert] image tokenizer weights from {TA_TOK_FILE} (the checkpoint has no TA-Tok tower)")
+        for name, tensor in sorted(tower.state.items()):
+            writers["image_tokenizer"].add(name, tensor)
     for part, writer in writers.items():
         log(f"[convert] {part}: {writer.close()} tensors, {writer.total_bytes / 1e9:.2f} GB")
     hidden, out_dim = connector["layers.0.weight"].shape[1], connector["layers.0.weight"].shape[0]
@@ -587,3 +629,60 @@ def _write_weights(checkpoint, parts, repo: SanaRepo, sources, paths: ModelPaths
     module.save(paths.connector)
     paths.sana_scheduler.mkdir(parents=True, exist_ok=True)
     shutil.copy2(repo.root / "scheduler" / "scheduler_config.json", paths.sana_scheduler / "scheduler_config.json")
+
+
+def ta_tok_file(spec: str, *, local_files_only: bool | None) -> Path:
+    """TA-Tok's checkpoint file: `spec` itself, `spec`/ta_tok.pth, or ta_tok.pth of hub repo `spec`."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if (path / TA_TOK_FILE).is_file():
+        return path / TA_TOK_FILE
+    if not looks_like_hub_id(spec):
+        raise ConversionError(f"TA-Tok checkpoint {spec!r}: no such file, nor a directory holding {TA_TOK_FILE}")
+    from huggingface_hub import hf_hub_download
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(hf_hub_download(spec, TA_TOK_FILE, local_files_only=local_files_only))
+    except Exception as error:  # the hub client raises many kinds; all mean "not available here"
+        raise ConversionError(f"TA-Tok checkpoint {spec!r}: {TA_TOK_FILE} could not be found or fetched "
+                              f"({type(error).__name__}); pass a local {TA_TOK_FILE} (from {TA_TOK_HUB_ID})") from None
+
+
+def open_tower(ta_tok: str | None, parts: dict, shapes: dict, *, local_files_only: bool | None, log) -> TATokCheckpoint | None:
+    """TA-Tok's arguments and weights when the image tokenizer is kept (checked against the checkpoint's
+    tower when it has one); without `ta_tok` the tower's tensors join the dropped ones."""
+    if ta_tok is None:
+        if parts["tower"]:
+            log(f"[convert] TA-Tok tower ({len(parts['tower'])} tensors) dropped: pass --ta-tok {TA_TOK_HUB_ID} (or a "
+                f"local {TA_TOK_FILE}) to keep it as the image tokenizer that source images of edit prompts need")
+        parts["dropped"] |= parts["tower"]
+        parts["tower"] = set()
+        return None
+    try:
+        tower = read_ta_tok(ta_tok_file(ta_tok, local_files_only=local_files_only))
+        reference = {name: tuple(t.shape) for name, t in tower.state.items()}
+        problems = encode_shape_problems(tower.args, tower.encoder_config, reference)
+    except ValueError as error:
+        raise ConversionError(f"TA-Tok checkpoint {ta_tok!r}: {error}") from None
+    if problems:
+        raise ConversionError(f"TA-Tok checkpoint {ta_tok!r}: its weights do not fit its args: {_listing(problems, 4)}")
+    if parts["tower"]:
+        _check_shapes(f"TA-Tok tower in the checkpoint ({TOWER_PREFIX}*) vs {ta_tok}", reference,
+                      _strip(parts["tower"], TOWER_PREFIX, shapes))
+    log(f"[convert] image tokenizer: TA-Tok args from {ta_tok}, weights from "
+        f"{'the checkpoint' if parts['tower'] else ta_tok}")
+    return tower
+
+
+def check_tower_fits(tower: TATokCheckpoint, vocab: ImageVocab) -> None:
+    """TA-Tok's ids must be the model's: as many per image, from a codebook as large as the image-token block."""
+    from transformers import SiglipVisionConfig
+
+    spec = TATokSpec.from_args(tower.args)
+    per_image = (spec.input_size // SiglipVisionConfig(**vision_config(tower.encoder_config)).patch_size) ** 2
+    if spec.vq.codebook_size != vocab.codebook_size or per_image != vocab.tokens_per_image:
+        raise ConversionError(f"TA-Tok gives {per_image} ids per image from {spec.vq.codebook_size} codes but the model "
+                              f"has {vocab.tokens_per_image} image tokens per image from {vocab.codebook_size}")

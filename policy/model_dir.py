@@ -7,6 +7,7 @@
       sana/transformer/      SanaTransformer2DModel (diffusers, frozen)
       sana/vae/              AutoencoderDC (frozen)
       sana/scheduler/        FlowMatchEulerDiscreteScheduler config
+      image_tokenizer/       TA-Tok, source image -> image-token ids (optional: edit prompts need it)
 
 A spec is a local path or a hub id. Offline, a hub id that is not in the local cache fails with
 `CheckpointNotFoundError`, whose message says what was looked for and how to provide it.
@@ -93,6 +94,10 @@ class ModelPaths:
     @property
     def sana_scheduler(self) -> Path:
         return self.root / "sana" / "scheduler"
+
+    @property
+    def image_tokenizer(self) -> Path:
+        return self.root / "image_tokenizer"
 
     def layout(self) -> ModelLayout:
         return ModelLayout.load(self.root)

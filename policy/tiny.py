@@ -2,8 +2,10 @@
 
 `make_tiny(directory, spec)` writes a complete model directory (see `policy.model_dir`): a Qwen3 AR
 model whose tokenizer has the extended image vocabulary and a chat template, the connector, a tiny
-SanaTransformer2DModel + AutoencoderDC and the flow-matching scheduler config. Tests, benchmarks and
-the CPU demo all use it; the same loaders read a real checkpoint converted to this layout.
+SanaTransformer2DModel + AutoencoderDC and the flow-matching scheduler config, and (the `sana`
+preset) a tiny TA-Tok image tokenizer in upstream's layout (SigLIP vision tower + SimVQ codebook).
+Tests, benchmarks and the CPU demo all use it; the same loaders read a real checkpoint converted to
+this layout.
 The `blip3o-next-shape` preset has BLIP3o-NEXT's real widths and vocabulary with only the depth cut
 (0.546B AR parameters, 1.7 GB on disk in bfloat16, ~25 s and 4.2 GB RSS to build here): the
 rehearsal model of bench/bench_scale.py. Its widths and their sources are listed above the preset.
@@ -11,12 +13,16 @@ rehearsal model of bench/bench_scale.py. Its widths and their sources are listed
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from policy.connector import Connector
+from policy.image_tokenizer import WEIGHTS_STEM, TATokEncoder, TATokSpec, write_ta_tok_configs
 from policy.model_dir import ModelLayout, ModelPaths
 from policy.vocab import IM_END, IM_START, SCALE_TOKENS, image_token
 
@@ -51,6 +57,27 @@ class SanaSpec:
     @property
     def compression(self) -> int:
         return 2 ** (len(self.vae_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TATokTinySpec:
+    """Widths of a tiny TA-Tok: TextAlignedTokenizer's parts (SigLIP encoder, task layers, bottleneck with a
+    SimVQ codebook, Siglip2 feature decoder), random weights. Image side = patch_size * sqrt(tokens_per_image)."""
+
+    hidden_size: int = 48
+    """A multiple of 12: upstream's feature decoder keeps Siglip2VisionConfig's default 12 heads at this width."""
+    intermediate_size: int = 64
+    num_layers: int = 2
+    """Encoder layers; the ids come from hidden_states[-2], the output of the second-to-last."""
+    num_heads: int = 2
+    patch_size: int = 7
+    code_dim: int = 16
+    """Codebook width (`bottleneck_dim`)."""
+    decoder_depth: int = 1
+    l2_normalized: bool = True
+    stochastic: bool = True
+    """With l2_normalized: cosine lookup (argmax of a softmax), the SimVQ mode TA-Tok's tower sets deterministic."""
+    stochastic_temperature: float = 0.03
 
 
 @dataclass(frozen=True)
@@ -92,6 +119,8 @@ class TinySpec:
     """dtype of the saved safetensors (the loaders cast to the dtype each role asks for)."""
     sana: SanaSpec = SanaSpec()
     """SANA transformer and DC-AE widths."""
+    ta_tok: TATokTinySpec | None = None
+    """A tiny TA-Tok image tokenizer (source images of edit prompts); None: none (tokens_per_image must be a square)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -125,7 +154,7 @@ BLIP3O_NEXT_SHAPE = TinySpec(
 )
 
 PRESETS = {
-    "sana": TinySpec(),
+    "sana": TinySpec(ta_tok=TATokTinySpec()),
     # The CPU learning demo (DESIGN.md): 64 image tokens (36 glyphs + 28 blank), 8 per image.
     "glyph": TinySpec(codebook_size=64, tokens_per_image=8, decoder="glyph"),
     "blip3o-next-shape": BLIP3O_NEXT_SHAPE,
@@ -291,6 +320,12 @@ def make_tiny(directory: Path, spec: TinySpec = PRESETS["sana"]) -> ModelPaths:
         cast(transformer).save_pretrained(paths.sana_transformer)
         cast(vae).save_pretrained(paths.sana_vae)
         scheduler.save_pretrained(paths.sana_scheduler)
+    if spec.ta_tok is not None:
+        torch.manual_seed(spec.seed + 1)  # its own seed: the other parts' weights stay what they were without it
+        args, encoder_config, state = build_ta_tok(spec)
+        write_ta_tok_configs(paths.image_tokenizer, args, encoder_config)
+        weights = {name: cast(tensor).contiguous() for name, tensor in state.items()}
+        save_file(weights, str(paths.image_tokenizer / f"{WEIGHTS_STEM}.safetensors"), metadata={"format": "pt"})
     layout = ModelLayout(
         tokens_per_image=spec.tokens_per_image,
         image_size=spec.image_size,
@@ -299,3 +334,48 @@ def make_tiny(directory: Path, spec: TinySpec = PRESETS["sana"]) -> ModelPaths:
     )
     layout.save(directory)
     return paths
+
+
+def ta_tok_args(spec: TinySpec) -> tuple[dict, dict]:
+    """TextAlignedTokenizer's constructor arguments (ta_tok.pth's ["model"]["args"] form) and the SigLIP vision
+    config of the tiny TA-Tok of `spec`."""
+    tok = spec.ta_tok
+    side = math.isqrt(spec.tokens_per_image)
+    if side * side != spec.tokens_per_image:
+        raise ValueError(f"a TA-Tok gives a square grid of ids: tokens_per_image {spec.tokens_per_image} is not a square")
+    encoder_config = {"model_type": "siglip_vision_model", "hidden_size": tok.hidden_size,
+                      "intermediate_size": tok.intermediate_size, "num_hidden_layers": tok.num_layers,
+                      "num_attention_heads": tok.num_heads, "image_size": side * tok.patch_size,
+                      "patch_size": tok.patch_size}
+    simvq = {"codebook_size": spec.codebook_size, "l2_normalized": tok.l2_normalized, "stochastic": tok.stochastic,
+             "stochastic_temperature": tok.stochastic_temperature}
+    args = {"bottleneck": {"name": "bottleneck", "args": {"bottleneck_dim": tok.code_dim,
+                                                          "regularizer": {"name": "simvq", "args": simvq}}},
+            "bottleneck_token_num": spec.tokens_per_image, "input_size": side * tok.patch_size,
+            "teacher": "tiny random SigLIP (google/siglip2-so400m-patch14-384's architecture)",
+            "pool_scale": 1, "decoder_depth": tok.decoder_depth, "select_layer_id": -2}
+    return args, encoder_config
+
+
+def build_ta_tok(spec: TinySpec) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """A tiny TA-Tok: (args, encoder config, TextAlignedTokenizer's full state dict under upstream's names:
+    the encode path, and the decoder side as transformers 4.5x names it, `decoder.vision_model.*`)."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    tok = spec.ta_tok
+    args, encoder_config = ta_tok_args(spec)
+    state = dict(TATokEncoder(TATokSpec.from_args(args), encoder_config).state_dict())
+    decoder_config = Siglip2VisionConfig()  # upstream's: the defaults, four fields updated (tok/ta_tok.py)
+    decoder_config.update({"patch_size": 1, "num_hidden_layers": tok.decoder_depth, "num_channels": tok.code_dim,
+                           "hidden_size": tok.hidden_size})
+    decoder = Siglip2VisionModel(decoder_config)
+    decode_task_layer = nn.Sequential(nn.Linear(tok.hidden_size, tok.hidden_size), nn.Tanh(),
+                                      nn.Linear(tok.hidden_size, tok.hidden_size))
+    out_linear = nn.Linear(tok.code_dim, tok.code_dim)  # upstream passes output_dim = bottleneck_dim
+    for prefix, module in (("decoder.vision_model.", decoder), ("decode_task_layer.", decode_task_layer),
+                           ("bottleneck.out_linear.", out_linear)):
+        state.update({prefix + k: v for k, v in module.state_dict().items()})
+    # TextAlignedTokenizer's ScalingLayer buffers (mean 0.5, std 0.5), saved with the module upstream
+    state["scale_layer.shift"] = torch.full((1, 3, 1, 1), 0.5)
+    state["scale_layer.scale"] = torch.full((1, 3, 1, 1), 0.5)
+    return args, encoder_config, state

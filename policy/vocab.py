@@ -2,7 +2,9 @@
 
 The text tokenizer is extended with a contiguous block of image tokens `<I0>..<I{K-1}>` (one per
 VQ-SigLIP2 codebook entry) and the markers `<im_start>`, `<im_end>`, `<S0>`, `<S1>`, `<S2>`.
-An image is `tokens_per_image` image tokens sampled after `<im_start><S0>`.
+An image is `tokens_per_image` image tokens sampled after `<im_start><S0>`. A source image in a prompt is
+its tokenizer's codes shifted into the same block (`to_token_ids`), placed where the chat text has
+`<image>` (`IMAGE_PLACEHOLDER`; upstream replaces it by the embedded ids, so it is never a token itself).
 Contiguity is what lets every log-prob in the project be a slice of the logits, never a gather.
 """
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+IMAGE_PLACEHOLDER = "<image>"
+"""Where a source image goes in a chat turn (BLIP3o-NEXT's DEFAULT_IMAGE_TOKEN, blip3o/constants.py)."""
 IM_START = "<im_start>"
 IM_END = "<im_end>"
 SCALE_TOKENS = ("<S0>", "<S1>", "<S2>")

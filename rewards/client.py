@@ -32,6 +32,7 @@ from PIL import Image
 
 from rewards.app.schemas import GenevalItemResult, Limits, OcrItemResult, Readiness, ScoreItemResult
 from rewards.geneval_rules import GenevalMetadata
+from rewards.scorer import EditSource
 
 
 class RewardRequestError(Exception):
@@ -167,13 +168,19 @@ class RewardClient:
         return [GenevalItemResult.model_validate(r) for r in await self.post_items("/v1/rewards/geneval", items)]
 
     async def score(self, name: str, images: list[np.ndarray], prompts: list[str], metadatas: list[dict],
-                    *, url: str | None = None) -> ScoreAnswer:
+                    *, url: str | None = None, sources: list[EditSource | None] | None = None) -> ScoreAnswer:
         """Rewards from a generic scorer (rewards/scorer.py protocol): `POST /v1/rewards/{name}` on
         this client's service, or, with `url`, `POST {url}` itself (an external scorer speaking the
-        same protocol). Split into requests within the limits, results in item order."""
+        same protocol). Edits: `sources` gives each image's source image and mask (sent as
+        `source_image` and `mask`). Split into requests within the limits, results in item order."""
         check_pixels(images, await self.limits())
         items = [{"image": encode_png(image), "prompt": prompt, "metadata": metadata}
                  for image, prompt, metadata in zip(images, prompts, metadatas, strict=True)]
+        for item, source in zip(items, sources or [None] * len(items), strict=True):
+            if source is not None:
+                item["source_image"] = encode_png(source.image)
+                if source.mask is not None:
+                    item["mask"] = encode_png(source.mask.astype(np.uint8) * 255)
         answers = await self._post_parts(url or f"/v1/rewards/{name}", items)
         results = [ScoreItemResult.model_validate(r) for answer in answers for r in answer["results"]]
         versions = sorted({str(answer.get("version") or UNVERSIONED) for answer in answers})

@@ -123,6 +123,8 @@ class GenevalResult:
     """Indices of exclude clauses that held (each makes the image incorrect)."""
     terms: list[float]
     """The graded reward's terms, in order (their mean is `reward`)."""
+    regions: tuple = ()
+    """Per-object regions (rewards.scorer.Region; filled by rewards/geneval.py `object_regions`)."""
 
 
 ColourFn = Callable[[list[Detection], str], list[str]]

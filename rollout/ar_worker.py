@@ -107,6 +107,9 @@ class ARRolloutWorker:
     def _start_engine(self, config: RolloutConfig):
         # In-process engine core: update_weights reaches the model without serialising weights.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # No vLLM plugins unless asked for: paddlex (the OCR reward's) registers one that fails in every
+        # engine after importing paddlex (seconds per engine start, and an ERROR traceback in the log)
+        os.environ.setdefault("VLLM_PLUGINS", "")
         if config.num_threads:
             os.environ["OMP_NUM_THREADS"] = str(config.num_threads)
             torch.set_num_threads(config.num_threads)

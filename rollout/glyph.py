@@ -8,12 +8,18 @@ blanks matter: random rows must earn partial OCR credit for GRPO to get a signal
 
 Characters are drawn on a common baseline at their tile's centre (anchor "ms"), so the row reads
 as a word rather than as letters in boxes; wide letters may overhang their tile a little.
+
+The inverse (`images_to_codes`, `GlyphImageEncoder`) reads a drawn row back, tile by tile: each tile's
+nearest character template. On the images this decoder draws it is exact (every blank code reads back
+as the one `blank_code`), so the edit demo's source image -> ids plays the part TA-Tok plays for
+BLIP3o-NEXT (`policy.image_tokenizer.ImageToIds`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -83,6 +89,34 @@ class GlyphDecoder:
                 draw.text((index * tile + tile / 2, self.baseline), character, font=self.font, fill="black", anchor="ms")
         return np.asarray(image)  # [H, W, 3]
 
+    @cached_property
+    def templates(self) -> np.ndarray:
+        """Each character's tile, then the blank tile: [len(alphabet) + 1, H, tile, 3] uint8. Drawn in a
+        middle tile (the second), where an overhang into a neighbour is cut off as in any row."""
+        position = min(1, self.tokens_per_image - 1)
+        tile = self.config.tile_width
+        rows = [self.render_text(BLANK * position + c) for c in (*self.config.alphabet, BLANK)]
+        return np.stack([row[:, position * tile:(position + 1) * tile] for row in rows])
+
+    def images_to_codes(self, images: np.ndarray) -> np.ndarray:
+        """[B, H, W, 3] uint8 -> [B, N] codes of their tiles: for each tile the template at the least summed
+        squared pixel difference; the blank template reads as `blank_code`. Exact on rows this decoder
+        draws (a neighbour's overhang changes a tile by a column of anti-aliased pixels, far less than
+        any two characters differ by); the nearest characters on anything else."""
+        images = np.asarray(images)
+        if images.shape[1:] != self.image_shape:
+            shape = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"expected glyph images of shape [B, {shape}], got {images.shape}")
+        height, _, channels = self.image_shape
+        count, tile = len(images), self.config.tile_width
+        tiles = images.reshape(count, height, self.tokens_per_image, tile, channels).transpose(0, 2, 1, 3, 4)  # [B, N, H, T, 3]
+        flat = tiles.reshape(count * self.tokens_per_image, -1).astype(np.int64)  # [B*N, P]
+        templates = self.templates.reshape(len(self.templates), -1).astype(np.int64)  # [C, P]
+        # |t - c|^2 = |t|^2 + |c|^2 - 2 t.c in integers (exact; numpy's integer product runs no BLAS threads)
+        distance = (flat**2).sum(1)[:, None] + (templates**2).sum(1)[None] - 2 * flat @ templates.T  # [B*N, C]
+        nearest = distance.argmin(axis=1).reshape(count, self.tokens_per_image)  # [B, N]
+        return np.where(nearest < len(self.config.alphabet), nearest, self.blank_code)
+
     def render_codes(self, codes: torch.Tensor) -> np.ndarray:
         """[B, N] codebook indices -> [B, H, W, 3] uint8."""
         if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
@@ -111,3 +145,18 @@ class GlyphTokenDecoder:
         start = time.perf_counter()
         images = self.glyphs.render_codes(self.vocab.to_codebook(image_tokens))  # [B, H, W, 3]
         return images, {"render": time.perf_counter() - start}
+
+
+class GlyphImageEncoder:
+    """The glyph decoder's inverse behind `policy.image_tokenizer.ImageToIds` (the glyph demo has no TA-Tok)."""
+
+    def __init__(self, glyphs: GlyphDecoder):
+        self.glyphs = glyphs
+        self.tokens_per_image = glyphs.tokens_per_image
+        self.codebook_size = glyphs.codebook_size
+
+    def encode(self, images: Sequence) -> torch.Tensor:
+        """B glyph images ([H, W, 3] uint8) -> [B, N] codebook indices."""
+        empty = np.zeros((0, *self.glyphs.image_shape), np.uint8)
+        batch = np.stack([np.asarray(image) for image in images]) if len(images) else empty  # [B, H, W, 3]
+        return torch.from_numpy(self.glyphs.images_to_codes(batch)).long()  # [B, N]

@@ -3,7 +3,9 @@ blip3o_qwen save holding Qwen3 + model.diffusion_connector + model.sana + model.
 with BLIP3o's config fields and token ids) convert back into our model directory bit for bit and
 decode the same images (up to float rounding):
 
-- SFT layout (BLIP3o/BLIP3o-NEXT-SFT-3B, ~5B): also the TA-Tok tower (model.vision_tower.vision_tower.*),
+- SFT layout (BLIP3o/BLIP3o-NEXT-SFT-3B, ~5B): also the TA-Tok tower (model.vision_tower.vision_tower.*:
+  the tiny model's TA-Tok under upstream's names; kept as the image tokenizer given a ta_tok.pth, else
+  dropped),
   a tokenizer holding `<image>` beyond the embedding rows, `diffusion_name_or_path: DIFFUSION` (the
   public training scripts' literal), so `--sana` is needed.
 - GRPO layout (BLIP3o/BLIP3o-NEXT-GRPO-Geneval-3B, ~4B): no tower, no extra token, a usable SANA path
@@ -23,16 +25,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deploy.cli import main as cli_main
-from policy.convert import HF_SAMPLING_DEFAULTS, SANA_HUB_ID, ConversionError, convert_blip3o_next, hub_sampling
+from policy.convert import (
+    HF_SAMPLING_DEFAULTS,
+    SANA_HUB_ID,
+    TOWER_PREFIX,
+    ConversionError,
+    convert_blip3o_next,
+    hub_sampling,
+)
+from policy.image_tokenizer import ImageTokenizerNotFoundError, TATokImageTokenizer, load_image_tokenizer
 from policy.model_dir import CheckpointNotFoundError, ModelPaths, SamplingDefaults, resolve_model_dir
 from rollout.decoder_config import DecoderConfig
 from rollout.decoder_worker import DiffusionDecoderWorker
 from tests.test_decoder import assert_images_close, random_codes, rollout_batch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-VISION_TOWER = ("model.vision_tower.vision_tower.encoder.patch_embed.weight",
-                "model.vision_tower.vision_tower.bottleneck.regularizer.embedding.weight")
-"""TATokVisionTower keeps TA-Tok as its `.vision_tower` (upstream ta_tok_encoder.py line 41)."""
 QWEN3_GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
                            "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
 """Qwen3's own generation_config.json (Qwen/Qwen3-1.7B): what a checkpoint trained from Qwen3 may carry."""
@@ -53,10 +60,8 @@ def hub_tensors(tiny: ModelPaths, with_sana: bool = True, vision_tower: bool = T
     if with_sana:
         tensors.update({f"model.sana.{k}": v for k, v in read_tensors(tiny.sana_transformer).items()})
         tensors.update({f"model.sana_vae.{k}": v for k, v in read_tensors(tiny.sana_vae).items()})
-    if vision_tower:
-        generator = torch.Generator().manual_seed(1)
-        tensors[VISION_TOWER[0]] = torch.randn(8, 3, 2, 2, generator=generator)
-        tensors[VISION_TOWER[1]] = torch.randn(16, 8, generator=generator)
+    if vision_tower:  # TATokVisionTower keeps TA-Tok as its `.vision_tower` (upstream ta_tok_encoder.py line 41)
+        tensors.update({TOWER_PREFIX + k: v for k, v in read_tensors(tiny.image_tokenizer).items()})
     return tensors
 
 
@@ -187,8 +192,10 @@ def test_converted_directory_is_a_plain_qwen3_model_dir(tiny, sana_repo, convert
     assert json.loads((paths.connector / "connector.json").read_text()) == {"ar_hidden_size": 128, "out_dim": 64}
     provenance = json.loads((out / "converted_from.json").read_text())
     assert provenance["sana_transformer_from"] == "checkpoint" and provenance["sana"] == str(sana_repo)
-    assert provenance["dropped"] == sorted(VISION_TOWER)
-    assert any("dropping 2 tensors" in line for line in lines) and lines[-1].startswith("[convert] done")
+    tower = sorted(TOWER_PREFIX + name for name in read_tensors(tiny.image_tokenizer))
+    assert provenance["dropped"] == tower and provenance["image_tokenizer_from"] is None
+    assert any(f"dropping {len(tower)} tensors" in line for line in lines) and lines[-1].startswith("[convert] done")
+    assert any(f"TA-Tok tower ({len(tower)} tensors) dropped: pass --ta-tok csuhan/TA-Tok" in line for line in lines)
     assert any("SANA repo from --sana" in line and "'DIFFUSION'" in line for line in lines)
 
 
@@ -498,3 +505,77 @@ def test_hub_id_hints_carry_the_3b_suffix():
     published = {"BLIP3o/BLIP3o-NEXT-SFT-3B", "BLIP3o/BLIP3o-NEXT-GRPO-Geneval-3B", "BLIP3o/BLIP3o-NEXT-GRPO-TexT-3B",
                  "BLIP3o/BLIP3o-NEXT-Pretrain-3B"}
     assert {(file, hub_id) for file, hub_id in named if hub_id not in published} == set()
+
+
+# -- the TA-Tok tower, kept as the image tokenizer -------------------------------------------------
+
+
+def write_ta_tok_pth(tiny: ModelPaths, path: Path, seed: int | None = None) -> Path:
+    """TA-Tok's own checkpoint format (csuhan/TA-Tok ta_tok.pth: {"model": {"args", "sd"}}, the sd with the
+    distillation `teacher.*`), from the tiny model's TA-Tok; `seed` re-draws every weight (same shapes), so
+    a test can tell which source the converted weights came from. Its teacher is a local folder whose
+    config.json is the tiny SigLIP config (what AutoConfig.from_pretrained(teacher) would read)."""
+    directory = tiny.image_tokenizer
+    teacher = path.parent / "teacher"
+    teacher.mkdir(parents=True)
+    shutil.copy2(directory / "encoder_config.json", teacher / "config.json")
+    state = read_tensors(directory)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        state = {k: torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    args = {**json.loads((directory / "ta_tok_args.json").read_text()), "teacher": str(teacher)}
+    torch.save({"model": {"args": args, "sd": {**state, "teacher.proj.weight": torch.zeros(2, 2)}}}, path)
+    return path
+
+
+def test_sft_tower_is_kept_bit_for_bit_and_gives_the_same_ids(tiny, sana_repo, tmp_path):
+    """With a ta_tok.pth the checkpoint's tower (not ta_tok.pth's re-drawn weights) becomes image_tokenizer/
+    under upstream's names, decode side included, and tokenizes an image exactly as the tiny model's does."""
+    source = sft_checkpoint(tiny, tmp_path / "hub")
+    ta_tok = write_ta_tok_pth(tiny, tmp_path / "ta" / "ta_tok.pth", seed=5)
+    lines: list[str] = []
+    convert_blip3o_next(str(source), tmp_path / "out", sana=str(sana_repo), tokens_per_image=16,
+                        ta_tok=str(ta_tok.parent), log=lines.append)
+    paths = resolve_model_dir(str(tmp_path / "out"))
+    assert_same_tensors(read_tensors(tiny.image_tokenizer), read_tensors(paths.image_tokenizer))
+    for name in ("ta_tok_args.json", "encoder_config.json"):
+        assert (paths.image_tokenizer / name).is_file()
+    provenance = json.loads((paths.root / "converted_from.json").read_text())
+    assert provenance["image_tokenizer_from"] == "checkpoint" and provenance["dropped"] == []
+    assert any("image tokenizer: TA-Tok args from" in line and "weights from the checkpoint" in line for line in lines)
+    image = torch.arange(40 * 50 * 3).reshape(40, 50, 3).remainder(251).to(torch.uint8).numpy()
+    expected = TATokImageTokenizer.from_dir(tiny.image_tokenizer).encode([image])
+    assert torch.equal(load_image_tokenizer(paths).encode([image]), expected)
+
+
+def test_grpo_layout_takes_the_tower_from_ta_tok_pth(tiny, sana_repo, tmp_path):
+    """GRPO checkpoints carry no tower: its weights come from ta_tok.pth (as upstream builds the tower from
+    it), without the distillation teacher."""
+    source = grpo_checkpoint(tiny, tmp_path / "hub", sana_repo)
+    ta_tok = write_ta_tok_pth(tiny, tmp_path / "ta" / "ta_tok.pth", seed=5)
+    convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, ta_tok=str(ta_tok), log=lambda _: None)
+    stored = torch.load(ta_tok, weights_only=True)["model"]["sd"]
+    stored.pop("teacher.proj.weight")
+    paths = ModelPaths(tmp_path / "out")
+    assert_same_tensors(stored, read_tensors(paths.image_tokenizer))
+    assert json.loads((paths.root / "converted_from.json").read_text())["image_tokenizer_from"] == str(ta_tok)
+
+
+def test_a_tower_that_does_not_fit_ta_tok_pth_is_refused(tiny, sana_repo, tmp_path):
+    tensors = hub_tensors(tiny)
+    name = TOWER_PREFIX + "bottleneck.in_linear.weight"
+    tensors[name] = tensors[name][:, :-1]
+    source = write_hub_checkpoint(tiny, tmp_path / "hub", tensors, sana_repo)
+    ta_tok = write_ta_tok_pth(tiny, tmp_path / "ta" / "ta_tok.pth")
+    with pytest.raises(ConversionError, match=r"TA-Tok tower in the checkpoint .* wrong shapes: bottleneck\.in_linear\.weight"):
+        convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, ta_tok=str(ta_tok), log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "ta"]
+    with pytest.raises(ConversionError, match=f"TA-Tok checkpoint '{tmp_path / 'nowhere'}': no such file"):
+        convert_blip3o_next(str(source), tmp_path / "out", tokens_per_image=16, ta_tok=str(tmp_path / "nowhere"),
+                            log=lambda _: None)
+
+
+def test_without_the_tower_loading_the_image_tokenizer_is_one_clear_error(converted):
+    out, _ = converted
+    with pytest.raises(ImageTokenizerNotFoundError, match=r"no TA-Tok image tokenizer in .*image_tokenizer .*--ta-tok csuhan/TA-Tok"):
+        load_image_tokenizer(ModelPaths(out))

@@ -10,13 +10,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from policy.image_tokenizer import ImageToIds
 from policy.loading import load_ar_model, load_tokenizer, load_vocab
 from policy.model_dir import CheckpointNotFoundError, ModelPaths
 from policy.prompt import rollout_prompt_ids
 from policy.weights import WeightUpdateError
 from rollout.decoder_config import DecoderConfig, GlyphConfig
 from rollout.decoder_worker import DecoderVersionError, DiffusionDecoderWorker, decoder_actor
-from rollout.glyph import GlyphDecoder
+from rollout.glyph import GlyphDecoder, GlyphImageEncoder
 from rollout.records import RolloutBatch
 from rollout.sana_decoder import latents_to_uint8
 
@@ -274,6 +275,48 @@ def test_glyph_rendering_draws_in_the_right_tiles():
     assert image.min() == 0  # black text on white
     codes = torch.tensor([decoder.text_to_codes("sun"), decoder.text_to_codes("  l")])
     np.testing.assert_array_equal(decoder.render_codes(codes), np.stack([decoder.render_text("sun"), image]))
+
+
+def de_bruijn_pairs(symbols: int) -> list[int]:
+    """A cyclic sequence over range(symbols) holding every ordered pair (a, b) once as neighbours (de Bruijn
+    B(symbols, 2), by concatenating Lyndon words), with its first symbol repeated at the end to close it."""
+    sequence, word = [], [0, 0, 0]
+
+    def build(t: int, p: int) -> None:
+        if t > 2:
+            if 2 % p == 0:
+                sequence.extend(word[1:p + 1])
+            return
+        word[t] = word[t - p]
+        build(t + 1, p)
+        for symbol in range(word[t - p] + 1, symbols):
+            word[t] = symbol
+            build(t + 1, t)
+
+    build(1, 1)
+    return sequence + sequence[:1]
+
+
+def test_glyph_inverse_reads_back_every_row_it_draws():
+    """The inverse of the glyph decoder: encode(render(codes)) is codes with every blank code read as the one
+    blank code 36 (all blanks draw the same tile), and render(encode(image)) == image pixel for pixel. Rows
+    cut from a de Bruijn sequence put every ordered pair of the 37 tiles (36 characters + blank) side by
+    side at least once, so every neighbour overhang is met (DejaVu Bold's 'm' reaches 1 px into the tile
+    on its left); random rows put codes at the edges."""
+    decoder = glyphs()
+    encoder = GlyphImageEncoder(decoder)
+    tiles = de_bruijn_pairs(37)  # 1370 symbols: 36 = blank
+    rows = [tiles[i:i + 8] for i in range(0, len(tiles) - 1, 7)]  # neighbouring rows share a symbol: no pair lost
+    rows[-1] = (rows[-1] + [36] * 8)[:8]
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.cat([torch.tensor(rows), torch.randint(0, 64, (50, 8), generator=generator)])  # [246, 8]
+    images = decoder.render_codes(codes)  # [246, 64, 256, 3]
+    read = encoder.encode(images)
+    assert torch.equal(read, torch.where(codes >= 36, 36, codes))
+    np.testing.assert_array_equal(decoder.render_codes(read), images)
+    assert isinstance(encoder, ImageToIds) and (encoder.tokens_per_image, encoder.codebook_size) == (8, 64)
+    with pytest.raises(ValueError, match=r"expected glyph images of shape \[B, 64, 256, 3\]"):
+        decoder.images_to_codes(images[:, :, :128])
 
 
 def test_glyph_worker_decodes_rows_and_tracks_versions(glyph_model_dir):

@@ -120,6 +120,10 @@ def test_dual_clip_caps_negative_advantage_loss():
     pos = dual_clipped_surrogate(ratio, torch.tensor([1.0]), 0.2, 0.2, dual_clip=1.4)
     assert pos.loss.tolist()[0] == pytest.approx([-0.5, -1.1, -1.2, -1.2])
     assert not pos.dual_clipped.any()
+    # per-token advantages (spatial credit) [1, 4]: each token as if its A were the row's
+    mixed = dual_clipped_surrogate(ratio, torch.tensor([[-2.0, 1.0, -2.0, 1.0]]), 0.2, 0.2, dual_clip=1.4)
+    assert mixed.loss.tolist()[0] == pytest.approx([1.6, -1.1, 2.8, -1.2])
+    assert mixed.dual_clipped.tolist() == [[False, False, True, False]]
 
 
 def test_kl_estimators():

@@ -24,7 +24,7 @@ from tests.train_support import metric_table, only_run, small_config, train
 
 pytestmark = pytest.mark.slow
 
-TRAIN_TARGET = "cat"  # the demo's one training word
+TRAIN_TARGET = "cat"  # the scenario's one training word (the dark shares below were measured with it)
 LR, LR_SCALE, BETA = 0.002, 0.01, 0.05
 
 
@@ -60,6 +60,7 @@ def test_guard_rolls_back_a_hacked_run_to_its_best_checkpoint(tmp_path, glyph_mo
     steps = 6  # the band fires at step 5 (seeded), the rollback redoes steps 2-6
     with serve_in_thread(ink_reward_app()) as url:
         config = small_config(tmp_path, glyph_model_dir, steps=steps, **{
+            "data.sources": [{"kind": "words", "words": [TRAIN_TARGET]}],
             "rewards.service": "url", "rewards.url": url, "learner.lr": LR, "checkpoint.every": 100,
             "checkpoint.keep_last": 10,  # the rollback target must outlive later bests: the test reads it
             "eval": {"every": 1, "bench": "ocr", "prompts": 2, "images_per_prompt": 2},

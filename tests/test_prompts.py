@@ -113,8 +113,9 @@ def test_every_shipped_training_source_is_disjoint_from_every_evaluation_set():
         "gpu-blip3o-next-grpo-geneval.yaml data.sources.0": 5000,
         "gpu-blip3o-next-joint-geneval.yaml data.sources.0": 5000,
         "gpu-blip3o-next-grpo-text.yaml data.sources.0": 4000,
-        "tiny-cpu-glyph-ocr.yaml data.sources.0": 1,  # the word "cat": no OCR test target
+        "tiny-cpu-glyph-ocr.yaml data.sources.0": 1,  # one word: no OCR test target
         "tiny-cpu-glyph-ocr-lora.yaml data.sources.0": 1,
+        "tiny-cpu-glyph-ocr-spatial.yaml data.sources.0": 1,
         "tiny-cpu-sana.yaml data.sources.0": 5000,
         "tiny-cpu-sana.yaml data.sources.1": 4000,
         "tiny-cpu-sana-diffusion.yaml data.sources.0": 5000,

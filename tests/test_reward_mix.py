@@ -92,6 +92,13 @@ def test_constant_rewards_and_new_versions_become_events():
     [change] = reward_notes(7, swapped, [flat, moving], known)
     assert change.console and change.message == "step 7: reward clip (pickscore) version pickscore@def (was pickscore@abc)"
     assert reward_notes(8, swapped, [flat, moving], known) == []  # nothing new
+    # a task reward of 1 on every sample is a solved step, not a broken scorer: stored, not printed
+    ocr = component("ocr")
+    solved = MixedRewards(np.ones(4), {"ocr": np.ones(4)}, {}, {"ocr": "v"})
+    [note] = reward_notes(9, solved, [ocr], {"ocr": "v"})
+    assert not note.console and note.message.endswith("(every sample solved its prompt)")
+    [note] = reward_notes(9, MixedRewards(np.zeros(4), {"ocr": np.zeros(4)}, {}, {"ocr": "v"}), [ocr], {"ocr": "v"})
+    assert note.console and note.message.endswith("(a broken scorer answers a constant)")
 
 
 @pytest.mark.parametrize("mix, words", [

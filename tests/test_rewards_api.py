@@ -76,10 +76,11 @@ def test_ocr_endpoint(http):
     ]
     response = http.post("/v1/rewards/ocr", json={"items": items})
     assert response.status_code == 200, response.text
+    no_regions = {"regions": []}  # the stub reads no character boxes
     assert response.json()["results"] == [
-        {"reward": 1.0, "recognized": "id-3", "target": "id-3"},
-        {"reward": 0.75, "recognized": "id-4", "target": "id-9"},
-        {"reward": 1.0, "recognized": "id-5", "target": "ID- 5"},
+        {"reward": 1.0, "recognized": "id-3", "target": "id-3", "details": no_regions},
+        {"reward": 0.75, "recognized": "id-4", "target": "id-9", "details": no_regions},
+        {"reward": 1.0, "recognized": "id-5", "target": "ID- 5", "details": no_regions},
     ]
 
 
@@ -153,6 +154,8 @@ def test_bad_input_is_a_4xx_json_error_and_server_lives(http, name):
     assert response.status_code == status, response.text
     error = response.json()
     assert error["error"] == code and error["item"] == item and words in error["message"], error
+    # RFC 7235: a 401 names the scheme that would succeed
+    assert response.headers.get("WWW-Authenticate") == ("Bearer" if status == 401 else None)
     assert http.get("/healthz").status_code == 200
 
 
@@ -176,7 +179,8 @@ def test_concurrent_requests_each_get_their_own_answer_and_are_batched(url, stub
                 number = worker * 25 + request
                 body = {"items": [{"image": encode_png(id_image(number)), "target": f"id-{number}"}]}
                 result = (await http.post("/v1/rewards/ocr", json=body)).json()["results"][0]
-                ok.append(result == {"reward": 1.0, "recognized": f"id-{number}", "target": f"id-{number}"})
+                ok.append(result == {"reward": 1.0, "recognized": f"id-{number}", "target": f"id-{number}",
+                                     "details": {"regions": []}})
         return ok
 
     async def main():

@@ -67,7 +67,7 @@ def test_real_ocr_blank_and_noise_score_zero(scorer):
 def test_cache_skips_the_model_for_identical_pixels(scorer, monkeypatch):
     calls = []
     predict = scorer._ocr.predict
-    monkeypatch.setattr(scorer._ocr, "predict", lambda images: calls.append(len(images)) or predict(images))
+    monkeypatch.setattr(scorer._ocr, "predict", lambda images, **options: calls.append(len(images)) or predict(images, **options))
     hits = scorer.cache_hits
     image = render_text("STOP")
     first = scorer.score([image], ["stop"])[0]
@@ -87,7 +87,7 @@ def test_ocr_reads_in_paddles_bgr_order_as_upstream_does(scorer, monkeypatch):
     image = render_text("Fresh Bread 24", colour="#d01818", background="#1830c0")  # RGB
     seen = []
     predict = scorer._ocr.predict
-    monkeypatch.setattr(scorer._ocr, "predict", lambda images: seen.extend(images) or predict(images))
+    monkeypatch.setattr(scorer._ocr, "predict", lambda images, **options: seen.extend(images) or predict(images, **options))
     ours = scorer.score([image], ["Fresh Bread 24"])[0]
     assert len(seen) == 1 and np.array_equal(seen[0], image[:, :, ::-1])
     assert tuple(seen[0][0, 0]) == (0xc0, 0x30, 0x18)  # the blue background as B, G, R

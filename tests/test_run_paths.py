@@ -139,6 +139,8 @@ USED_ON = {
     "rewards.server.aesthetic.model": {"reward"},
     "rewards.server.aesthetic.processor": {"reward"},
     "rewards.server.aesthetic.head": {"reward"},
+    "rewards.server.consistency.clip.model": {"reward"},
+    "rewards.server.consistency.clip.processor": {"reward"},
     "decoder.decoder.glyph.font_path": {"decoder"},
     "data.sources.*.path": {"head"},
     "logging.runs_dir": {"head", "learner"},  # the store on the head; learner ranks write checkpoints

@@ -64,7 +64,8 @@ def test_glyph_ocr_run_learns(tmp_path, glyph_model_dir):
     assert logs.parent == tmp_path / "runs" / run.id / "logs"
     assert any("Resolved architecture" in f.read_text(errors="replace") for f in logs.glob("worker-*.out"))
     samples = store.samples(run.id, steps)
-    assert len(samples) == 2 and all(s.prompt == 'an image with the text "cat"' for s in samples)
+    [word] = yaml.safe_load(config.read_text())["data"]["sources"][0]["words"]  # the demo's one word
+    assert len(samples) == 2 and all(s.prompt == f'an image with the text "{word}"' for s in samples)
     # the final checkpoint's policy is a Hugging Face dir vLLM and transformers load
     policy = next((tmp_path / "runs" / "checkpoints" / run.id).glob("step-*")) / "policy"
     assert (policy / "config.json").is_file() and (policy / "tokenizer.json").is_file()

@@ -25,10 +25,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from rewards.app.errors import UNAUTHORIZED_MESSAGE, error_response
+from rewards.app.errors import BEARER_CHALLENGE, UNAUTHORIZED_MESSAGE, error_response
 
 COOKIE = "blip3o_rl_dashboard_session"
-CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token, when the dashboard was started with one")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -73,7 +72,7 @@ def require_bearer(request: Request, credentials: Credentials) -> None:
 
 def unauthorized_response(request: Request, error: Unauthorized) -> JSONResponse:
     """The reward API's 401 body (rewards/app/errors.py), with the Bearer challenge."""
-    return error_response(401, "unauthorized", UNAUTHORIZED_MESSAGE, headers=CHALLENGE)
+    return error_response(401, "unauthorized", UNAUTHORIZED_MESSAGE, headers=BEARER_CHALLENGE)
 
 
 LOGIN_PAGE = """<!doctype html>
@@ -97,7 +96,7 @@ document.getElementById("login").addEventListener("submit", async (event) => {
 
 def login_page() -> HTMLResponse:
     """What a browser without the session gets for the page: 401 and a form asking for the token."""
-    return HTMLResponse(LOGIN_PAGE, status_code=401, headers={**CHALLENGE, "Cache-Control": "no-store"})
+    return HTMLResponse(LOGIN_PAGE, status_code=401, headers={**BEARER_CHALLENGE, "Cache-Control": "no-store"})
 
 
 def session_response(request: Request) -> Response:

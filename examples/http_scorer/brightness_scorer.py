@@ -13,7 +13,10 @@ and in a run config (deploy/configs/*.yaml):
 The protocol (docs/rewards.md, "Your own scorer over HTTP"):
     POST /score   {"items": [{"image": "<base64 PNG>", "prompt": "...", "metadata": {...}}, ...]}
       200  {"results": [{"reward": <float>, "details": {...}}, ...], "scorer": "...", "version": "..."}
-           one result per item, in item order; `version` names the model behind the numbers
+           one result per item, in item order; `version` names the model behind the numbers;
+           optional `details.regions`: [{"box": [x0, y0, x1, y1], "reward": r}] with boxes as
+           fractions of the image's width and height, saying where the image is right or wrong
+           (spatial credit, docs/spatial-credit.md; this example answers none)
       4xx  the request is wrong: {"error": code, "message": text, "item": index or null}; never retried
       5xx  the scorer is failing: the trainer retries with backoff for the reward's outage budget
     GET /readyz   {"status": "ready", "limits": {"max_items", "max_body_bytes", "max_image_pixels"}}

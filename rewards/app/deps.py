@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rewards.app.batching import Batcher
-from rewards.app.errors import UNAUTHORIZED_MESSAGE, ApiError
+from rewards.app.errors import BEARER_CHALLENGE, UNAUTHORIZED_MESSAGE, ApiError
 from rewards.app.settings import Settings
 from rewards.geneval_rules import GenevalMetadata, GenevalResult
 from rewards.ocr import OcrResult
@@ -40,7 +40,7 @@ def require_token(
         return
     given = credentials.credentials if credentials is not None else ""
     if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE)
+        raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE, headers=BEARER_CHALLENGE)
 
 
 def check_item_count(count: int, settings: Settings) -> None:

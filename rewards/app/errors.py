@@ -17,14 +17,17 @@ log = logging.getLogger(__name__)
 
 UNAUTHORIZED_MESSAGE = "missing or wrong bearer token (Authorization: Bearer <token>)"
 """The 401 message of a missing or wrong token (the run dashboard answers with the same)."""
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+"""A 401's header naming the scheme that would succeed (RFC 7235 requires one on every 401)."""
 
 
 class ApiError(Exception):
     """An error with an HTTP status, a machine code, a human message and the item it concerns."""
 
-    def __init__(self, status: int, code: str, message: str, item: int | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, item: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.item = status, code, message, item
+        self.status, self.code, self.message, self.item, self.headers = status, code, message, item, headers
 
 
 def error_response(status: int, code: str, message: str, item: int | None = None, headers=None) -> JSONResponse:
@@ -53,7 +56,7 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.item)
+    return error_response(exc.status, exc.code, exc.message, exc.item, headers=exc.headers)
 
 
 async def _input_error(request: Request, exc: RewardInputError) -> JSONResponse:

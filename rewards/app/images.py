@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from rewards.app.errors import ApiError
+from rewards.scorer import EditSource, mask_of
 
 FORMATS = ["PNG", "JPEG"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -59,3 +60,17 @@ def decode_image(data: str, max_pixels: int, item: int) -> np.ndarray:
         raise ApiError(422, "bad_image", "image is not a PNG or JPEG (unrecognised data)", item) from None
     except Exception as error:  # PIL raises many types for corrupt data; all mean the same to a client
         raise ApiError(422, "bad_image", f"image is corrupt or truncated: {error}", item) from None
+
+
+def decode_source(source_image: str | None, mask: str | None, max_pixels: int, item: int) -> EditSource | None:
+    """An edit item's source image and mask (None without a source); a mask must be the source's size."""
+    if source_image is None:
+        return None
+    source = decode_image(source_image, max_pixels, item)
+    if mask is None:
+        return EditSource(source)
+    region = mask_of(decode_image(mask, max_pixels, item))  # [H, W] True = edit
+    if region.shape != source.shape[:2]:
+        raise ApiError(422, "mask_size", f"mask is {region.shape[1]}x{region.shape[0]} but source_image is "
+                                         f"{source.shape[1]}x{source.shape[0]}", item)
+    return EditSource(source, region)

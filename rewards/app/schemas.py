@@ -41,10 +41,24 @@ class OcrRequest(BaseModel):
     items: Annotated[list[OcrItem], Field(min_length=1)]
 
 
+class RegionBody(BaseModel):
+    """A part of the image and its reward (spatial credit; rewards/scorer.py)."""
+
+    box: tuple[float, float, float, float] = Field(description="x0, y0, x1, y1 as fractions of the image's width and height")
+    reward: float = Field(description="the region's reward, on the scorer's scale (higher is better)")
+
+
+class OcrDetails(BaseModel):
+    regions: list[RegionBody] = Field(default_factory=list, description=(
+        "one per recognised character (1 = aligned to an equal target character, else 0) and one of "
+        "reward 0 where each missing target character should be"))
+
+
 class OcrItemResult(BaseModel):
     reward: float = Field(description="Flow-GRPO OCR reward in [0, 1]")
     recognized: str = Field(description="the recognised lines, concatenated")
     target: str = Field(description="the target text the reward was computed against")
+    details: OcrDetails = Field(default_factory=OcrDetails)
 
 
 class OcrResponse(BaseModel):
@@ -91,6 +105,8 @@ class GenevalDetails(BaseModel):
     include: list[ClauseOutcome]
     exclude_violated: list[int] = Field(description="indices of exclude clauses that held")
     terms: list[float] = Field(description="terms of the graded reward (their mean)")
+    regions: list[RegionBody] = Field(default_factory=list, description=(
+        "one per counted object (box as image fractions): 1 if it does what the prompt asks, else 0"))
 
 
 class GenevalItemResult(BaseModel):
@@ -109,7 +125,8 @@ class GenevalItemResult(BaseModel):
             for r in result.include
         ]
         details = GenevalDetails(
-            objects=objects, include=clauses, exclude_violated=result.exclude_violated, terms=result.terms
+            objects=objects, include=clauses, exclude_violated=result.exclude_violated, terms=result.terms,
+            regions=[RegionBody(box=r.box, reward=r.reward) for r in result.regions],
         )
         return cls(reward=result.reward, correct=result.correct, tag=result.tag, details=details)
 
@@ -149,6 +166,18 @@ class ScoreItem(BaseModel):
     image: Base64Image
     prompt: str = Field("", description="the caption the image was generated from")
     metadata: dict[str, Any] = Field(default_factory=dict, description="anything else the scorer reads")
+    source_image: Base64Image | None = Field(
+        None, description="edits: the image that was edited (same encoding as `image`); read by the scorers "
+                          "that compare with it (consistency, edit_ocr, edit_color), ignored by the others")
+    mask: Base64Image | None = Field(
+        None, description="edits: the region the edit was asked for, white = edit (a pixel whose mean of R, G, B "
+                          "is >= 128), the size of `source_image`")
+
+    @model_validator(mode="after")
+    def _mask_needs_source(self) -> "ScoreItem":
+        if self.mask is not None and self.source_image is None:
+            raise ValueError("a mask goes with a source_image")
+        return self
 
 
 class ScoreRequest(BaseModel):
@@ -159,7 +188,9 @@ class ScoreRequest(BaseModel):
 
 class ScoreItemResult(BaseModel):
     reward: float
-    details: dict[str, Any] = Field(default_factory=dict, description="the scorer's breakdown (scorer-specific)")
+    details: dict[str, Any] = Field(default_factory=dict, description=(
+        "the scorer's breakdown (scorer-specific); optional `regions`: [{box: [x0, y0, x1, y1] as image "
+        "fractions, reward}] say where the image is right or wrong (spatial credit)"))
 
 
 class ScoreResponse(BaseModel):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rewards.aesthetic import AestheticConfig
 from rewards.clip_score import ClipScoreConfig, PickScoreConfig
+from rewards.consistency import ConsistencyConfig
+from rewards.edit_checks import EditCheckConfig
 from rewards.geneval import GenevalConfig
 from rewards.ocr import OcrConfig
 from rewards.scorer import BUILTIN_SCORERS
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     """PickScore scorer (rewards/clip_score.py)."""
     aesthetic: AestheticConfig = AestheticConfig()
     """LAION aesthetic predictor (rewards/aesthetic.py)."""
+    consistency: ConsistencyConfig = ConsistencyConfig()
+    """Edit consistency scorer: background metrics outside the mask, CLIP-I without one (rewards/consistency.py)."""
+    edit: EditCheckConfig = EditCheckConfig()
+    """Edit checks (edit_ocr, edit_color): the copy guard (rewards/edit_checks.py); edit_ocr reads with the `ocr` models."""
 
     @field_validator("scorers")
     @classmethod

@@ -1,6 +1,8 @@
 """One DeepSpeed rank of the GRPO learner (a Ray actor; `LearnerGroup` starts one per rank).
 
-    train_step(batch, advantages) on every rank:
+    train_step(batch, advantages[, regions]) on every rank:
+        [spatial credit (`grpo.spatial`): each token's advantage A_b + lambda L_bt from the reward
+         regions projected on the token grid (rl/objectives/grpo.py `spatial_credit`)]
         plan: kept rows -> per epoch, shuffled optimizer steps of world * gas * micro rows,
               padded with zero-weight rows so every rank runs the same number of micro-batches
               (ZeRO-3 gathers parameters collectively in every forward: ranks must stay in step);
@@ -40,13 +42,36 @@ import numpy as np
 import torch
 
 from policy.loading import load_ar_model, load_tokenizer, load_vocab
-from policy.logprobs import ImageTokenLogits, Truncation, codebook_entropy, codebook_token_logprobs
+from policy.logprobs import (
+    ImageTokenLogits,
+    Truncation,
+    codebook_entropy,
+    codebook_token_logprobs,
+)
 from policy.lora import AdaptedHeadImageLogits, LoRAConfig
 from policy.model_dir import resolve_model_dir
 from policy.weights import ParamSpec
-from rl.learners.ar_config import DeepSpeedRanksConfig, LearnerConfig, deepspeed_config, reference_deepspeed_config
-from rl.objectives.grpo import GroupAdvantages, GRPOLoss, LossInputs, LossStats
-from rl.weight_sync import SyncReport, TensorSource, WeightSyncConfig, make_manifest, make_sender
+from rl.learners.ar_config import (
+    DeepSpeedRanksConfig,
+    LearnerConfig,
+    deepspeed_config,
+    reference_deepspeed_config,
+)
+from rl.objectives.grpo import (
+    GroupAdvantages,
+    GRPOLoss,
+    LossInputs,
+    LossStats,
+    spatial_credit,
+)
+from rl.objectives.regions import ComponentRegions, Grid, token_grid
+from rl.weight_sync import (
+    SyncReport,
+    TensorSource,
+    WeightSyncConfig,
+    make_manifest,
+    make_sender,
+)
 from rollout.records import RolloutBatch
 
 
@@ -149,6 +174,10 @@ class LearnerMetrics:
     grad_norm: float = 0.0
     lr: float = 0.0
     step_s: float = 0.0
+    spatial_share: float = float("nan")
+    """Spatial credit: share of the kept rows' tokens with a local signal; NaN when it is off."""
+    spatial_std: float = float("nan")
+    """Spatial credit: std of the local advantages L_bt over those tokens (before lambda); NaN when off."""
 
 
 CHECKPOINT_TAG = "learner"
@@ -223,10 +252,22 @@ class LearnerRank:
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(config))
         self.loss_fn = GRPOLoss(config.grpo, self.vocab.tokens_per_image)
+        self.grid = self._token_grid(paths)
         self.version = config.initial_version
         self.sender = None
         self.sync = config.sync
         self.paths = paths
+
+    def _token_grid(self, paths) -> Grid | None:
+        """Where the image tokens sit on the image (spatial credit only): the configured grid, else the
+        model's (its decoder kind and tokens per image)."""
+        spatial = self.config.grpo.spatial
+        if spatial is None:
+            return None
+        grid = spatial.grid or token_grid(paths.layout().decoder, self.vocab.tokens_per_image)
+        if grid[0] * grid[1] != self.vocab.tokens_per_image:
+            raise ValueError(f"spatial credit grid {grid} does not hold the {self.vocab.tokens_per_image} image tokens")
+        return grid
 
     def _reference_engine(self, paths):
         """The frozen KL reference: the model directory's AR weights, as image-token logits."""
@@ -348,7 +389,7 @@ class LearnerRank:
             old = proximal[mb.rows]  # [b, N]
         out = self.loss_fn(LossInputs(
             logprobs=logprobs, old_logprobs=old, sampler_logprobs=sampler,
-            advantages=advantages.advantages[mb.rows].to(self.device),
+            advantages=advantages.token_advantages(mb.rows).to(self.device),  # [b] or [b, N]
             row_weight=torch.tensor(mb.weights, device=self.device),
             denominator=denominator, ref_logprobs=ref, kl_logprobs=kl_logprobs, entropy=entropy,
         ))
@@ -358,18 +399,23 @@ class LearnerRank:
         self.engine.step()  # applies the optimizer only at the gradient-accumulation boundary
         return out.stats, float((logprobs.detach() - sampler).abs().max())
 
-    def train_step(self, batch: RolloutBatch, advantages: GroupAdvantages) -> LearnerMetrics:
-        """Several epochs of mini-batch updates on one rollout batch; the version goes up by one."""
+    def train_step(self, batch: RolloutBatch, advantages: GroupAdvantages,
+                   regions: list[ComponentRegions] | None = None) -> LearnerMetrics:
+        """Several epochs of mini-batch updates on one rollout batch; the version goes up by one.
+        `regions`: the step's reward regions (spatial credit, `grpo.spatial`; ignored when it is off)."""
         start = time.perf_counter()
         config, n_tokens = self.config, self.vocab.tokens_per_image
         if advantages.advantages.numel() != len(batch) or batch.image_tokens.shape[1] != n_tokens:
             raise ValueError(f"batch of {len(batch)} rows x {batch.image_tokens.shape[1]} tokens does not match "
                              f"{advantages.advantages.numel()} advantages x {n_tokens} tokens per image")
+        advantages = spatial_credit(advantages, regions or [], batch.group_index, self.grid, config.grpo.spatial,
+                                    config.grpo)
         if batch.temperature != config.grpo.temperature:
             raise ValueError(f"rollouts were sampled at temperature {batch.temperature}, the learner scores at "
                              f"{config.grpo.temperature}: log-probs would not match")
         kept = advantages.kept_rows()
-        metrics = LearnerMetrics(self.version, batch.policy_version, 0, len(kept), advantages.zero_signal_share)
+        metrics = LearnerMetrics(self.version, batch.policy_version, 0, len(kept), advantages.zero_signal_share,
+                                 **advantages.spatial_summary())
         if not kept:
             return metrics
         self.engine.train()
@@ -408,7 +454,7 @@ class LearnerRank:
             rows=len(kept), zero_signal_share=advantages.zero_signal_share, losses=losses, grad_norms=grad_norms,
             grad_norm=float(np.mean(grad_norms)), lr=float(self.engine.get_lr()[0]),
             step_s=time.perf_counter() - start, logprob_max_abs_diff=float(gap) if on_policy else float("nan"),
-            **summary,
+            **summary, **advantages.spatial_summary(),
         )
 
     def _reduce(self, stats: LossStats, losses: list[float]) -> tuple[LossStats, list[float]]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policy.sana_lora import TransformerLoRAConfig
 from rl.learners.ar_config import DeepSpeedRanksConfig, deepspeed_config
+from rl.objectives.grpo import SpatialCreditConfig
 from rollout.diffusion_rollout import SdeSampling
 
 
@@ -46,6 +47,9 @@ class FlowGRPOConfig(BaseModel):
     """eps of the advantage's denominator (Flow-GRPO: 1e-4)."""
     filter_zero_signal_groups: bool = False
     """Leave groups whose rewards are all equal out of the update (their advantages are 0 anyway)."""
+    spatial: SpatialCreditConfig | None = None
+    """Per-position advantages from the reward's regions on SANA's latent grid (spatial credit,
+    rl/objectives/flow_grpo.py `local_policy_loss`; its `grid` is ignored: the latents' own); None = off."""
 
 
 class EMAConfig(BaseModel):

@@ -1,6 +1,8 @@
 """One DeepSpeed rank of the diffusion learner: Flow-GRPO on SANA's transformer.
 
-    train_step(rollout, advantages) on every rank:
+    train_step(rollout, advantages[, regions]) on every rank:
+        [spatial credit (`flow.spatial`): local advantages of the reward regions on the latent grid,
+         a per-position term beside Flow-GRPO's (rl/objectives/flow_grpo.py `local_policy_loss`)]
         plan: kept images -> shuffled optimizer steps of world * gas * micro images, padded so every
               rank runs the same number of forwards (rl/learners/ar_learner.py's plan_epoch: ZeRO-3 gathers
               parameters collectively in each forward)
@@ -74,8 +76,15 @@ from rl.learners.diffusion_config import (
     diffusion_deepspeed_config,
 )
 from rl.learners.group import LearnerGroup, _get_all
-from rl.objectives.flow_grpo import WeightsEMA, flow_grpo_kl, flow_grpo_step_loss
-from rl.objectives.grpo import GroupAdvantages
+from rl.objectives.flow_grpo import (
+    WeightsEMA,
+    flow_grpo_kl,
+    flow_grpo_step_loss,
+    local_policy_loss,
+    position_log_probs,
+)
+from rl.objectives.grpo import GroupAdvantages, spatial_credit
+from rl.objectives.regions import ComponentRegions
 from rl.weight_sync import SyncReport, TensorSource, WeightSyncConfig
 from rollout.decoder_weights import TransformerWeightsHandle
 from rollout.diffusion_rollout import DiffusionRollout
@@ -116,6 +125,10 @@ class DiffusionLearnerMetrics:
     grad_norm: float = 0.0
     lr: float = 0.0
     step_s: float = 0.0
+    spatial_share: float = float("nan")
+    """Spatial credit: share of the kept images' latent positions with a local signal; NaN when off."""
+    spatial_std: float = float("nan")
+    """Spatial credit: std of the local advantages over those positions (before lambda); NaN when off."""
 
 
 @dataclass
@@ -295,6 +308,7 @@ class DiffusionLearnerRank(LearnerRank):
         part = rollout.select(mb.rows)
         captions = self._captions(part)  # [2b, N+1, d]
         adv = advantages.advantages[mb.rows].to(self.device)  # [b]
+        local = advantages.local[mb.rows].to(self.device) if advantages.local is not None else None  # [b, h*w]
         real = float(sum(mb.weights))  # b, or 0 for a padding-only micro-batch
         share = real / (step_rows * len(part.train_steps))  # of the optimizer step's mean over images x steps
         loss_share = 0.0
@@ -312,11 +326,14 @@ class DiffusionLearnerRank(LearnerRank):
             else:
                 old = logp.detach() if proximal is None else proximal[s, mb.rows]  # [b]
             loss, stats = flow_grpo_step_loss(logp, old, adv, flow.clip_range, flow.adv_clip_max, flow.beta, kl)
+            if local is not None:  # spatial credit: each latent position's own advantage
+                positions = position_log_probs(transition.next_latents, transition.mean, transition.scale)  # [b, h*w]
+                loss = loss + local_policy_loss(positions, local, flow.adv_clip_max)
             # DeepSpeed divides by its accumulation count and averages over ranks; the loss is already
             # this micro-step's exact share of the optimizer step's mean, so undo both.
             self.engine.backward(loss * share * self.backwards_per_step * self.world)
             self.engine.step()  # the optimizer runs at the accumulation boundary only
-            loss_share += stats.loss * share
+            loss_share += float(loss) * share
             if real > 0:
                 with torch.no_grad():
                     tally.add(stats, real, (logp - old).clamp(-20.0, 20.0).exp())
@@ -324,14 +341,20 @@ class DiffusionLearnerRank(LearnerRank):
                         tally.logprob_diff = max(tally.logprob_diff, float((logp - sampler).abs().max()))
         return loss_share
 
-    def train_step(self, rollout: DiffusionRollout, advantages: GroupAdvantages) -> DiffusionLearnerMetrics:
-        """Flow-GRPO updates on one batch of SDE rollouts; the transformer version goes up by one."""
+    def train_step(self, rollout: DiffusionRollout, advantages: GroupAdvantages,
+                   regions: list[ComponentRegions] | None = None) -> DiffusionLearnerMetrics:
+        """Flow-GRPO updates on one batch of SDE rollouts; the transformer version goes up by one.
+        `regions`: the step's reward regions (spatial credit on the latent grid, `flow.spatial`)."""
         start = time.perf_counter()
         config = self.config
         self._check(rollout, advantages)
+        grid = tuple(rollout.latents.shape[-2:])  # (h, w) latent positions
+        advantages = spatial_credit(advantages, regions or [], rollout.group_index, grid, config.flow.spatial,
+                                    config.flow)
         kept = advantages.kept_rows()
         if not kept:
-            return DiffusionLearnerMetrics(self.version, rollout.decoder_version, 0, 0, advantages.zero_signal_share)
+            return DiffusionLearnerMetrics(self.version, rollout.decoder_version, 0, 0, advantages.zero_signal_share,
+                                           **advantages.spatial_summary())
         self.engine.train()
         plans = [plan_epoch(kept, self.world, self.rank, config.micro_batch_size, config.gradient_accumulation_steps,
                             epoch_seed(config, self.version, epoch)) for epoch in range(config.epochs)]
@@ -378,7 +401,7 @@ class DiffusionLearnerRank(LearnerRank):
             ratio_max=ratio_max, ratio_min=-neg_ratio_min,
             logprob_max_abs_diff=diff if math.isfinite(diff) else float("nan"),
             grad_norm=float(np.mean(grad_norms)), lr=float(self.engine.get_lr()[0]),
-            step_s=time.perf_counter() - start,
+            step_s=time.perf_counter() - start, **advantages.spatial_summary(),
         )
 
     # ----- weights ------------------------------------------------------------------------------
@@ -460,15 +483,16 @@ class DiffusionLearnerGroup(LearnerGroup):
                  resources: dict[str, float] | None = None):
         super().__init__(config, timeout_s, resources, rank_class=DiffusionLearnerRank)
 
-    def train_step(self, rollout, advantages: GroupAdvantages) -> DiffusionLearnerMetrics:
+    def train_step(self, rollout, advantages: GroupAdvantages,
+                   regions: list[ComponentRegions] | None = None) -> DiffusionLearnerMetrics:
         """`rollout`: a `DiffusionRollout`, or the ObjectRef of one (a run's step: it stays in the
         object store, read by every rank, never copied through the driver)."""
         import ray
 
         if not isinstance(rollout, ray.ObjectRef):
-            return super().train_step(rollout, advantages)
-        advantages_ref = ray.put(advantages)
-        return _get_all([r.train_step.remote(rollout, advantages_ref) for r in self.ranks], self.timeout_s,
+            return super().train_step(rollout, advantages, regions)
+        refs = ray.put(advantages), ray.put(regions)
+        return _get_all([r.train_step.remote(rollout, *refs) for r in self.ranks], self.timeout_s,
                         "train_step")[0]
 
     def connect_workers(self, decoders: list, sync: WeightSyncConfig | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 from rl.learners.ar_config import LearnerConfig
 from rl.learners.ar_learner import LearnerMetrics, LearnerRank
 from rl.objectives.grpo import GroupAdvantages
+from rl.objectives.regions import ComponentRegions
 from rl.weight_sync import SyncReport, WeightSyncConfig
 from rollout.records import RolloutBatch
 
@@ -70,12 +71,13 @@ class LearnerGroup:
         master_addr, master_port = ray.get(self.ranks[0].master_endpoint.remote(), timeout=timeout_s)
         _get_all([r.setup.remote(i, master_addr, master_port) for i, r in enumerate(self.ranks)], timeout_s, "setup")
 
-    def train_step(self, batch: RolloutBatch, advantages: GroupAdvantages) -> LearnerMetrics:
+    def train_step(self, batch: RolloutBatch, advantages: GroupAdvantages,
+                   regions: list[ComponentRegions] | None = None) -> LearnerMetrics:
+        """`regions`: the step's reward regions (spatial credit; each rank projects them on its grid)."""
         import ray
 
-        batch_ref, advantages_ref = ray.put(batch), ray.put(advantages)  # one copy, read by every rank
-        return _get_all([r.train_step.remote(batch_ref, advantages_ref) for r in self.ranks], self.timeout_s,
-                        "train_step")[0]
+        refs = ray.put(batch), ray.put(advantages), ray.put(regions)  # one copy, read by every rank
+        return _get_all([r.train_step.remote(*refs) for r in self.ranks], self.timeout_s, "train_step")[0]
 
     def connect_workers(self, workers: list, sync: WeightSyncConfig | None = None) -> None:
         """Publish to these workers from now on (actor handles of ARRolloutWorker / DiffusionDecoderWorker);

@@ -24,6 +24,7 @@ different lengths (shift 3, 10 steps: -dt from 0.036 to 0.25), and the weighting
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,34 @@ def flow_grpo_step_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
             ratio_mean=float(ratio.mean()),
         )
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial credit (rl/objectives/grpo.py `spatial_credit`): a latent position's own advantage
+
+
+def position_log_probs(next_latents: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log p(x_{t+1} | x_t) of each latent position, averaged over channels: -> [B, h*w].
+
+    The transition is a diagonal Gaussian, so the image's log-prob (rollout/flow_sde.py
+    `step_log_prob`, the mean over all elements) is the mean of these over positions."""
+    squared = (next_latents.detach() - mean) ** 2  # [B, C, h, w]
+    per_element = -squared / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)  # [B, C, h, w]
+    return per_element.mean(dim=1).flatten(1)  # [B, h*w]
+
+
+def local_policy_loss(position_logprobs: torch.Tensor, local: torch.Tensor, adv_clip_max: float) -> torch.Tensor:
+    """The spatial part of one SDE step's loss: -> scalar
+
+        -mean_{b,p} clip(lambda L_bp, +-adv_clip_max) exp(logp_bp - sg(logp_bp))
+
+    Its value is -mean(lambda L) and its gradient -mean lambda L_bp grad logp_bp: with the image term
+    (`flow_grpo_step_loss`, ratio 1) that is the policy gradient of per-position advantages
+    A_b + lambda L_bp. It is taken at the current weights, unclipped (an on-policy REINFORCE term:
+    Flow-GRPO's ratio clip of 1e-4 binds the image term only); with several optimizer steps per
+    update its later steps are slightly off-policy. `local` [B, h*w] is lambda L (0 off-signal)."""
+    ratio = (position_logprobs - position_logprobs.detach()).exp()  # [B, P], 1 with the gradient of logp
+    return -(local.clamp(-adv_clip_max, adv_clip_max) * ratio).mean()
 
 
 # ---------------------------------------------------------------------------------------------

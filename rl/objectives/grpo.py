@@ -28,6 +28,23 @@ the truncated sampling distribution (theirs: the full softmax), and a token mask
 (every image has exactly N tokens, so token-mean and seq-mean-token-mean agree there; they differ
 once a mask drops tokens).
 
+Spatial credit (optional, `spatial`): where a reward says which parts of the image are right or
+wrong (regions, rl/objectives/regions.py), token t of row b gets
+
+    A_bt = A_b + lambda L_bt
+
+with L_bt the group-normalised local advantage of the regions over t's grid cell (0 where no region
+reaches it). lambda = 0 is exactly the plain GRPO above (the same tensors: `token_advantages`). What
+this does to the gradient: the A_b part is GRPO's estimate of grad E[R]; the lambda part is a policy
+gradient of the region rewards where each token is credited only with the regions over its own cell
+(a dense, myopic shaping: a token's effect on other cells, and on the scalar reward through them, is
+not counted), with a baseline (the group's pooled region mean) that includes the token's own sample
+as GRPO's group mean does. So the update is biased against grad E[R] by lambda times that shaping
+term: it follows grad E[R] exactly only when the scalar reward is the mean of the region rewards and
+each cell's region depends on its own token alone (the glyph decoder's tiles with per-character OCR
+come close; SigLIP2 tokens decoded by SANA do not). Rows of a zero-signal group that have a local
+signal stay in the update when lambda > 0.
+
 Each variant is a small function chosen once in `GRPOLoss.__init__`; the hot path has no string
 switches.
 """
@@ -35,11 +52,30 @@ switches.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from rl.objectives.regions import ComponentRegions, Grid, local_advantages
+
+
+class SpatialCreditConfig(BaseModel):
+    """Spatial credit: per-token advantages from the reward's regions (rl/objectives/regions.py)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    weight: float = Field(0.0, ge=0)
+    """lambda: A_bt = A_b + lambda L_bt; 0 = plain GRPO, exactly."""
+    rewards: list[str] | None = None
+    """Reward components (names in `rewards.mix`, or the task: ocr / geneval) whose regions count;
+    None = every component that returns regions."""
+    min_cover: float = Field(0.5, gt=0, le=1)
+    """A region reaches a grid cell it covers at least this share of (and always its home cell)."""
+    grid: tuple[int, int] | None = None
+    """(rows, cols) of the token grid; None = from the model (the glyph decoder's 1 x N tiles, else a
+    square raster: 27 x 27 SigLIP2 tokens). The diffusion learner always uses SANA's latent grid."""
 
 
 class GRPOConfig(BaseModel):
@@ -82,6 +118,8 @@ class GRPOConfig(BaseModel):
     """How per-token losses become one number (see grpo.py)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the rollouts; log-probs are computed at the same temperature."""
+    spatial: SpatialCreditConfig | None = None
+    """Per-token advantages from the reward's regions (spatial credit); None = off."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +138,12 @@ class GroupAdvantages:
     """Number of groups (prompts) in the batch."""
     zero_signal_groups: int
     """Groups whose rewards were all equal (no gradient signal), dropped or not."""
+    local: torch.Tensor | None = None
+    """[R, P] float32 lambda L_bt, the spatial part of each token's advantage (None: spatial credit off)."""
+    local_signal: torch.Tensor | None = None
+    """[R, P] bool: token t of row b has a local signal."""
+    spatial_weight: float = 0.0
+    """lambda (0: spatial credit off)."""
 
     @property
     def zero_signal_share(self) -> float:
@@ -107,6 +151,25 @@ class GroupAdvantages:
 
     def kept_rows(self) -> list[int]:
         return torch.nonzero(self.keep).flatten().tolist()
+
+    def token_advantages(self, rows: list[int] | torch.Tensor) -> torch.Tensor:
+        """These rows' advantages: [b] A_b (spatial credit off), or [b, P] A_b + lambda L_bt."""
+        if self.local is None:
+            return self.advantages[rows]  # [b]
+        return self.advantages[rows].unsqueeze(-1) + self.local[rows]  # [b, P]
+
+    def spatial_summary(self) -> dict[str, float]:
+        """Over the kept rows: the share of tokens with a local signal and the std of L_bt over
+        them (before lambda); empty when spatial credit is off."""
+        if self.local is None:
+            return {}
+        signal = self.local_signal[self.keep]  # [k, P]
+        share = float(signal.float().mean()) if signal.numel() else 0.0
+        return {"spatial_share": share, "spatial_std": self._local_std(signal)}
+
+    def _local_std(self, signal: torch.Tensor) -> float:
+        values = self.local[self.keep][signal] / self.spatial_weight  # [n] L_bt
+        return float(values.std(correction=0)) if values.numel() else 0.0
 
 
 class AdvantageSettings(Protocol):
@@ -167,6 +230,36 @@ def group_advantages(
     return GroupAdvantages(advantages, keep, groups=len(groups), zero_signal_groups=zero_signal)
 
 
+def spatial_credit(advantages: GroupAdvantages, regions: list[ComponentRegions], group_index, grid: Grid,
+                   spatial: SpatialCreditConfig | None, settings: AdvantageSettings) -> GroupAdvantages:
+    """`advantages` with spatial credit from the step's regions on `grid` (off, or lambda 0: unchanged).
+    The local advantages are normalised as the scalar ones (`settings.scale_by_std`, `advantage_eps`)."""
+    if spatial is None or spatial.weight == 0:
+        return advantages
+    chosen = [c for c in regions if spatial.rewards is None or c.name in spatial.rewards]
+    local = local_advantages(chosen, group_index, grid, settings.scale_by_std, settings.advantage_eps,
+                             spatial.min_cover)
+    return with_spatial_credit(advantages, torch.from_numpy(local.values), torch.from_numpy(local.signal),
+                               spatial.weight)
+
+
+def with_spatial_credit(advantages: GroupAdvantages, local: torch.Tensor, signal: torch.Tensor,
+                        weight: float) -> GroupAdvantages:
+    """`advantages` with each token's spatial part lambda L_bt (local [R, P], signal [R, P] bool).
+
+    lambda = 0 returns `advantages` itself: plain GRPO, exactly. With lambda > 0 a row with a local
+    signal is kept even in a zero-signal group (its tokens still get lambda L_bt)."""
+    if weight == 0:
+        return advantages
+    local = torch.as_tensor(local, dtype=torch.float32)  # [R, P]
+    signal = torch.as_tensor(signal, dtype=torch.bool)  # [R, P]
+    if local.shape != signal.shape or local.shape[0] != advantages.advantages.numel():
+        raise ValueError(f"local advantages {tuple(local.shape)} for {advantages.advantages.numel()} rows")
+    keep = advantages.keep | signal.any(dim=1)  # [R]
+    return replace(advantages, keep=keep, local=weight * torch.where(signal, local, 0.0), local_signal=signal,
+                   spatial_weight=weight)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-3. Ratios and the clipped surrogate
 
@@ -193,14 +286,19 @@ class Surrogate:
     """[B, N] bool: A < 0 and the dual clip capped the loss at -c A."""
 
 
+def per_token(advantages: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """[B] A_b broadcast over the tokens, or [B, N] A_bt (spatial credit) as it is: -> [B, N]."""
+    return (advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages).expand_as(ratio)
+
+
 def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> Surrogate:
     """PPO/GRPO surrogate with separate ranges (clip-higher):
 
         loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
 
-    ratio [B, N], advantages [B] (broadcast over tokens).
+    ratio [B, N], advantages [B] (broadcast over tokens) or [B, N] (spatial credit: per token).
     """
-    adv = advantages.unsqueeze(-1)  # [B, 1]
+    adv = per_token(advantages, ratio)  # [B, N]
     unclipped = ratio * adv  # [B, N]
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv  # [B, N]
     loss = -torch.minimum(unclipped, clipped)  # [B, N]
@@ -217,7 +315,7 @@ def dual_clipped_surrogate(
         loss = min(clipped loss, -c * A)   where A < 0;   the clipped loss elsewhere
     """
     base = clipped_surrogate(ratio, advantages, clip_low, clip_high)
-    adv = advantages.unsqueeze(-1).expand_as(ratio)  # [B, N]
+    adv = per_token(advantages, ratio)  # [B, N]
     cap = -dual_clip * adv  # [B, N]
     capped = (adv < 0) & (base.loss > cap)  # [B, N]
     loss = torch.where(capped, cap, base.loss)  # [B, N]
@@ -370,7 +468,7 @@ class LossInputs:
     sampler_logprobs: torch.Tensor
     """[b, N] logp_mu as recorded by the rollout worker."""
     advantages: torch.Tensor
-    """[b] A_b."""
+    """[b] A_b, or [b, N] A_bt with spatial credit."""
     row_weight: torch.Tensor
     """[b] 1 for real rows, 0 for padding rows (equal micro-batches on every rank)."""
     denominator: float

@@ -9,6 +9,8 @@ Training is never on evaluation prompts: the benchmark sets under `data/eval/` (
 for evaluation only, and `load_source` refuses a source any of whose prompts (or, for text
 rendering, quoted targets) is in one of them, compared after `normalise` (lower case, no spaces, as
 the OCR reward compares). The bundled training sets (`data/train/`) come from `rl/prompts/generators.py`.
+Edit sources (`kind: edit`, rl/prompts/edit.py) are refused when a target text is a word of the
+synthetic edit evaluation set.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from rewards.ocr import extract_target, normalise
+from rl.prompts.edit import EVAL_WORDS, EditRecord, read_edit_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {
@@ -56,10 +59,12 @@ class PromptItem:
 
     caption: str
     """Text given to the AR model."""
-    task: Literal["geneval", "ocr"]
-    """Which reward scores it."""
+    task: Literal["geneval", "ocr", "edit"]
+    """Which reward scores it (edit: the run's reward mix, rewards/consistency.py and rewards/edit_checks.py)."""
     geneval_metadata: str = ""
     """The GenEval metadata line (JSON) for task "geneval"; empty otherwise."""
+    edit: EditRecord | None = None
+    """Task "edit": the source image, mask and target (the caption is its instruction); None otherwise."""
 
 
 class PromptSourceConfig(BaseModel):
@@ -67,11 +72,12 @@ class PromptSourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    kind: Literal["geneval", "ocr", "words"]
+    kind: Literal["geneval", "ocr", "words", "edit"]
     """geneval: GenEval metadata lines; ocr: text-rendering prompts with a quoted target;
-    words: short target words rendered as captions `an image with the text "WORD"` (CPU demo)."""
+    words: short target words rendered as captions `an image with the text "WORD"` (CPU demo);
+    edit: edit lines (JSONL: instruction, source image, optional mask and target; rl/prompts/edit.py)."""
     path: Path | None = None
-    """File to read (geneval / ocr); the bundled copy when unset."""
+    """File to read (geneval / ocr / edit); the bundled copy when unset (edit has none: required)."""
     words: list[str] = []
     """Target words for kind "words"."""
     tags: list[str] = []
@@ -92,6 +98,8 @@ class PromptSourceConfig(BaseModel):
             raise ValueError("kind 'words' needs a non-empty 'words' list")
         if self.kind != "words" and self.words:
             raise ValueError("'words' is only for kind 'words'")
+        if self.kind == "edit" and self.path is None:
+            raise ValueError("kind 'edit' needs a 'path' (e.g. one written by `blip3o-rl prompts edit`)")
         return self
 
 
@@ -100,6 +108,9 @@ def load_source(config: PromptSourceConfig) -> list[PromptItem]:
     if config.kind == "words":
         items = [PromptItem(WORD_CAPTION.format(word=w), "ocr") for w in config.words]
         origin = f"words {config.words}"
+    elif config.kind == "edit":
+        items = [PromptItem(record.prompt, "edit", edit=record) for record in read_edit_file(config.path)]
+        origin = str(config.path)
     else:
         path = config.path or BUNDLED[config.kind]
         items = read_prompt_file(path, config.kind)
@@ -189,6 +200,10 @@ def eval_overlap(item: PromptItem) -> str | None:
         target = extract_target(item.caption)
         if name := index.targets.get(normalise(target)):
             return f'its target "{target}" is a target of {name}'
+    if item.edit is not None:
+        text = item.edit.target.get("text")
+        if isinstance(text, str) and normalise(text) in EVAL_WORDS:
+            return f'its target "{text}" is a word of the synthetic edit evaluation set'
     return None
 
 
@@ -200,7 +215,7 @@ def check_not_eval(items: list[PromptItem], origin: str) -> None:
         raise EvalPromptOverlapError(
             f"{origin}: {len(overlaps)} of its {len(items)} prompts are evaluation prompts, e.g. "
             f"{example.caption!r} ({reason}); training on them makes those benchmark scores meaningless. "
-            "Train on a generated set (`blip3o-rl prompts geneval|ocr`); `allow_eval_prompts: true` is for tests only"
+            "Train on a generated set (`blip3o-rl prompts geneval|ocr|edit`); `allow_eval_prompts: true` is for tests only"
         )
 
 

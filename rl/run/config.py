@@ -63,6 +63,9 @@ class DataSection(BaseModel):
     def _sources_load(self) -> "DataSection":
         """Read every source now: a missing file, a bad line or evaluation prompts fail at config load."""
         for index, source in enumerate(self.sources):
+            if source.kind == "edit":  # its items would be sampled as text-to-image prompts
+                raise ValueError(f"sources.{index}: edit sources cannot be trained on yet: the rollout does not put "
+                                 "the source image in the prompt (docs/editing.md says what exists)")
             try:
                 load_source(source)
             except (OSError, ValueError) as error:
@@ -344,6 +347,8 @@ PATH_KEYS = {
     "rewards.server.aesthetic.model": "model",
     "rewards.server.aesthetic.processor": "model",
     "rewards.server.aesthetic.head": "model",
+    "rewards.server.consistency.clip.model": "model",
+    "rewards.server.consistency.clip.processor": "model",
     "decoder.decoder.glyph.font_path": "path",
     "data.sources.*.path": "path",
     "logging.runs_dir": "path",

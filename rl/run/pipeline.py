@@ -515,11 +515,13 @@ def step_mix(components: tuple[RewardComponentConfig, ...], rewards: list[Sample
              group_index: list[int]) -> MixedRewards:
     """The step's total from its rows' raw component rewards (groups never straddle chunks, but
     normalizing over the whole step's rows by group is the same and simpler); a component answered
-    by different scorer versions in different chunks keeps them all, joined with "|"."""
+    by different scorer versions in different chunks keeps them all, joined with "|"; each
+    component's regions (spatial credit) row for row."""
     raw = {c.name: np.array([r.scores.get(c.name, np.nan) for r in rewards], dtype=np.float64) for c in components}
+    regions = {c.name: [r.regions.get(c.name, ()) for r in rewards] for c in components}
     versions: dict[str, str] = {}
     for c in components:
         seen = sorted({s.versions[c.name] for s in scored if c.name in s.versions})
         if seen:
             versions[c.name] = "|".join(seen)
-    return mix_rewards(components, raw, group_index, versions)
+    return mix_rewards(components, raw, group_index, versions, regions)

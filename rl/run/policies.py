@@ -9,7 +9,9 @@ fleet's learner groups; the loop updates, publishes, checkpoints and restores th
 
 Both take their advantages from the step's one reward, each with its own config (normalisation,
 filtering); after a guard rollback the AR policy also takes the rollback's beta, the diffusion
-policy keeps its own (`flow.beta`).
+policy keeps its own (`flow.beta`). Both hand the learner the step's reward regions too (spatial
+credit: each learner projects them on its own grid, the AR tokens' or SANA's latents', when its
+`spatial` is on).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from rl.guard.rules import Hyperparameters
 from rl.objectives.grpo import group_advantages
+from rl.objectives.regions import ComponentRegions, component_regions
 from rl.run.fleet import Fleet, Versions
 
 if TYPE_CHECKING:
@@ -107,7 +110,9 @@ class ARPolicy(TrainedPolicy):
 
     def update(self, scored: ScoredStep) -> LearnerMetrics:
         advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, self.section.grpo)
-        return self.group.train_step(scored.batch, advantages)
+        if self.section.grpo.spatial is None:
+            return self.group.train_step(scored.batch, advantages)
+        return self.group.train_step(scored.batch, advantages, step_regions(scored))
 
     def set_hyperparameters(self, hyper: Hyperparameters) -> None:
         self.group.set_hyperparameters(hyper.lr_scale, hyper.beta)
@@ -127,7 +132,15 @@ class DiffusionPolicy(TrainedPolicy):
     def update(self, scored: ScoredStep) -> DiffusionLearnerMetrics:
         """The rollouts stay in the object store: the learner ranks read them from there."""
         advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, self.section.flow)
-        return self.group.train_step(scored.diffusion_rollout(), advantages)
+        if self.section.flow.spatial is None:
+            return self.group.train_step(scored.diffusion_rollout(), advantages)
+        return self.group.train_step(scored.diffusion_rollout(), advantages, step_regions(scored))
+
+
+def step_regions(scored: ScoredStep) -> list[ComponentRegions]:
+    """The step's reward regions, one entry per mix component that answered some, with its weight."""
+    mixed = scored.mixed
+    return [component_regions(name, mixed.weights[name], rows) for name, rows in mixed.regions.items()]
 
 
 def trained_policies(config: TrainConfig, fleet: Fleet) -> list[TrainedPolicy]:

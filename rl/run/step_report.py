@@ -65,6 +65,10 @@ def step_metrics(scored: ScoredStep, learner: LearnerMetrics | None, diffusion: 
             "diffusion/ratio_min": diffusion.ratio_min,
             "diffusion/lr": diffusion.lr,
         })
+    for prefix, learned in (("policy", learner), ("diffusion", diffusion)):  # spatial credit, when on
+        if learned is not None and not math.isnan(learned.spatial_share):
+            metrics[f"{prefix}/spatial_share"] = learned.spatial_share  # tokens (latent positions) with a local signal
+            metrics[f"{prefix}/spatial_std"] = learned.spatial_std  # spread of their local advantages
     if diffusion is not None:
         metrics["diffusion/zero_signal_share"] = diffusion.zero_signal_share
     if versions.decoder or diffusion is not None:

@@ -18,13 +18,19 @@ shares one prompt, hence one task: a component applies to all of a group's rows 
 
 Without `rewards.mix` the mix is one raw task component of weight 1 per task of the prompts, named
 after the task: total = the task reward, bit for bit the reward of runs before mixes existed.
+
+Regions (spatial credit): a component whose scorer answers `details.regions` keeps them per row
+(`MixedRewards.regions`). They combine like `normalize: group` terms: each component's regions are
+normalised within the prompt group on their own (whatever that component's `normalize`), then
+weighted by its `weight` and summed where several components' regions cover the same grid cell
+(rl/objectives/regions.py `local_advantages`). The scalar total above is not touched by them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import numpy as np
@@ -167,6 +173,11 @@ class MixedRewards:
     """Component name -> [R] the value weighted into the total (raw, or group-normalized)."""
     versions: dict[str, str]
     """Component name -> the version of the scorer that computed its rewards."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Component name -> its weight in the total (also the weight of its regions)."""
+    regions: dict[str, list[tuple]] = field(default_factory=dict)
+    """Component name -> per row its regions (rewards.scorer.Region; an empty tuple where it answered
+    none); only components that answered some on some row."""
 
     def constant_components(self) -> dict[str, float]:
         """Components whose raw rewards are one value on every row they apply to (at least 2
@@ -180,9 +191,11 @@ class MixedRewards:
 
 
 def mix_rewards(components: Sequence[RewardComponentConfig], raw: dict[str, np.ndarray],
-                group_index: Sequence[int] | np.ndarray, versions: dict[str, str] | None = None) -> MixedRewards:
-    """total_b = sum_c w_c term_c(b) over the components applying to row b (module docstring).
-    ValueError for a row no component applies to, or a non-finite reward."""
+                group_index: Sequence[int] | np.ndarray, versions: dict[str, str] | None = None,
+                regions: dict[str, list[tuple]] | None = None) -> MixedRewards:
+    """total_b = sum_c w_c term_c(b) over the components applying to row b (module docstring);
+    `regions`: component name -> per row its regions, kept as they are. ValueError for a row no
+    component applies to, or a non-finite reward."""
     group_index = np.asarray(group_index)  # [R]
     total = np.zeros(len(group_index), dtype=np.float64)  # [R]
     scored = np.zeros(len(group_index), dtype=bool)  # [R] some component applies
@@ -201,7 +214,8 @@ def mix_rewards(components: Sequence[RewardComponentConfig], raw: dict[str, np.n
     if not scored.all():
         raise ValueError(f"rows {np.flatnonzero(~scored)[:8].tolist()} got no reward from any component")
     return MixedRewards(total, {c.name: np.asarray(raw[c.name], dtype=np.float64) for c in components}, terms,
-                        dict(versions or {}))
+                        dict(versions or {}), {c.name: c.weight for c in components},
+                        {name: rows for name, rows in (regions or {}).items() if any(rows)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +248,13 @@ def reward_notes(step: int, mixed: MixedRewards, components: Sequence[RewardComp
                                                   f"version {version}{change}", console=before is not None))
         known_versions[name] = version
     for name, value in sorted(mixed.constant_components().items()):
-        notes.append(RewardNote("reward_constant", f"step {step}: reward {name} ({scorers.get(name, '?')}) is "
-                                                   f"{value:g} on every sample of the step: no signal from it "
-                                                   f"(a broken scorer answers a constant)", console=True))
+        scorer = scorers.get(name, "?")
+        solved = scorer in SOLVED_AT_ONE and value == 1.0  # recorded, not printed: a learned demo does it every step
+        why = "every sample solved its prompt" if solved else "a broken scorer answers a constant"
+        notes.append(RewardNote("reward_constant", f"step {step}: reward {name} ({scorer}) is {value:g} on every "
+                                                   f"sample of the step: no signal from it ({why})", console=not solved))
     return notes
+
+
+SOLVED_AT_ONE = ("ocr", "geneval")
+"""Task scorers whose reward 1 means the prompt is solved (OCR: the text read; GenEval: every rule)."""

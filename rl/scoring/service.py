@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import SecretStr
 
 from rewards.app.schemas import Limits
+from rewards.scorer import Region, parse_regions
 from rl.prompts.sources import PromptItem
 from rl.scoring.config import RewardsSection
 from rl.scoring.reward_mix import RewardComponentConfig, resolve_mix
@@ -71,6 +72,9 @@ class SampleReward:
     """GenEval: the prompt's tag (single_object, counting, ...)."""
     scores: dict[str, float] = field(default_factory=dict)
     """Raw reward of every mix component that scored this row, by component name."""
+    regions: dict[str, tuple[Region, ...]] = field(default_factory=dict)
+    """The regions each component answered for this row (`details.regions`, spatial credit), by
+    component name; absent for a component that answered none."""
 
     def component_rewards(self) -> dict[str, float]:
         """Per-component raw rewards (the task reward under the task's name for a row scored without a mix)."""
@@ -105,12 +109,25 @@ class _RowDetails:
     recognized: str = ""
     geneval_correct: bool | None = None
     geneval_tag: str = ""
+    regions: dict[str, tuple[Region, ...]] = field(default_factory=dict)
+    """Component name -> its regions of the row (empty tuples are left out of SampleReward)."""
+
+
+def _regions(component: RewardComponentConfig, raw) -> tuple[Region, ...]:
+    """A result's `details.regions` (a list of RegionBody or of plain dicts) as Regions; an
+    external scorer's malformed regions fail the step naming the component."""
+    try:
+        items = [r.model_dump() if hasattr(r, "model_dump") else r for r in raw] if isinstance(raw, list) else raw
+        return tuple(parse_regions(items))
+    except ValueError as error:
+        raise ValueError(f"reward {component.name}: {error}") from None
 
 
 async def _score_component(endpoint: RewardEndpoint, component: RewardComponentConfig, images: np.ndarray,
                            items: list[PromptItem], details: list[_RowDetails]) -> tuple[list[float], str, list[str]]:
     """One component's raw rewards of the rows (NaN where it does not apply), its scorer's version
-    and the failed attempts its client rode out. Its own client: its own retries and outage clock."""
+    and the failed attempts its client rode out (regions go to `details`). Its own client: its own
+    retries and outage clock."""
     from rewards.client import UNVERSIONED, RewardClient
     from rewards.geneval_rules import GenevalMetadata
 
@@ -134,17 +151,20 @@ async def _score_component(endpoint: RewardEndpoint, component: RewardComponentC
             for row, result in zip(rows, await client.ocr(chosen, prompts=[items[i].caption for i in rows])):
                 values[row] = details[row].task_reward = result.reward
                 details[row].recognized = result.recognized
+                details[row].regions[component.name] = _regions(component, result.details.regions)
         elif component.scorer == "geneval":
             metadata = [GenevalMetadata.model_validate_json(items[i].geneval_metadata) for i in rows]
             for row, result in zip(rows, await client.geneval(chosen, metadata)):
                 values[row] = details[row].task_reward = result.reward
                 details[row].geneval_correct, details[row].geneval_tag = result.correct, result.tag
+                details[row].regions[component.name] = _regions(component, result.details.regions)
         else:
             answer = await client.score(component.served_name or component.name, chosen,
                                         [items[i].caption for i in rows], [scorer_metadata(items[i]) for i in rows],
                                         url=component.url)
             for row, result in zip(rows, answer.results):
                 values[row] = result.reward
+                details[row].regions[component.name] = _regions(component, result.details.get("regions"))
             version = answer.version
     return values, version, [f"{component.name}: {failure}" for failure in client.failures]
 
@@ -191,7 +211,8 @@ async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
         scores = {c.name: values[row] for c, (values, _, _) in zip(components, outcomes) if not math.isnan(values[row])}
         d = details[row]
         rewards.append(SampleReward(d.task_reward, item.task, recognized=d.recognized, geneval_correct=d.geneval_correct,
-                                    geneval_tag=d.geneval_tag, scores=scores))
+                                    geneval_tag=d.geneval_tag, scores=scores,
+                                    regions={name: found for name, found in d.regions.items() if found}))
     return ScoredImages(rewards=rewards, failures=[f for _, _, failures in outcomes for f in failures],
                         seconds=time.perf_counter() - start,
                         versions={c.name: version for c, (_, version, _) in zip(components, outcomes)})

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 
 from rewards.app.deps import BatcherDep, OcrScorerLike, SettingsDep, check_item_count, get_ocr_scorer
 from rewards.app.images import decode_image
-from rewards.app.schemas import OcrItemResult, OcrRequest, OcrResponse
+from rewards.app.schemas import OcrDetails, OcrItemResult, OcrRequest, OcrResponse, RegionBody
 from rewards.errors import RewardInputError
 from rewards.ocr import extract_target, normalise
 
@@ -35,5 +35,12 @@ async def score_ocr(
         targets.append(target)
         images.append(decode_image(item.image, settings.max_image_pixels, index))
     results = await batcher.submit(scorer.score, images, targets)
-    return OcrResponse(results=[OcrItemResult(reward=r.reward, recognized=r.recognized, target=r.target) for r in results],
+    return OcrResponse(results=[OcrItemResult(reward=r.reward, recognized=r.recognized, target=r.target,
+                                              details=OcrDetails(regions=regions_of(r)))
+                                for r in results],
                        version=getattr(scorer, "version", ""))
+
+
+def regions_of(result) -> list[RegionBody]:
+    """A scorer result's regions (a stub scorer may have none)."""
+    return [RegionBody(box=r.box, reward=r.reward) for r in getattr(result, "regions", ())]
