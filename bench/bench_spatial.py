@@ -80,8 +80,7 @@ def metric_so_far(runs: Path, key: str = "reward/mean") -> list[float]:
     infos = store.list_runs()
     if not infos:
         return []
-    table = {step: value for step, name, value, _ in store.scalars(infos[0].id) if name == key}
-    return [table[s] for s in sorted(table)]
+    return [value for value in store.metrics(infos[0].id, [key]).values[key] if value is not None]
 
 
 def train(config: Path, runs: Path, stop_at: float | None = None, log: Path | None = None) -> list[float]:

@@ -342,7 +342,7 @@ class StandInLearner:
     def __init__(self, ray, workers: list):
         self.ray, self.workers, self.version = ray, workers, 0
 
-    def train_step(self, batch, advantages):
+    def train_step(self, batch, advantages, regions=None):
         from rl.learners.ar_learner import LearnerMetrics
 
         self.version += 1

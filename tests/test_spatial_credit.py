@@ -390,7 +390,9 @@ def test_regions_pass_from_the_service_through_the_client_and_the_mix():
     assert [r.regions["ocr"] for r in scored.rewards] == [(Region((0.0, 0.0, 0.5, 1.0), 1.0),)] * 2
     assert all(len(r.regions["jpeg"]) == BLOCKS * BLOCKS for r in scored.rewards)
     mixed = step_mix(resolve_mix(mix, {"ocr"}), scored.rewards, [scored], [0, 0])
-    chosen = {c.name: c for c in step_regions(SimpleNamespace(mixed=mixed))}  # what ScoredStep holds
+    scored = SimpleNamespace(mixed=mixed)  # what ScoredStep holds
+    assert step_regions(scored, None) is None  # spatial credit off: nothing for the learners
+    chosen = {c.name: c for c in step_regions(scored, SpatialCreditConfig(weight=1.0))}
     assert {name: c.weight for name, c in chosen.items()} == {"ocr": 2.0, "jpeg": 0.5}
     np.testing.assert_array_equal(chosen["ocr"].boxes[1], [[0.0, 0.0, 0.5, 1.0]])
 

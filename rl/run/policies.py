@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from rl.guard.rules import Hyperparameters
-from rl.objectives.grpo import group_advantages
+from rl.objectives.grpo import SpatialCreditConfig, group_advantages
 from rl.objectives.regions import ComponentRegions, component_regions
 from rl.run.fleet import Fleet, Versions
 
@@ -110,9 +110,7 @@ class ARPolicy(TrainedPolicy):
 
     def update(self, scored: ScoredStep) -> LearnerMetrics:
         advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, self.section.grpo)
-        if self.section.grpo.spatial is None:
-            return self.group.train_step(scored.batch, advantages)
-        return self.group.train_step(scored.batch, advantages, step_regions(scored))
+        return self.group.train_step(scored.batch, advantages, step_regions(scored, self.section.grpo.spatial))
 
     def set_hyperparameters(self, hyper: Hyperparameters) -> None:
         self.group.set_hyperparameters(hyper.lr_scale, hyper.beta)
@@ -132,13 +130,15 @@ class DiffusionPolicy(TrainedPolicy):
     def update(self, scored: ScoredStep) -> DiffusionLearnerMetrics:
         """The rollouts stay in the object store: the learner ranks read them from there."""
         advantages = group_advantages(scored.reward_tensor(), scored.batch.group_index, self.section.flow)
-        if self.section.flow.spatial is None:
-            return self.group.train_step(scored.diffusion_rollout(), advantages)
-        return self.group.train_step(scored.diffusion_rollout(), advantages, step_regions(scored))
+        return self.group.train_step(scored.diffusion_rollout(), advantages,
+                                     step_regions(scored, self.section.flow.spatial))
 
 
-def step_regions(scored: ScoredStep) -> list[ComponentRegions]:
-    """The step's reward regions, one entry per mix component that answered some, with its weight."""
+def step_regions(scored: ScoredStep, spatial: SpatialCreditConfig | None) -> list[ComponentRegions] | None:
+    """The step's reward regions, one entry per mix component that answered some, with its weight;
+    None without spatial credit (nothing to send the learner ranks)."""
+    if spatial is None:
+        return None
     mixed = scored.mixed
     return [component_regions(name, mixed.weights[name], rows) for name, rows in mixed.regions.items()]
 
