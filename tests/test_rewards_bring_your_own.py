@@ -170,8 +170,10 @@ def test_the_start_check_refuses_a_mix_the_service_cannot_score_and_learns_http_
     ([{"name": "ocr", "scorer": "ocr"}, {"name": "pick", "scorer": "pickscore"}],
      r"rewards.mix names the pickscore scorer, but the reward service \(rewards.server.scorers\) runs only: ocr"),
     ([{"name": "x", "scorer": "python", "function": "no_such_module:f"}], "rewards.mix x: cannot import"),
+    ([{"name": "ocr", "scorer": "ocr"}], r"learner.grpo.spatial.rewards names orc, no reward of the run's mix \(ocr\)"),
 ])
 def test_a_mix_the_configured_server_cannot_score_is_refused_at_load(tmp_path, glyph_model_dir, mix, words):
-    config = load_config(small_config(tmp_path, glyph_model_dir, **{"rewards.mix": mix}))
+    spatial = {"learner.grpo.spatial": {"weight": 1.0, "rewards": ["orc"]}} if "spatial" in words else {}
+    config = load_config(small_config(tmp_path, glyph_model_dir, **{"rewards.mix": mix}, **spatial))
     with pytest.raises(ConfigError, match=words):
         check_rows_fit_config(config)

@@ -60,6 +60,7 @@ def check_mix(config: TrainConfig) -> None:
     if uncovered:
         raise ConfigError(f"rewards.mix gives the {', '.join(uncovered)} prompts no reward: add their task reward "
                           f"(scorer: {uncovered[0]}) or a reward that scores every prompt")
+    check_spatial_rewards(config)
     if config.rewards.service != "serve":
         return  # they run inside the external service, whose code this machine need not have
     from rewards.scorer import load_factory
@@ -69,6 +70,18 @@ def check_mix(config: TrainConfig) -> None:
             load_factory(spec)
         except ValueError as error:
             raise ConfigError(f"rewards.mix {name}: {error}") from None
+
+
+def check_spatial_rewards(config: TrainConfig) -> None:
+    """Spatial credit's `rewards` name rewards of the run's mix (a misspelt one would give no local signal)."""
+    names = {c.name for c in run_mix(config)}
+    spatials = {"learner.grpo.spatial": config.learner and config.learner.grpo.spatial,
+                "diffusion_learner.flow.spatial": config.diffusion_learner and config.diffusion_learner.flow.spatial}
+    for where, spatial in spatials.items():
+        unknown = sorted(set(spatial.rewards or ()) - names) if spatial else []
+        if unknown:
+            raise ConfigError(f"{where}.rewards names {', '.join(unknown)}, no reward of the run's mix "
+                              f"({', '.join(sorted(names))})")
 
 
 def check_rows_fit_config(config: TrainConfig) -> None:
