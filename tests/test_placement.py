@@ -3,6 +3,8 @@ starts when the Ray cluster cannot hold them all."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rl.run.config import ConfigError, load_config
@@ -81,3 +83,36 @@ def test_the_reward_app_is_deployed_with_the_configured_replicas_and_devices():
     deployment = app._bound_deployment  # what serve.run deploys
     assert deployment.num_replicas == 3
     assert deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5, "resources": {"reward": 1.0}}
+
+
+def _pid_after(seconds: float) -> int:
+    import os
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@pytest.mark.slow
+def test_a_cluster_started_by_a_run_keeps_its_idle_task_workers_between_steps(tmp_path):
+    """Each step runs a few small tasks at once (scoring per chunk, image statistics, sample rows).
+    Ray's default kept one idle worker per CPU (2 here) and killed the others after 1 s idle, so every
+    step started Python processes that imported torch again. Four tasks at once, three times with 3 s
+    idle between: the same four processes must run every round (the default starts new ones)."""
+    import ray
+
+    from rl.run.train import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(load_config(small_config(tmp_path, tmp_path / "no-model", **{"rewards.service": "url",
+                                                                         "rewards.url": "http://127.0.0.1:9"})))
+    try:
+        task = ray.remote(num_cpus=0)(_pid_after)
+        rounds = []
+        for _ in range(3):
+            rounds.append(set(ray.get([task.remote(1.0) for _ in range(4)])))
+            time.sleep(3.0)  # Ray kills an idle worker above its limit after 1 s
+        assert len(rounds[0]) == 4  # four at once: four processes
+        assert rounds[1] == rounds[0] and rounds[2] == rounds[0]
+    finally:
+        ray.shutdown()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl.run.config import TrainConfig
-from rl.run.placement import role_demands, total_demand
+from rl.run.placement import LOCAL_CLUSTER_SYSTEM_CONFIG, role_demands, total_demand
 
 OBJECT_STORE_BYTES = 256 * 2**20
 """Object store per node: a rehearsal step moves a few MB (tiny weights, 64 px images, log-probs)."""
@@ -96,5 +96,6 @@ def local_cluster(specs: list[NodeSpec], logs: Path) -> Iterator[str]:
 def _node_args(spec: NodeSpec, root: str, index: int) -> dict:
     temp_dir = os.path.join(root, f"n{index}")
     os.makedirs(temp_dir, exist_ok=True)
+    head = {"_system_config": LOCAL_CLUSTER_SYSTEM_CONFIG} if index == 0 else {}  # the head's settings are the cluster's
     return dict(num_cpus=spec.cpus, resources=dict(spec.resources), temp_dir=temp_dir,
-                object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False)
+                object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, **head)

@@ -23,6 +23,15 @@ from rl.run.config import ConfigError, TrainConfig
 
 ROLES = ("rollout", "decoder", "learner", "reward")
 
+LOCAL_CLUSTER_SYSTEM_CONFIG = {"num_workers_soft_limit": 32}
+"""Ray settings of a cluster started here (`blip3o-rl train` without an address, the rehearsal's
+nodes): keep up to 32 idle worker processes. Ray's default keeps one per CPU and kills an idle
+worker above that after 1 s. Every step runs a few small tasks (a scoring task per chunk, the
+guard's image statistics, the sample rows), so on a small node every step started new Python
+processes that imported torch again: the 2-core demo, 14 steps at load ~30, started 66 worker
+processes at 14.8 s a step; keeping them, 12 processes and 1.7 s a step. A cluster joined by
+address keeps its own setting (`ray start --system-config`; nodes of many CPUs need none)."""
+
 
 @dataclass(frozen=True)
 class RoleDemand:

@@ -45,6 +45,7 @@ from pathlib import Path
 from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
 from rl.run.config import ConfigError, TrainConfig, load_config
 from rl.run.lifecycle import RunStopped
+from rl.run.placement import LOCAL_CLUSTER_SYSTEM_CONFIG
 from rl.run.reward_checks import check_rows_fit_config
 from rl.run.trainer import Trainer
 from rl.run.wandb_logger import attach_wandb
@@ -100,7 +101,8 @@ def init_ray(config: TrainConfig) -> Path | None:
     if address:
         context = ray.init(address=address, **quiet)
     else:
-        context = ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, **quiet)
+        context = ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False,
+                           _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG, **quiet)
     if config.rewards.service == "serve":
         import ray.serve  # its import sets the "ray.serve" logger to INFO on the console: override after it
 
