@@ -27,6 +27,10 @@ NaN, stored as NULL): the dashboard draws a gap there, never a placeholder 0.
     time/<stage>                seconds per step by stage: rollout, decode, reward, update, sync
                                 (update_diffusion, sync_diffusion when the decoder learns)
     throughput/<name>           e.g. throughput/images_per_s
+    reward_latency/<component>/<p50|p90|p99|max>   seconds of each reward component's requests over the
+                                step (one a chunk; rl/scoring/latency.py): one panel per component
+    schedule/<name>             the async schedule (rl/run/step_report.py): in_flight_steps, staleness_min /
+                                _mean / _max (versions behind, over the step's rows), stale_rows_resampled
     eval/<bench>/<name>         in-run evaluation: one panel per `eval/<bench>` (connected points);
                                 rl/evaluation/in_run.py logs eval/<bench>/score, eval/ocr/exact, eval/geneval/<tag>
     time/eval                   seconds of the in-run eval at its steps (a sparse panel of its own)

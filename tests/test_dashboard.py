@@ -356,6 +356,15 @@ def smoothed(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def wide_page(playwright):
+    """Headless chromium with a 1400 x 1000 page; returns (browser, page, the page's script errors)."""
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    return browser, page, errors
+
+
 def require_chromium() -> None:
     """Skip without the browser, except in CI (BLIP3O_RL_REQUIRE_BROWSER=1, set by .ci/run): there a
     setup that did not install it is a failure, not a silently skipped test."""
@@ -374,10 +383,7 @@ def test_page_shows_live_curves_gallery_and_comparison(tmp_path):
     store, live, baseline = make_runs(tmp_path)  # its own store: this test writes more steps
     ARTIFACTS.mkdir(exist_ok=True)
     with dashboard_server(store.runs_dir) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
+        browser, page, errors = wide_page(playwright)
         page.goto(f"{server}/?poll=300")
 
         # The reward chart has one point per step in the store.
@@ -500,10 +506,7 @@ def test_page_panels_have_sensible_scales_gaps_and_their_own_axes(server, runs):
     _, live, _ = runs
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
+        browser, page, errors = wide_page(playwright)
         page.goto(f"{server}/?run={live}&poll=300")
         expect(page.locator("#chart-metric-rollout-rows")).to_have_attribute("data-points", str(STEPS), timeout=15_000)
         panels = read_panels(page)
@@ -638,10 +641,7 @@ def test_page_draws_diffusion_learner_panels_beside_their_ar_twins(tmp_path):
         for step in range(STEPS):
             store.log_metrics(runs[name], step, diffusion_run_metrics(step, joint))
     with dashboard_server(tmp_path) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
+        browser, page, errors = wide_page(playwright)
         shown = {}
         for name in runs:
             page.goto(f"{server}/?run={runs[name]}&poll=300")
@@ -690,6 +690,71 @@ def test_page_draws_diffusion_learner_panels_beside_their_ar_twins(tmp_path):
     assert measured(alone["version"], "policy/version") == [0.0] * STEPS
     assert measured(alone["version"], "diffusion/version") == [float(max(0, s - 1)) for s in range(STEPS)]
     assert alone["version"]["y"] == pytest.approx([0, 1.15 * (STEPS - 2)])
+
+
+# An async run with two steps in flight behind a slow judge: the schedule's numbers and each reward
+# component's request latency percentiles, by hand (one panel per component, after the step times).
+LATENCY_STATS = {"max": 1.4, "p50": 1.0, "p90": 1.2, "p99": 1.3}
+ASYNC_PANELS = {
+    "reward-mean": ["reward/mean"], "staleness": ["policy/staleness"],
+    "schedule-in-flight": ["schedule/in_flight_steps"],
+    "schedule-staleness": ["schedule/staleness_max", "schedule/staleness_mean", "schedule/staleness_min"],
+    "schedule-resampled": ["schedule/stale_rows_resampled"], "time": ["time/reward"],
+    "reward-latency-judge": [f"reward_latency/judge/{stat}" for stat in LATENCY_STATS],
+    "reward-latency-ocr": [f"reward_latency/ocr/{stat}" for stat in LATENCY_STATS],
+    "throughput": ["throughput/images_per_s"], "metric-rollout-rows": ["rollout/rows"],
+}
+
+
+def async_run_metrics(step: int) -> dict[str, float]:
+    in_flight = float(min(step, 2))
+    metrics = {
+        "reward/mean": mean_reward(step), "policy/staleness": in_flight, "time/reward": 3.0 + 0.1 * step,
+        "throughput/images_per_s": 8.0, "rollout/rows": 64.0,
+        "schedule/in_flight_steps": in_flight, "schedule/staleness_max": in_flight,
+        "schedule/staleness_min": max(0.0, in_flight - 1), "schedule/staleness_mean": max(0.0, in_flight - 0.25),
+        "schedule/stale_rows_resampled": 16.0 if step == 5 else 0.0,
+    }
+    for component, seconds in (("judge", 1.5), ("ocr", 0.05)):
+        metrics.update({f"reward_latency/{component}/{stat}": seconds * factor + 0.01 * step
+                        for stat, factor in LATENCY_STATS.items()})
+    return metrics
+
+
+def test_page_draws_the_schedule_and_each_reward_components_latency(tmp_path):
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    store = RunStore(tmp_path)
+    run = store.create_run("async-judge", {})
+    logged = {step: async_run_metrics(step) for step in range(STEPS)}
+    for step, metrics in logged.items():
+        store.log_metrics(run, step, metrics)
+    with dashboard_server(tmp_path) as server, sync_playwright() as playwright:
+        browser, page, errors = wide_page(playwright)
+        page.goto(f"{server}/?run={run}&poll=300")
+        expect(page.locator("#chart-reward-latency-judge")).to_have_attribute("data-points", str(STEPS), timeout=15_000)
+        panels = read_panels(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-async.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert [(panel, drawn["labels"]) for panel, drawn in panels.items()] == list(ASYNC_PANELS.items())  # page order
+    new_panels = [panel for panel in ASYNC_PANELS if panel.startswith(("schedule", "reward-latency"))]
+    assert {panel: panels[panel]["title"] for panel in new_panels} == {
+        "schedule-in-flight": "Steps in flight (launched, not yet trained)",
+        "schedule-staleness": "Staleness of the step's rows (versions behind): min, mean, max",
+        "schedule-resampled": "Stale rows sampled again",
+        "reward-latency-judge": "Reward latency: judge (s per request)",
+        "reward-latency-ocr": "Reward latency: ocr (s per request)",
+    }
+    for panel, keys in ASYNC_PANELS.items():  # the numbers of the store, step by step
+        assert panels[panel]["data"][0] == list(range(STEPS)), panel
+        for key in keys:
+            assert measured(panels[panel], key) == pytest.approx([logged[s][key] for s in range(STEPS)], abs=1e-12), key
+    for panel in new_panels:  # seconds, versions and counts: from 0 to just above the largest value
+        top = max(max(measured(panels[panel], key)) for key in ASYNC_PANELS[panel])
+        assert panels[panel]["scale"] == "nonneg" and panels[panel]["y"] == pytest.approx([0, 1.15 * top]), panel
 
 
 def test_page_hides_the_eval_gallery_of_a_run_without_eval(tmp_path):

@@ -238,7 +238,7 @@ def test_a_rollback_restores_a_checkpoint_from_before_the_excursion(tmp_path):
     4 and 5, and an eval pinned step 5 as the best before the guard saw step 5 (what `_evaluate` does
     before `_guard_step`). Steps 4 and 5 are inside the excursion: the rollback restores step 2, the
     newest checkpoint older than the excursion's first step, bit for bit and under a new version. The
-    step in flight (async) is dropped first: waited out (tests/test_pipeline.py)."""
+    steps in flight (async) are dropped first: waited out (tests/test_pipeline.py, tests/test_async_schedule.py)."""
     from types import SimpleNamespace
 
     from rl.run.config import load_config
@@ -256,7 +256,7 @@ def test_a_rollback_restores_a_checkpoint_from_before_the_excursion(tmp_path):
                                     describe=lambda versions: f"v{versions.policy}", name=lambda actor: actor,
                                     restart=lambda actor: fleet_calls.append(("restart", actor)),
                                     recover=lambda versions, why: fleet_calls.append(("recover", why)))
-    dropped = []  # async: the next step is in flight when the guard fires; one worker stays busy with it
+    dropped = []  # async: the next steps are in flight when the guard fires; one worker stays busy with one
     trainer.in_flight = SimpleNamespace(drain=lambda stage_timeout_s: dropped.append(stage_timeout_s) or ["rollout-0"])
     for step in (2, 4, 5):  # weights of step s: a tensor holding s; the export is the same tensor
         tmp = trainer.checkpoints.begin(step)
@@ -278,7 +278,7 @@ def test_a_rollback_restores_a_checkpoint_from_before_the_excursion(tmp_path):
     assert (trainer.state.step, trainer.state.policy_version, trainer.state.sampler.cursors) == (2, 6, [2])
     assert [versions.policy for versions in published] == [6]
     assert trainer.checkpoints.complete_steps() == [2]  # the steps after the target are redone
-    # the in-flight step was waited out first; the worker still busy with it restarted like a hung one
-    assert dropped == [trainer.config.schedule.stage_timeout_s] and trainer.in_flight is None
+    # the steps in flight were waited out first; the worker still busy with one restarted like a hung one
+    assert dropped == [trainer.config.schedule.stage_timeout_s]
     assert fleet_calls == [("restart", "rollout-0"),
                            ("recover", "step 5: guard rollback: rollout-0 still busy with a dropped step")]

@@ -23,10 +23,11 @@ LEARNER_KEYS = {"policy/kl", "policy/entropy", "policy/clip_fraction", "policy/c
 TIMINGS = {"rollout": 1.0, "decode": 0.5, "reward": 2.0, "collect": 3.0, "update": 0.2, "sync": 0.1, "step": 4.0}
 
 
-def scored(rewards: list[float]) -> SimpleNamespace:
-    """The two things step_metrics reads from a ScoredStep."""
+def scored(rewards: list[float], reward_latency: dict[str, list[float]] | None = None) -> SimpleNamespace:
+    """The three things step_metrics reads from a ScoredStep."""
     samples = [SampleReward(r, "ocr") for r in rewards]
-    return SimpleNamespace(rewards=samples, reward_tensor=lambda: torch.tensor(rewards))
+    return SimpleNamespace(rewards=samples, reward_tensor=lambda: torch.tensor(rewards),
+                           reward_latency=reward_latency or {})
 
 
 def test_a_step_without_an_update_logs_no_learner_numbers():

@@ -99,9 +99,13 @@ class ScheduleSection(BaseModel):
     model_config = STRICT
 
     mode: Literal["sync", "async"] = "sync"
-    """sync: sample with the newest weights; async: sample step t+1 while step t trains."""
+    """sync: each step samples with the newest weights, after the previous one is trained; async: the
+    next steps sample while a step waits for its rewards and trains (`max_staleness` of them)."""
     max_staleness: int = Field(1, ge=0)
-    """Most versions a trained-on rollout may lag the learner; older rollouts are sampled again."""
+    """k. async: up to k steps beyond the one being trained are in flight; step s samples with the
+    weights after step max(s - 1 - k, the last checkpoint or eval step before s), so it is trained at
+    most k versions stale. Rows lagging the learner by more than k versions are never trained on but
+    sampled again (counted in schedule/stale_rows_resampled). sync: nothing is in flight."""
     chunk_prompts: int = Field(1, ge=1)
     """Prompts per rollout -> decode -> score task: decoding and scoring of one chunk start while
     later chunks are still sampling."""
@@ -115,7 +119,8 @@ class ScheduleSection(BaseModel):
     @model_validator(mode="after")
     def _async_needs_staleness(self) -> "ScheduleSection":
         if self.mode == "async" and self.max_staleness < 1:
-            raise ValueError("schedule.mode 'async' trains on rollouts one version old: max_staleness must be >= 1")
+            raise ValueError("schedule.mode 'async' trains on rollouts up to max_staleness versions old: "
+                             "max_staleness must be >= 1")
         return self
 
 
@@ -277,8 +282,9 @@ class TrainConfig(BaseModel):
             raise ValueError("schedule.alternate takes turns between two policies: it needs train [ar, diffusion]")
         if "diffusion" in self.train:
             if self.schedule.mode != "sync":
-                raise ValueError("train has 'diffusion': schedule.mode must be 'sync' (Flow-GRPO trains on-policy: "
-                                 "the SDE rollouts must come from the transformer version being updated)")
+                raise ValueError("train has 'diffusion': schedule.mode must be 'sync', whatever "
+                                 "schedule.max_staleness (Flow-GRPO trains on-policy: the SDE rollouts must come "
+                                 "from the transformer version being updated; async steps in flight would not)")
             if "glyph" in (self.model.make_tiny, self.decoder.decoder.kind):
                 raise ValueError("train has 'diffusion' but the decoder is the glyph decoder (no diffusion model): "
                                  "use a sana model")

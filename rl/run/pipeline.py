@@ -8,16 +8,19 @@ other chunks are still sampling; the driver only polls.
 Row r of chunk c is sampled with seed step_seed + (first row of c) + r: the same rows as one big
 request, whatever the chunking or the number of workers.
 
-Faults are found per chunk by `PendingStep.poll`:
+Faults are found per chunk by `poll_steps` (every step in flight at once; `PendingStep.poll`: one):
   died          the worker's process is gone (Ray restarts it, with the weights on disk);
   hung          a stage has been RUNNING for longer than the stage timeout. Time spent queued does
                 not count: each worker (and the reward service) is a `Lane` that runs one task at
-                a time, and only the task at its head has a clock;
+                a time, and only the task at its head has a clock (rl/run/lanes.py; one lane per
+                worker for all the steps in flight, so a chunk queued behind another step's is not timed);
   stale_weights a worker answered with weights older than those the chunk was launched with, or a
                 decoder with weights older than the tokens' (a restarted worker not reloaded yet);
   resample      the decoder already serves newer weights than the tokens were sampled with (a
                 publish landed between the two stages): images are only ever rendered with the
-                tokens' own version, so the chunk is sampled again with the current weights.
+                tokens' own version, so the chunk is sampled again with the current weights; also
+                a finished chunk whose rows lag the learner by more than `schedule.max_staleness`
+                versions (`PendingStep.too_old`, asked by the trainer before it trains on them).
 The caller brings the workers back to the current weights (not needed for a resample) and calls
 `redo`, which submits the chunk again from that stage. Same seed, same weights: redone work is the
 same work, nothing is lost. Any other error of a stage is its own (a bug, bad input, out of memory,
@@ -36,6 +39,8 @@ import torch
 
 from rl.prompts.sources import PromptItem, SamplerState
 from rl.ray_tasks import ray_task
+from rl.run.lanes import Lanes, Stage, StageTask
+from rl.scoring.latency import request_latencies
 from rl.scoring.reward_mix import MixedRewards, RewardComponentConfig, mix_rewards, resolve_mix
 from rl.scoring.service import RewardEndpoint, SampleReward, ScoredImages, score_images
 from rollout.pool import concat_batches
@@ -126,6 +131,10 @@ class ScoredStep:
     diffusion_parts: list[tuple[int, Any]] = field(default_factory=list)
     """With SDE decoding (the diffusion learner trains): each chunk's (first prompt, ObjectRef of its
     `DiffusionRollout`); `diffusion_rollout_ref` joins them for the learner."""
+    reward_latency: dict[str, list[float]] = field(default_factory=dict)
+    """Each reward component's request round trips (s), one per chunk it scored (rl/scoring/latency.py)."""
+    row_versions: list[int] = field(default_factory=list)
+    """The policy version that sampled each row (its chunk's; `batch.policy_version` is the oldest)."""
 
     def diffusion_rollout(self):
         """ObjectRef of the step's `DiffusionRollout`, row for row with `batch` (SDE decoding only)."""
@@ -152,7 +161,6 @@ def _remote_score_task():
     return ray_task(_score, num_cpus=0, max_retries=3)
 
 
-Stage = Literal["rollout", "decode", "reward"]
 FaultKind = Literal["died", "hung", "stale_weights", "resample"]
 STAGES: tuple[Stage, ...] = ("rollout", "decode", "reward")
 
@@ -224,58 +232,13 @@ class ChunkFault:
     """The worker at fault (None for the reward stage and for a resample)."""
     attempts: int
     """Tries of this chunk so far (resamples not counted)."""
+    step: int = 0
+    """The step the chunk belongs to (several are in flight in the async schedule)."""
 
     def describe(self) -> str:
         if self.kind == "resample":
             return f"chunk {self.chunk}: {self.detail}; sampling it again with the current weights"
         return f"chunk {self.chunk} {self.stage}: worker {self.kind} ({self.detail}); try {self.attempts} failed"
-
-
-@dataclass
-class StageTask:
-    """One submitted stage of one chunk."""
-
-    chunk: int
-    stage: Stage
-    ref: Any
-    after: Any = None
-    """The upstream result it cannot start without (None: nothing)."""
-
-
-class Lane:
-    """Work that runs one task at a time, in order: a synchronous worker (Ray runs one caller's
-    tasks on an actor in submission order, and one waiting for its input holds back the later ones),
-    or the reward service, modelled the same way with chunks in the order their images appeared.
-
-    Only the task at the head is running, so only it has a clock: it starts when the driver first
-    sees that task able to run (every earlier task done, its input there). A chunk queued behind
-    others, or behind a slow reward service, is therefore never timed; and because the driver only
-    sees progress when it polls, a clock starts late rather than early (a hang is found a little
-    later, never one that is not there)."""
-
-    def __init__(self, actor: Any):
-        self.actor = actor
-        """The worker (None: the reward service)."""
-        self.tasks: list[StageTask] = []
-        self.head_since: float | None = None
-
-    def running(self, ready: set, now: float) -> StageTask | None:
-        """Drop the finished tasks at the front; the head if it can run (its clock started)."""
-        while self.tasks and self.tasks[0].ref in ready:
-            self.tasks.pop(0)
-            self.head_since = None
-        if not self.tasks or (self.tasks[0].after is not None and self.tasks[0].after not in ready):
-            return None
-        if self.head_since is None:
-            self.head_since = now
-        return self.tasks[0]
-
-    def refs(self) -> list:
-        return [ref for task in self.tasks for ref in (task.ref, task.after) if ref is not None]
-
-
-def _actor_key(actor: Any) -> str:
-    return actor._actor_id.hex()
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -288,12 +251,13 @@ class PendingStep:
 
     def __init__(self, items: list[PromptItem], group_size: int, seed: int, rollout_actors: list,
                  decoder_actors: list, endpoint: RewardEndpoint, chunk_prompts: int, policy_version: int,
-                 sampler_state: SamplerState, sde: SdeSampling | None = None, decoder_version: int = 0):
+                 sampler_state: SamplerState, sde: SdeSampling | None = None, decoder_version: int = 0,
+                 step: int = 0, lanes: Lanes | None = None):
         """`sde`: decode with the SDE sampler (`decode_sde_split`) and keep each chunk's
         `DiffusionRollout` for the diffusion learner; every decoder must then serve transformer
-        `decoder_version`."""
+        `decoder_version`. `lanes`: the lanes it shares with the other steps in flight (None: its own)."""
         self.items, self.group_size, self.seed, self.endpoint = items, group_size, seed, endpoint
-        self.sde = sde
+        self.sde, self.step = sde, step
         self.sampler_state = copy.deepcopy(sampler_state)
         """The prompt sampler's state before this step drew its prompts (to give them back if it is abandoned)."""
         self.launched_at = time.perf_counter()
@@ -303,8 +267,10 @@ class PendingStep:
                   launched_version=policy_version, launched_decoder_version=decoder_version)
             for c, start in enumerate(range(0, len(items), chunk_prompts))
         ]
-        self.lanes = {_actor_key(a): Lane(a) for a in [*rollout_actors, *decoder_actors]}
-        self.reward_lane = Lane(None)
+        self.lanes = lanes if lanes is not None else Lanes(rollout_actors, decoder_actors)
+        self.error: StageError | RewardOutageError | None = None
+        """The first stage's own error or reward outage `check` found: raised when the step is waited for
+        (not while an earlier step is: that one still trains)."""
         for chunk in self.chunks:
             self._submit(chunk, "rollout")
 
@@ -313,15 +279,15 @@ class PendingStep:
         if stage == "rollout":
             captions = [item.caption for item in chunk.items]
             chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed)
-            self.lanes[_actor_key(chunk.sampler)].tasks.append(StageTask(chunk.index, "rollout", chunk.rollout_ref))
+            self.lanes.of(chunk.sampler).tasks.append(StageTask(self, chunk.index, "rollout", chunk.rollout_ref))
         if stage in ("rollout", "decode"):
             if self.sde is None:
                 chunk.decode_ref, chunk.images_ref = chunk.decoder.decode_split.remote(chunk.rollout_ref, chunk.seed)
             else:
                 chunk.decode_ref, chunk.images_ref, chunk.diffusion_ref = chunk.decoder.decode_sde_split.remote(
                     chunk.rollout_ref, chunk.seed, self.sde)
-            self.lanes[_actor_key(chunk.decoder)].tasks.append(
-                StageTask(chunk.index, "decode", chunk.decode_ref, after=chunk.rollout_ref))
+            self.lanes.of(chunk.decoder).tasks.append(
+                StageTask(self, chunk.index, "decode", chunk.decode_ref, after=chunk.rollout_ref))
         row_items = [item for item in chunk.items for _ in range(self.group_size)]
         chunk.score_ref = _remote_score_task().remote(self.endpoint, chunk.images_ref, row_items)
         chunk.attempts += int(counts)
@@ -330,80 +296,54 @@ class PendingStep:
     def done(self) -> bool:
         return all(chunk.result is not None for chunk in self.chunks)
 
-    def poll(self, stage_timeout_s: float, wait_s: float = 1.0) -> list[ChunkFault]:
-        """Wait up to `wait_s` for progress; returns the faults found (each chunk at most one).
-        Raises RewardOutageError when the reward service stayed down past its budget, and
-        StageError for a stage's own error (not fixed by trying again)."""
-        import ray
+    def open_refs(self, stage: Stage) -> list:
+        """The `stage` results of the chunks not finished yet (what a poll waits for)."""
+        return [chunk.ref(stage) for chunk in self.chunks if chunk.result is None and chunk.ref(stage) is not None]
 
-        open_chunks = [chunk for chunk in self.chunks if chunk.result is None]
-        if not open_chunks:
-            return []
-        ray.wait([chunk.score_ref for chunk in open_chunks], num_returns=len(open_chunks), timeout=wait_s)
-        now = time.perf_counter()
-        ready = self._ready()
-        faults: dict[int, ChunkFault] = {}
-        for chunk in open_chunks:
-            fault = self._check(chunk, ready)
-            if fault is not None:
-                faults[chunk.index] = fault
-        self._queue_rewards(open_chunks, ready)
-        for lane in [*self.lanes.values(), self.reward_lane]:
-            head = lane.running(ready, now)
-            if head is None or now - lane.head_since <= stage_timeout_s or head.chunk in faults:
+    def sampled(self, ready: set) -> bool:
+        """Every chunk's images exist: nothing of this step is left on a worker, only rewards may be."""
+        return all(chunk.result is not None or chunk.decode_ref in ready for chunk in self.chunks)
+
+    def refs(self) -> list:
+        """Every ref of its unfinished chunks (what `ready_refs` asks Ray about)."""
+        return [chunk.ref(stage) for chunk in self.chunks if chunk.result is None for stage in STAGES]
+
+    def poll(self, stage_timeout_s: float, wait_s: float = 1.0) -> list[ChunkFault]:
+        """This step alone (`poll_steps`): wait up to `wait_s` for its rewards; the faults found. Raises
+        RewardOutageError when the reward service stayed down past its budget, and StageError for a
+        stage's own error (not fixed by trying again)."""
+        faults = poll_steps([self], self.lanes, stage_timeout_s, self.open_refs("reward"), wait_s)
+        if self.error is not None:
+            raise self.error
+        return faults
+
+    def check(self, ready: set) -> list[ChunkFault]:
+        """Each unfinished chunk's stages that finished: its fault (at most one), its result stored, or
+        its error kept in `error`."""
+        faults = []
+        for chunk in (c for c in self.chunks if c.result is None):
+            try:
+                fault = self._check(chunk, ready)
+            except (StageError, RewardOutageError) as error:
+                self.error = self.error or error
                 continue
-            busy_for = now - lane.head_since
-            if lane.actor is None:
-                ray.cancel(head.ref, force=True)
-                faults[head.chunk] = ChunkFault(head.chunk, "reward", "hung", f"no rewards after {busy_for:.0f} s",
-                                                None, self.chunks[head.chunk].attempts)
-            else:
-                faults[head.chunk] = ChunkFault(head.chunk, head.stage, "hung", f"no answer after {busy_for:.0f} s",
-                                                lane.actor, self.chunks[head.chunk].attempts)
-        return list(faults.values())
+            faults += [fault] if fault is not None else []
+        self._queue_rewards(ready)
+        return faults
 
     def _ready(self) -> set:
-        """Every ref of the step that has a value or an error now (one call for all of them)."""
-        import ray
-
-        refs = [chunk.ref(stage) for chunk in self.chunks if chunk.result is None for stage in STAGES]
-        refs += [ref for lane in [*self.lanes.values(), self.reward_lane] for ref in lane.refs()]
-        refs = list(dict.fromkeys(ref for ref in refs if ref is not None))
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        return set(ready)
+        return ready_refs([self], self.lanes)
 
     def drain(self, stage_timeout_s: float, wait_s: float = 0.2) -> list:
-        """Wait out a dropped step (a guard rollback drops the async schedule's next step): none of its
-        tasks may keep a worker or the reward service busy in front of the next step's, whose stage
-        clocks would start behind them (a false hang). Each task is timed like a stage, from when it
-        can run. Returns the workers whose task ran past `stage_timeout_s` (hung: the caller restarts
-        them); a hung reward task is no longer waited for.
+        """This step alone: `drain_steps`."""
+        return drain_steps([self], self.lanes, stage_timeout_s, wait_s)
 
-        Why not `ray.cancel` (Ray 2.60, measured here): a synchronous actor runs its queued tasks
-        anyway; cancelling an actor task not sent yet (a decode waiting for its tokens) leaves a gap in
-        the driver's sequence numbers that stalls the actor's later tasks for 30 s, then fails them;
-        and cancelling a scoring task waiting for its images aborted the driver when the images came
-        (reference counter check failure). Draining costs at most the dropped step's own sampling time."""
-        import ray
-
-        hung: list[Lane] = []
-        while True:
-            ready, now = self._ready(), time.perf_counter()
-            self._queue_rewards([chunk for chunk in self.chunks if chunk.result is None], ready)
-            running = [lane for lane in [*self.lanes.values(), self.reward_lane]
-                       if lane not in hung and lane.running(ready, now)]
-            hung += [lane for lane in running if now - lane.head_since > stage_timeout_s]
-            heads = [lane.tasks[0].ref for lane in running if lane not in hung]
-            if not heads:  # all done, or the rest waits for a hung worker's output
-                return [lane.actor for lane in hung if lane.actor is not None]
-            ray.wait(heads, num_returns=1, timeout=wait_s, fetch_local=False)
-
-    def _queue_rewards(self, chunks: list[Chunk], ready: set) -> None:
+    def _queue_rewards(self, ready: set) -> None:
         """The reward service takes a chunk once its images exist: it joins the reward lane."""
-        queued = {task.ref for task in self.reward_lane.tasks}
-        for chunk in chunks:
+        queued = {task.ref for task in self.lanes.reward.tasks}
+        for chunk in self.chunks:
             if chunk.result is None and chunk.decode_ref in ready and chunk.score_ref not in queued:
-                self.reward_lane.tasks.append(StageTask(chunk.index, "reward", chunk.score_ref))
+                self.lanes.reward.tasks.append(StageTask(self, chunk.index, "reward", chunk.score_ref))
                 queued.add(chunk.score_ref)
 
     def _check(self, chunk: Chunk, ready: set) -> ChunkFault | None:
@@ -415,7 +355,7 @@ class PendingStep:
         from rollout.decoder_worker import DecoderVersionError
 
         def fault(stage: Stage, kind: FaultKind, detail: str, actor) -> ChunkFault:
-            return ChunkFault(chunk.index, stage, kind, detail, actor, chunk.attempts)
+            return ChunkFault(chunk.index, stage, kind, detail, actor, chunk.attempts, self.step)
 
         if chunk.rollout_ref not in ready:
             return None
@@ -463,10 +403,17 @@ class PendingStep:
         chunk.result = ChunkResult(batch, decoded, chunk.images_ref, scored, chunk.diffusion_ref)
         return None
 
-    def restart_stage_clocks(self) -> None:
-        """After a recovery the driver waited on: time spent waiting for it is not a hang."""
-        for lane in [*self.lanes.values(), self.reward_lane]:
-            lane.head_since = None
+    def too_old(self, learner_version: int, max_staleness: int) -> list[ChunkFault]:
+        """Resamples of the finished chunks whose rows lag `learner_version` by more than
+        `max_staleness` versions (never trained on: `redo` samples them again with the current weights)."""
+        return [ChunkFault(chunk.index, "rollout", "resample", f"its rows of v{chunk.result.batch.policy_version} are "
+                           f"{learner_version - chunk.result.batch.policy_version} versions behind the learner's "
+                           f"v{learner_version} (max_staleness {max_staleness})", None, chunk.attempts, self.step)
+                for chunk in self.chunks
+                if chunk.result is not None and learner_version - chunk.result.batch.policy_version > max_staleness]
+
+    def rows(self, chunk: int) -> int:
+        return len(self.chunks[chunk].items) * self.group_size
 
     def redo(self, fault: ChunkFault) -> None:
         """Submit the faulty chunk again from the failed stage (the workers must serve current
@@ -508,7 +455,77 @@ class PendingStep:
         mixed = step_mix(resolve_mix(self.endpoint.mix, {item.task for item in self.items}), rewards, scored,
                          batch.group_index)
         diffusion = [(chunk.start, chunk.result.diffusion_ref) for chunk in self.chunks] if self.sde else []
-        return ScoredStep(self.items, batch, images, rewards, mixed, timings, retried, diffusion)
+        row_versions = [part.policy_version for part in parts for _ in part.prompt_ids]
+        return ScoredStep(self.items, batch, images, rewards, mixed, timings, retried, diffusion,
+                          reward_latency=request_latencies(scored), row_versions=row_versions)
+
+
+def ready_refs(steps: list[PendingStep], lanes: Lanes) -> set:
+    """Every ref of these steps and of the lanes that has a value or an error now (one call for all)."""
+    import ray
+
+    refs = [ref for step in steps for ref in step.refs()] + lanes.refs()
+    refs = list(dict.fromkeys(ref for ref in refs if ref is not None))
+    if not refs:
+        return set()
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return set(ready)
+
+
+def poll_steps(steps: list[PendingStep], lanes: Lanes, stage_timeout_s: float, wait_for: list,
+               wait_s: float = 1.0) -> list[ChunkFault]:
+    """Wait up to `wait_s` for every ref of `wait_for`, then look at every step in flight: the faults
+    found (each chunk at most one), each naming its step. Every step is looked at, whichever one the
+    caller waits for: a chunk redone behind another step's hung chunk would otherwise wait forever.
+    A stage's own error or a reward outage is kept in its step's `error` (the caller raises it)."""
+    import ray
+
+    if wait_for:
+        ray.wait(wait_for, num_returns=len(wait_for), timeout=wait_s)
+    now = time.perf_counter()
+    ready = ready_refs(steps, lanes)
+    faults = {(id(step), fault.chunk): fault for step in steps for fault in step.check(ready)}
+    for lane in lanes.all():
+        head = lane.running(ready, now)
+        if (head is None or now - lane.head_since <= stage_timeout_s or head.owner not in steps
+                or (id(head.owner), head.chunk) in faults):
+            continue
+        busy_for, attempts, step = now - lane.head_since, head.owner.chunks[head.chunk].attempts, head.owner.step
+        if lane.actor is None:
+            ray.cancel(head.ref, force=True)
+            fault = ChunkFault(head.chunk, "reward", "hung", f"no rewards after {busy_for:.0f} s", None, attempts, step)
+        else:
+            fault = ChunkFault(head.chunk, head.stage, "hung", f"no answer after {busy_for:.0f} s", lane.actor,
+                               attempts, step)
+        faults[(id(head.owner), head.chunk)] = fault
+    return list(faults.values())
+
+
+def drain_steps(steps: list[PendingStep], lanes: Lanes, stage_timeout_s: float, wait_s: float = 0.2) -> list:
+    """Wait out dropped steps (a guard rollback drops every step in flight): none of their tasks may
+    keep a worker or the reward service busy in front of the next steps', whose stage clocks would
+    start behind them (a false hang). Each task is timed like a stage, from when it can run. Returns
+    the workers whose task ran past `stage_timeout_s` (hung: the caller restarts them); a hung reward
+    task is no longer waited for.
+
+    Why not `ray.cancel` (Ray 2.60, measured here): a synchronous actor runs its queued tasks
+    anyway; cancelling an actor task not sent yet (a decode waiting for its tokens) leaves a gap in
+    the driver's sequence numbers that stalls the actor's later tasks for 30 s, then fails them;
+    and cancelling a scoring task waiting for its images aborted the driver when the images came
+    (reference counter check failure). Draining costs at most the dropped steps' own sampling time."""
+    import ray
+
+    hung: list = []
+    while True:
+        ready, now = ready_refs(steps, lanes), time.perf_counter()
+        for step in steps:
+            step._queue_rewards(ready)
+        running = [lane for lane in lanes.all() if lane not in hung and lane.running(ready, now)]
+        hung += [lane for lane in running if now - lane.head_since > stage_timeout_s]
+        heads = [lane.tasks[0].ref for lane in running if lane not in hung]
+        if not heads:  # all done, or the rest waits for a hung worker's output
+            return [lane.actor for lane in hung if lane.actor is not None]
+        ray.wait(heads, num_returns=1, timeout=wait_s, fetch_local=False)
 
 
 def step_mix(components: tuple[RewardComponentConfig, ...], rewards: list[SampleReward], scored: list[ScoredImages],

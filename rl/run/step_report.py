@@ -6,11 +6,13 @@ but the notes' store events), so the trainer's loop only calls them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rl.run_store import RunStore, SampleRecord
+from rl.scoring.latency import reward_latency_metrics
 from rl.scoring.reward_mix import RewardComponentConfig, reward_notes
 
 if TYPE_CHECKING:
@@ -20,10 +22,40 @@ if TYPE_CHECKING:
     from rl.run.pipeline import ScoredStep
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """Where a step stood in the schedule when it was trained (rl/run/in_flight.py)."""
+
+    in_flight_steps: int
+    """Steps launched and not yet trained when this step's update started, this one excluded."""
+    staleness: list[int]
+    """Per row: the learner's version at the update minus the version that sampled the row."""
+    stale_rows_resampled: int = 0
+    """Rows sampled again for lagging the learner by more than `schedule.max_staleness` versions."""
+
+    @property
+    def staleness_max(self) -> int:
+        return max(self.staleness, default=0)
+
+
+def schedule_metrics(schedule: StepSchedule) -> dict[str, float]:
+    """schedule/*: the steps in flight and the step's staleness distribution over its rows."""
+    staleness = np.asarray(schedule.staleness or [0], dtype=np.float64)  # [R]
+    return {
+        "schedule/in_flight_steps": float(schedule.in_flight_steps),
+        "schedule/staleness_mean": float(staleness.mean()),
+        "schedule/staleness_min": float(staleness.min()),
+        "schedule/staleness_max": float(staleness.max()),
+        "schedule/stale_rows_resampled": float(schedule.stale_rows_resampled),
+    }
+
+
 def step_metrics(scored: ScoredStep, learner: LearnerMetrics | None, diffusion: DiffusionLearnerMetrics | None,
-                 versions: Versions, staleness: int, timings: dict[str, float]) -> dict[str, float]:
+                 versions: Versions, staleness: int, timings: dict[str, float],
+                 schedule: StepSchedule | None = None) -> dict[str, float]:
     """The step's numbers under the run store's key scheme (see rl/run_store.py). `learner` /
-    `diffusion`: the AR / diffusion learner's metrics of this step (None: that policy was not updated)."""
+    `diffusion`: the AR / diffusion learner's metrics of this step (None: that policy was not updated);
+    `staleness`: the oldest row's (policy/staleness); `schedule`: the schedule/* metrics (None: none)."""
     rewards = scored.reward_tensor()
     metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0}
     per_component: dict[str, list[float]] = {}  # reward/<name>: each component's raw mean over the rows it scored
@@ -38,6 +70,7 @@ def step_metrics(scored: ScoredStep, learner: LearnerMetrics | None, diffusion: 
     tags = sorted({r.geneval_tag for r in scored.rewards if r.task == "geneval" and r.geneval_correct is not None})
     for tag in tags:
         metrics[f"geneval/{tag}"] = float(np.mean([bool(r.geneval_correct) for r in scored.rewards if r.geneval_tag == tag]))
+    metrics.update(reward_latency_metrics(scored.reward_latency))  # reward_latency/<component>/p50 ...: the judge's wait
     if learner is not None and learner.optimizer_steps > 0:  # no update (every group zero-signal and
         metrics.update({  # filtered): these were never measured, so they stay absent (a gap on the dashboard), not 0
             **({"policy/kl": learner.kl} if not math.isnan(learner.kl) else {}),  # NaN: no reference (beta 0)
@@ -79,6 +112,7 @@ def step_metrics(scored: ScoredStep, learner: LearnerMetrics | None, diffusion: 
         "groups/zero_signal_share": (learner or diffusion).zero_signal_share,
         "rollout/rows": float(len(rewards)),
     })
+    metrics.update(schedule_metrics(schedule) if schedule is not None else {})
     metrics.update({f"time/{stage}": seconds for stage, seconds in timings.items()})
     metrics["throughput/images_per_s"] = len(rewards) / max(timings["step"], 1e-9)
     return metrics

@@ -99,6 +99,9 @@ class ScoredImages:
     seconds: float
     versions: dict[str, str] = field(default_factory=dict)
     """Component name -> version of the scorer that answered."""
+    request_seconds: dict[str, float] = field(default_factory=dict)
+    """Component name -> round-trip seconds of its request for these images, retries included (absent:
+    none of the rows needed it); a step's percentiles: rl/scoring/latency.py."""
 
 
 @dataclass
@@ -124,10 +127,11 @@ def _regions(component: RewardComponentConfig, raw) -> tuple[Region, ...]:
 
 
 async def _score_component(endpoint: RewardEndpoint, component: RewardComponentConfig, images: np.ndarray,
-                           items: list[PromptItem], details: list[_RowDetails]) -> tuple[list[float], str, list[str]]:
-    """One component's raw rewards of the rows (NaN where it does not apply), its scorer's version
-    and the failed attempts its client rode out (regions go to `details`). Its own client: its own
-    retries and outage clock."""
+                           items: list[PromptItem], details: list[_RowDetails]
+                           ) -> tuple[list[float], str, list[str], float | None]:
+    """One component's raw rewards of the rows (NaN where it does not apply), its scorer's version,
+    the failed attempts its client rode out and its request's round-trip seconds (None: no row needed
+    it); regions go to `details`. Its own client: its own retries and outage clock."""
     from rewards.client import UNVERSIONED, RewardClient
     from rewards.geneval_rules import GenevalMetadata
 
@@ -145,8 +149,9 @@ async def _score_component(endpoint: RewardEndpoint, component: RewardComponentC
     version = endpoint.versions.get(component.served_name or "", UNVERSIONED)
     async with client:
         if not rows:
-            return values, version, []
+            return values, version, [], None
         chosen = [images[i] for i in rows]
+        started = time.perf_counter()  # what the step waits for: encoding, the request(s), retries
         if component.scorer == "ocr":
             for row, result in zip(rows, await client.ocr(chosen, prompts=[items[i].caption for i in rows])):
                 values[row] = details[row].task_reward = result.reward
@@ -166,7 +171,8 @@ async def _score_component(endpoint: RewardEndpoint, component: RewardComponentC
                 values[row] = result.reward
                 details[row].regions[component.name] = _regions(component, result.details.get("regions"))
             version = answer.version
-    return values, version, [f"{component.name}: {failure}" for failure in client.failures]
+        seconds = time.perf_counter() - started
+    return values, version, [f"{component.name}: {failure}" for failure in client.failures], seconds
 
 
 def httpx_origin(url: str) -> str:
@@ -208,14 +214,15 @@ async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
         raise error
     rewards = []
     for row, item in enumerate(items):
-        scores = {c.name: values[row] for c, (values, _, _) in zip(components, outcomes) if not math.isnan(values[row])}
+        scores = {c.name: values[row] for c, (values, *_) in zip(components, outcomes) if not math.isnan(values[row])}
         d = details[row]
         rewards.append(SampleReward(d.task_reward, item.task, recognized=d.recognized, geneval_correct=d.geneval_correct,
                                     geneval_tag=d.geneval_tag, scores=scores,
                                     regions={name: found for name, found in d.regions.items() if found}))
-    return ScoredImages(rewards=rewards, failures=[f for _, _, failures in outcomes for f in failures],
+    return ScoredImages(rewards=rewards, failures=[f for _, _, failures, _ in outcomes for f in failures],
                         seconds=time.perf_counter() - start,
-                        versions={c.name: version for c, (_, version, _) in zip(components, outcomes)})
+                        versions={c.name: version for c, (_, version, *_) in zip(components, outcomes)},
+                        request_seconds={c.name: s for c, (*_, s) in zip(components, outcomes) if s is not None})
 
 
 def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem],

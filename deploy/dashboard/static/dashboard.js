@@ -40,6 +40,11 @@ const PANELS = [
   // diffusion-only run keeps policy/version flat)
   { id: "version", title: "Policy version", scale: "nonneg", match: (k) => k === "policy/version" || k === "diffusion/version" },
   { id: "staleness", title: "Rollout staleness (versions behind)", scale: "nonneg", match: (k) => k === "policy/staleness" },
+  // the async schedule (schedule/*, async runs): steps launched and not yet trained when this step
+  // trained, how far behind the learner its rows were sampled, and rows sampled again for being too old
+  { id: "schedule-in-flight", title: "Steps in flight (launched, not yet trained)", scale: "nonneg", match: (k) => k === "schedule/in_flight_steps" },
+  { id: "schedule-staleness", title: "Staleness of the step's rows (versions behind): min, mean, max", scale: "nonneg", match: (k) => /^schedule\/staleness_(min|mean|max)$/.test(k) },
+  { id: "schedule-resampled", title: "Stale rows sampled again", scale: "nonneg", match: (k) => k === "schedule/stale_rows_resampled" },
   { id: "zero-signal", title: "Zero-signal groups (share)", scale: "fraction", match: (k) => k === "groups/zero_signal_share" || k === "diffusion/zero_signal_share" },
   { id: "eval-time", title: "In-run eval time (s)", scale: "nonneg", sparse: true, match: (k) => k === "time/eval" },
   { id: "time", title: "Step time by stage (s)", scale: "nonneg", match: (k) => k.startsWith("time/") },
@@ -62,13 +67,21 @@ function panelOf(key) {
   return panelCache.get(key);
 }
 
-// The panel of a metric key: a fixed one; else one per eval benchmark (eval/<bench>/<name>: all but
-// the last part), one per guard statistic (guard/<statistic>[/...]), or one for the key alone.
-// `rank` orders the page: fixed panels in PANELS order, then eval, guard and the rest by name.
+// The panel of a metric key: a fixed one; else one per reward component's request latency
+// (reward_latency/<component>/<p50|p90|p99|max>), one per eval benchmark (eval/<bench>/<name>: all
+// but the last part), one per guard statistic (guard/<statistic>[/...]), or one for the key alone.
+// `rank` orders the page (compared element by element): fixed panels in PANELS order with the latency
+// panels right after the step times, then eval, guard and the rest by name.
 function findPanel(key) {
   const fixed = PANELS.findIndex((p) => p.match(key));
   if (fixed >= 0) return { ...PANELS[fixed], rank: [0, fixed] };
   const [head, ...rest] = key.split("/");
+  if (head === "reward_latency" && rest.length > 1) {
+    const component = rest.slice(0, -1).join("/");
+    const after = PANELS.findIndex((p) => p.id === "time");
+    return { id: slug(`reward-latency-${component}`), title: `Reward latency: ${component} (s per request)`,
+             scale: "nonneg", rank: [0, after, component] };
+  }
   if (head === "eval") {
     const bench = rest.slice(0, -1).join("/") || "overall";
     return { id: slug(`eval-${bench}`), title: `Eval: ${bench}`, scale: "unit", sparse: true, rank: [1, bench] };
@@ -80,7 +93,11 @@ function findPanel(key) {
 }
 
 function comparePanels(a, b) {
-  return a.rank[0] - b.rank[0] || (a.rank[1] < b.rank[1] ? -1 : a.rank[1] > b.rank[1] ? 1 : 0);
+  for (let i = 0; i < Math.max(a.rank.length, b.rank.length); i++) {
+    if (a.rank[i] === undefined || b.rank[i] === undefined) return a.rank[i] === undefined ? -1 : 1;
+    if (a.rank[i] !== b.rank[i]) return a.rank[i] < b.rank[i] ? -1 : 1;
+  }
+  return 0;
 }
 
 // y range of a panel from the finite min/max uPlot found in its data (null/inf when there is none).
