@@ -123,7 +123,8 @@ def _prompts_edit(args: argparse.Namespace) -> None:
     from rl.prompts.generators import PromptSetError
 
     try:
-        write_edit_set(Path(args.out), args.n, args.seed, args.split)
+        write_edit_set(Path(args.out), args.n, args.seed, args.split, words=args.words or (),
+                       targets=args.targets or ())
     except PromptSetError as error:
         print(f"blip3o-rl: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--max-items", type=int, default=64, help="the server's --max-items (default 64)")
     loadtest.set_defaults(run=_rewards_loadtest)
 
-    evaluation = sub.add_parser("eval", help="benchmark a model or run checkpoint: GenEval or OCR (resumable)")
+    evaluation = sub.add_parser("eval", help="benchmark a model or run checkpoint: GenEval, OCR or edits (resumable)")
     from rl.evaluation.command import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluation)
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, default=0, help="the same seed writes the same set (default 0)")
     edit.add_argument("--split", choices=["train", "eval"], default="train",
                       help="train: the training words; eval: the evaluation words (default train)")
+    edit.add_argument("--words", nargs="+", help="source words instead of the split's (a row holds two of them)")
+    edit.add_argument("--targets", nargs="+", help="words the edits change to (default: three distinct source words "
+                                                    "an edit); each must fit the tiles of the word it replaces")
     edit.set_defaults(run=_prompts_edit)
     return parser
 

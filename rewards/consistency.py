@@ -54,10 +54,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from rewards.clip_score import ClipModelConfig
 from rewards.errors import RewardInputError
 from rewards.ocr import check_image
-from rewards.scorer import EditSource, ScoreResult
+from rewards.scorer import EditSource, Region, ScoreResult, pixel_region
 
 PSNR_CEILING_DB = 100.0
 """PSNR reported for identical images (MSE 0, PSNR infinite): finite for JSON and for averages."""
+REGION_BLOCKS = 8
+"""Blocks per side of the per-block regions (spatial credit): 8 x 8, as the JPEG rewards' (a glyph tile
+is one block wide)."""
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -166,6 +169,26 @@ def edit_region(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return mask if mask is not None and mask.any() else np.ones(shape[:2], dtype=bool)
 
 
+def background_regions(output: np.ndarray, source: np.ndarray, mask: np.ndarray, cap_db: float,
+                       blocks: int = REGION_BLOCKS) -> list[Region]:
+    """Spatial credit's regions: a blocks x blocks grid over the image, each block with pixels outside the
+    mask rewarded clip(region PSNR of those pixels / cap_db, 0, 1) (not diluted: a block's own error);
+    blocks wholly inside the mask have none."""
+    height, width = mask.shape
+    rows, cols = np.linspace(0, height, blocks + 1).round().astype(int), np.linspace(0, width, blocks + 1).round().astype(int)
+    regions = []
+    for i in range(blocks):
+        for j in range(blocks):
+            outside = ~mask[rows[i]:rows[i + 1], cols[j]:cols[j + 1]]  # [h, w]
+            if not outside.any():
+                continue
+            psnr = region_psnr(output[rows[i]:rows[i + 1], cols[j]:cols[j + 1]],
+                               source[rows[i]:rows[i + 1], cols[j]:cols[j + 1]], outside)
+            regions.append(pixel_region((cols[j], rows[i], cols[j + 1], rows[i + 1]), width, height,
+                                        min(max(psnr / cap_db, 0.0), 1.0)))
+    return regions
+
+
 def psnr_reward(metrics: BackgroundMetrics, cap_db: float) -> float:
     """clip(PSNR / cap_db, 0, 1)."""
     return min(max(metrics.psnr / cap_db, 0.0), 1.0)
@@ -194,7 +217,7 @@ class ConsistencyScorer:
     def __init__(self, config: ConsistencyConfig = ConsistencyConfig(), embedder=None, clip_version: str = ""):
         self.embedder = embedder
         """A rewards.clip_score.ClipEmbedder for items without a mask (None: refused)."""
-        cap = config.psnr_cap_db
+        cap = self.cap_db = config.psnr_cap_db
         self.reward_of = {"psnr": lambda m: psnr_reward(m, cap), "ssim": ssim_reward}[config.reward]
         metric = f"psnr/{cap:g}dB" if config.reward == "psnr" else "ssim"
         self.version = f"pie-bench-background:{metric}" + (f"+clip-i:{clip_version}" if embedder is not None else "")
@@ -216,8 +239,10 @@ class ConsistencyScorer:
                 metrics = background_metrics(image, reference, mask)
             except RewardInputError as error:
                 raise error.at(index) from None
+            regions = background_regions(image, reference, mask, self.cap_db)
             details = {"mse": metrics.mse, "psnr": metrics.psnr, "ssim": metrics.ssim,
-                       "outside_fraction": metrics.outside_fraction, "source_resized": resized}
+                       "outside_fraction": metrics.outside_fraction, "source_resized": resized,
+                       "regions": [region.as_json() for region in regions]}
             results[index] = ScoreResult(self.reward_of(metrics), details)
         if unmasked:
             self._clip_i(unmasked, results)

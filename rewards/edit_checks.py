@@ -16,6 +16,9 @@ the CSS / X11 colour keywords of the same names (`PALETTE`). A crude, model-free
 tiny-model demos, where no CLIP can name colours: GenEval's CLIP colour classifier
 (rewards/colour.py) needs a real CLIP and an object class.
 
+Regions (spatial credit, rl/objectives/regions.py): edit_ocr answers the OCR reward's per-character regions
+(right 1, wrong or missing 0) of what it read in the box, placed on the image; a copy answers none.
+
 Copy guard: an output nearly identical to its source inside the edit region gets no edit reward,
 so a policy cannot earn the edit reward by returning the source (for instance when the source
 already shows the target text). "Nearly identical" is the PSNR of the output against the source
@@ -39,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rewards.consistency import aligned, edit_region, region_psnr, require_source
 from rewards.errors import RewardInputError
 from rewards.geneval_rules import COLORS
-from rewards.ocr import OcrScorer, normalise, ocr_reward
-from rewards.scorer import EditSource, ScoreResult
+from rewards.ocr import OcrScorer, Reading, character_regions, normalise, ocr_reward
+from rewards.scorer import EditSource, Region, ScoreResult, pixel_region
 
 PALETTE = {"red": (255, 0, 0), "orange": (255, 165, 0), "yellow": (255, 255, 0), "green": (0, 128, 0),
            "blue": (0, 0, 255), "purple": (128, 0, 128), "pink": (255, 192, 203), "brown": (165, 42, 42),
@@ -107,16 +110,38 @@ class CopyGuard:
         return {"copied": psnr >= self.threshold_db, "edit_region_psnr": psnr}
 
 
+def ocr_window(mask: np.ndarray | None) -> tuple[int, int, int, int, int] | None:
+    """(y0, y1, x0, x1, pad) of what the OCR check reads: the bounding box of bool `mask` [H, W] and a
+    padding of a quarter of its shorter side; None when there is no mask or it is empty."""
+    if mask is None or not mask.any():
+        return None
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+    return y0, y1, x0, x1, max(1, min(y1 - y0, x1 - x0) // 4)
+
+
 def ocr_region(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """What the OCR check reads: the bounding box of bool `mask` [H, W] in `image` [H, W, 3], padded by
     a quarter of its shorter side with its edge pixels (room for the text detector); the whole image
     when there is no mask or it is empty."""
-    if mask is None or not mask.any():
+    window = ocr_window(mask)
+    if window is None:
         return image
-    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    box = image[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]  # [h, w, 3]
-    pad = max(1, min(box.shape[:2]) // 4)
-    return np.pad(box, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    y0, y1, x0, x1, pad = window
+    return np.pad(image[y0:y1, x0:x1], ((pad, pad), (pad, pad), (0, 0)), mode="edge")  # [h + 2 pad, w + 2 pad, 3]
+
+
+def image_regions(reading: Reading, target: str, crop_shape: tuple[int, ...], mask: np.ndarray | None,
+                  image_shape: tuple[int, ...]) -> list[Region]:
+    """The OCR reward's per-character regions of a reading of the crop (rewards/ocr.py `character_regions`:
+    right characters 1, wrong and missing ones 0), moved from the crop onto the image: a crop pixel
+    (u, v) is the image pixel (x0 - pad + u, y0 - pad + v). Spatial credit reads them."""
+    window = ocr_window(mask)
+    y0, _, x0, _, pad = window if window is not None else (0, 0, 0, 0, 0)
+    (crop_h, crop_w), (height, width) = crop_shape[:2], image_shape[:2]
+    return [pixel_region((x0 - pad + r.box[0] * crop_w, y0 - pad + r.box[1] * crop_h,
+                          x0 - pad + r.box[2] * crop_w, y0 - pad + r.box[3] * crop_h), width, height, r.reward)
+            for r in character_regions(reading, target, crop_w, crop_h)]
 
 
 def guard_and_masks(guard: CopyGuard, images: list[np.ndarray], sources: list[EditSource | None],
@@ -151,12 +176,17 @@ class EditOcrScorer:
               sources: list[EditSource | None]) -> list[ScoreResult]:
         targets = [target_text(metadata, index) for index, metadata in enumerate(metadatas)]
         guards, masks = guard_and_masks(self.guard, images, sources, self.name)
-        texts = self.ocr.read([ocr_region(image, mask) for image, mask in zip(images, masks)])
+        crops = [ocr_region(image, mask) for image, mask in zip(images, masks)]
         results = []
-        for text, target, guard in zip(texts, targets, guards, strict=True):
-            ocr = ocr_reward(text, target)
-            reward = 0.0 if guard.get("copied") else ocr
-            results.append(ScoreResult(reward, {"recognized": text, "target": target, "ocr": ocr, **guard}))
+        for image, crop, mask, reading, target, guard in zip(images, crops, masks, self.ocr.readings(crops), targets,
+                                                             guards, strict=True):
+            ocr = ocr_reward(reading.text, target)
+            copied = bool(guard.get("copied"))
+            # a copy earns no edit reward, so none of its regions either
+            regions = [] if copied else image_regions(reading, target, crop.shape, mask, image.shape)
+            results.append(ScoreResult(0.0 if copied else ocr, {"recognized": reading.text, "target": target,
+                                                                "ocr": ocr, **guard,
+                                                                "regions": [r.as_json() for r in regions]}))
         return results
 
 

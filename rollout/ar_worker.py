@@ -43,6 +43,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -50,11 +51,10 @@ from policy.loading import load_tokenizer, load_vocab, torch_dtype
 from policy.logprobs import Truncation
 from policy.lora import adapter_specs, vllm_max_lora_rank, write_adapter
 from policy.model_dir import resolve_model_dir
-from policy.prompt import rollout_prompt_ids
 from policy.weights import AR_STREAM, ParamSpec, VersionedWeights, WeightStream, tied_embeddings
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.records import RolloutBatch
-
+from rollout.source_images import prompt_rows, source_reader
 
 ADAPTER_DIR_PREFIX = "blip3o-lora-"
 """Served-adapter folders are named <prefix><pid>-<random> under `RolloutConfig.adapter_dir`."""
@@ -102,6 +102,8 @@ class ARRolloutWorker:
             self._lora_ids = itertools.count(1)  # vLLM's adapter ids: never reused, even for a re-published version
         self._sampling_defaults = self.paths.layout().sampling
         self._tied_head = tied_embeddings(self.paths.ar)
+        self._source_reader = None
+        """Source images of edit prompts -> codes (rollout/source_images.py); loaded at the first edit."""
         self._llm = self._start_engine(config)
 
     def _start_engine(self, config: RolloutConfig):
@@ -155,9 +157,13 @@ class ARRolloutWorker:
         return self._weights.specs
 
     def generate(
-        self, captions: list[str], group_size: int, seed: int, sampling: SamplingConfig | None = None
+        self, captions: list[str], group_size: int, seed: int, sampling: SamplingConfig | None = None,
+        sources: list[np.ndarray | None] | None = None,
     ) -> RolloutBatch:
-        """`group_size` samples per caption, rows caption-major; row r is sampled with seed + r."""
+        """`group_size` samples per caption, rows caption-major; row r is sampled with seed + r. Editing:
+        `sources[i]` is caption i's source image (uint8 [H, W, 3] pixels, not a path: the worker may run on
+        another node; None = text to image); its codes go in the prompt's `<image>` span
+        (rollout/source_images.py), so `prompt_ids` carries them to the learner and the decoder."""
         if not captions:
             raise ValueError("generate needs at least one caption")
         if group_size < 1:
@@ -166,13 +172,15 @@ class ARRolloutWorker:
         sampling = sampling or self.config.sampling
         truncation = sampling.truncation(self._sampling_defaults)
         n_tokens = self.vocab.tokens_per_image
-        prompts = [rollout_prompt_ids(self.tokenizer, c, self.config.instruction, self.config.system_prompt)
-                   for c in captions]
+        prompts = prompt_rows(self.tokenizer, self.vocab, self.config, captions, sources or [None] * len(captions),
+                              self._reader)
         longest = max(len(p) for p in prompts)
         if longest + n_tokens > self.config.max_model_len:
+            source = f" ({n_tokens} of them the source image's)" if any(s is not None for s in sources or ()) else ""
             raise ValueError(
-                f"prompt of {longest} tokens + {n_tokens} image tokens exceeds max_model_len "
-                f"{self.config.max_model_len}; shorten the caption or raise max_model_len"
+                f"prompt of {longest} tokens{source} + {n_tokens} image tokens exceeds max_model_len "
+                f"{self.config.max_model_len}; shorten the caption or raise rollout.engine.max_model_len to at least "
+                f"{longest + n_tokens}"
             )
         row_prompts = [p for p in prompts for _ in range(group_size)]
         params = [self._sampling_params(sampling.temperature, truncation, seed + row) for row in range(len(row_prompts))]
@@ -196,6 +204,11 @@ class ARRolloutWorker:
             truncation=truncation,
             timings={"generate": elapsed},
         )
+
+    def _reader(self):
+        if self._source_reader is None:
+            self._source_reader = source_reader(self.config, self.paths, self.vocab, self._dtype)
+        return self._source_reader
 
     def _sampling_params(self, temperature: float, truncation: Truncation, seed: int):
         from vllm import SamplingParams

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from policy.logprobs import Truncation
 from policy.lora import LoRAConfig
 from policy.model_dir import SamplingDefaults
-from policy.prompt import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
+from policy.prompt import DEFAULT_EDIT_TURN, DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
+from rollout.decoder_config import GlyphConfig
 
 
 class SamplingConfig(BaseModel):
@@ -70,6 +73,16 @@ class RolloutConfig(BaseModel):
     system turn."""
     instruction: str = DEFAULT_INSTRUCTION
     """Instruction wrapped around each caption in the rollout prompt (must contain {caption})."""
+    edit_turn: str = DEFAULT_EDIT_TURN
+    """User turn of an edit prompt: `{instruction}` and `<image>` (where the source's ids go) once each;
+    the default is upstream's reconstruction turn with the instruction in place of its sentence."""
+    source_tokenizer: Literal["ta_tok", "glyph"] | None = None
+    """How an edit prompt's source image becomes ids: ta_tok (the model directory's `image_tokenizer/`,
+    BLIP3o-NEXT's TA-Tok), glyph (the glyph decoder's exact inverse); None: by the decoder recorded in the
+    model directory. A run config copies it from `decoder.decoder.kind`."""
+    glyph: GlyphConfig = Field(default_factory=GlyphConfig)
+    """The glyph decoder's settings, whose inverse reads source images (source_tokenizer glyph); a run
+    config copies `decoder.decoder.glyph`."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Default sampling settings; `generate` may override them per call."""
     lora: LoRAConfig | None = None

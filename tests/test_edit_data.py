@@ -127,13 +127,15 @@ def test_cli_sets_are_deterministic_and_train_eval_disjoint(synthetic, tmp_path)
     assert len(load_source(PromptSourceConfig(kind="edit", path=evaluation, allow_eval_prompts=True))) == 12
 
 
-def test_a_run_config_refuses_edit_sources_until_the_rollout_takes_source_images(synthetic):
-    """Without the source image in the prompt, a run would train text-to-image on the instructions."""
+def test_a_run_configs_data_takes_edit_sources_alone(synthetic):
+    """The edit rollout puts the source in the prompt, so edit sources train; beside text-to-image sources
+    they are refused (the mix's edit rewards would score rows without a source)."""
     from rl.run.config import DataSection
 
     train, _ = synthetic
-    with pytest.raises(ValueError, match="sources.0: edit sources cannot be trained on yet"):
-        DataSection(sources=[PromptSourceConfig(kind="edit", path=train)])
+    assert DataSection(sources=[PromptSourceConfig(kind="edit", path=train)]).edits
+    with pytest.raises(ValueError, match="edit sources cannot share a run with text-to-image sources"):
+        DataSection(sources=[PromptSourceConfig(kind="edit", path=train), PromptSourceConfig(kind="words", words=["we"])])
 
 
 def test_cli_refuses_more_edits_than_exist(tmp_path, capsys):

@@ -26,7 +26,7 @@ from rewards.consistency import (
 )
 from rewards.edit_checks import CopyGuard, EditColorScorer, EditOcrScorer, color_share
 from rewards.errors import RewardInputError
-from rewards.ocr import OcrConfig, OcrScorer
+from rewards.ocr import OcrConfig, OcrScorer, Reading
 from rewards.scorer import EditSource, ScoreResult, ServedScorer, mask_of
 from rewards.tiny import make_tiny_colour_clip
 from tests.rewards_support import serve_in_thread
@@ -123,7 +123,14 @@ def test_consistency_scorer_rewards_and_errors():
     psnr = ConsistencyScorer(ConsistencyConfig(reward="psnr", psnr_cap_db=40.0))
     [result] = psnr.score([output], [""], [{}], [EditSource(source, mask)])
     assert result.reward == pytest.approx(10 * math.log10(1600) / 40, rel=1e-12)
-    assert set(result.details) == {"mse", "psnr", "ssim", "outside_fraction", "source_resized"}
+    assert set(result.details) == {"mse", "psnr", "ssim", "outside_fraction", "source_resized", "regions"}
+    # spatial credit's regions: 8 x 8 blocks of 2 x 2 px; the 32 of columns 0-7 lie inside the mask (none);
+    # the block of rows 0-1, columns 10-11 is the raised one: PSNR 10 log10(1 / 0.2^2) / 40, the rest identical
+    regions = {tuple(r["box"]): r["reward"] for r in result.details["regions"]}
+    raised = (10 / 16, 0.0, 12 / 16, 2 / 16)
+    assert len(regions) == 32 and all(box[0] >= 0.5 for box in regions)
+    assert regions.pop(raised) == pytest.approx(10 * math.log10(25) / 40, rel=1e-12)
+    assert set(regions.values()) == {1.0}
     [capped] = psnr.score([source], [""], [{}], [EditSource(source, mask)])
     assert capped.reward == 1.0  # a copy is perfectly consistent: consistency has no copy guard
     [by_ssim] = ConsistencyScorer(ConsistencyConfig(reward="ssim")).score([output], [""], [{}],
@@ -171,6 +178,9 @@ class FixedReader:
 
     def read(self, images):
         return self.texts[: len(images)]
+
+    def readings(self, images):
+        return [Reading(text) for text in self.read(images)]
 
 
 def test_copy_guard_zeroes_the_edit_reward_of_a_copy():

@@ -281,6 +281,63 @@ def test_two_evals_agree_and_an_interrupted_eval_resumes_to_the_same_numbers(gly
 
 
 @pytest.mark.slow
+def test_edit_bench_through_the_glyph_workers_reports_the_scorers_values_of_its_saved_images(glyph_workers, tmp_path):
+    """`--bench edit` on a synthetic evaluation set (`blip3o-rl prompts edit --split eval`) through the
+    real glyph workers (each row sampled from its source's tokens) and a real reward app (tiny PP-OCR,
+    a tiny CLIP as consistency's CLIP-I and clipscore's CLIP-T): every reported number is the scorer's
+    value recomputed from the saved image. The edit bench's other tests: tests/test_eval_edit.py."""
+    import numpy as np
+    from PIL import Image
+
+    from rewards.app.main import create_app
+    from rewards.app.settings import Settings
+    from rewards.clip_score import ClipEmbedder, ClipModelConfig
+    from rewards.consistency import background_metrics
+    from rewards.tiny import make_tiny_colour_clip
+    from rl.evaluation.edit_bench import EditData, EditScoring
+    from rl.evaluation.harness import evaluate
+    from rl.prompts.edit import load_pixels, read_edit_file
+    from rl.prompts.edit_synthetic import write_edit_set
+    from rl.scoring.service import RewardEndpoint
+    from tests.rewards_support import serve_in_thread
+
+    data = tmp_path / "set" / "eval.jsonl"
+    write_edit_set(data, 3, seed=1, split="eval", log=lambda *_: None)
+    clip = str(make_tiny_colour_clip(tmp_path / "clip"))
+    settings = Settings(scorers=["consistency", "edit_ocr", "clipscore"], ocr={"size": "tiny"}, batch_wait_ms=1,
+                        consistency={"clip": {"model": clip}}, clipscore={"model": clip, "prefix": ""})
+    spec = EvalSpec(bench="edit", model="glyph", images_per_prompt=2, edit_data=EditData(path=data))
+    store = SampleStore(tmp_path / "edit")
+    with serve_in_thread(create_app(settings)) as url:
+        endpoint = RewardEndpoint(url=url, token=None, timeout_s=120, outage_budget_s=60, backoff_s=0.5)
+        report = evaluate(glyph_workers, endpoint, spec, store, edit_scoring=EditScoring(clip=True))
+    samples, records = read_samples(store.samples_path), read_edit_file(data)
+    assert [(s.prompt_index, s.sample_index, s.seed, s.prompt) for s in samples] == [
+        (p, s, 2 * p + s, records[p].prompt) for p in range(3) for s in range(2)]
+
+    embedder, _ = ClipEmbedder.from_config(ClipModelConfig(model=clip), "test")
+    outputs = [np.asarray(Image.open(store.root / s.image)) for s in samples]
+    sources = [load_pixels(records[s.prompt_index]) for s in samples]
+    clip_i = (embedder.images(outputs) * embedder.images([source for source, _ in sources])).sum(-1)
+    clip_t = (embedder.images(outputs) * embedder.texts([s.prompt for s in samples])).sum(-1)
+    for sample, output, (source, mask), image_cos, text_cos in zip(samples, outputs, sources, clip_i, clip_t):
+        assert output.shape == source.shape == (64, 256, 3)  # the glyph row, as the synthetic sources
+        expected = background_metrics(output, source, mask)  # every synthetic edit has a mask (the word's 3 tiles)
+        edit = sample.edit
+        assert (edit.psnr, edit.ssim, edit.mse, edit.outside_fraction) == pytest.approx(
+            (expected.psnr, expected.ssim, expected.mse, expected.outside_fraction), rel=1e-12)
+        assert edit.outside_fraction == pytest.approx(5 / 8)  # 3 of the 8 tiles are the edit region
+        assert edit.clip_i == pytest.approx(float(image_cos), abs=1e-5)
+        assert edit.clip_t == pytest.approx(float(text_cos), abs=1e-5)
+        assert edit.clip_t_caption is None and edit.judge is None and edit.edit_color is None
+        assert 0.0 <= edit.edit_ocr <= 1.0 and edit.edit_ocr_exact == (edit.edit_ocr == 1.0)
+        assert edit.copied is not None
+    overall = report.edit.overall.metrics
+    assert overall["psnr"].mean == pytest.approx(np.mean([s.edit.psnr for s in samples]), rel=1e-12)
+    assert overall["psnr"].images == overall["clip_i"].images == overall["edit_ocr"].images == 6
+
+
+@pytest.mark.slow
 def test_in_process_eval_of_the_checkpoint_weights_equals_the_cli(glyph_workers, ocr_server, run_dir, cli_run,
                                                                   glyph_model_dir, tmp_path):
     """The last user of `glyph_workers` in this file: it leaves them on the checkpoint's weights (v3)."""

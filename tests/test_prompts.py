@@ -88,18 +88,23 @@ def test_evaluation_sets_are_packaged_whole():
     assert sorted(EVAL_SETS.values()) == sorted(EVAL.iterdir())
 
 
-def shipped_sources() -> list[tuple[str, PromptSourceConfig]]:
+def shipped_sources(root: Path) -> list[tuple[str, PromptSourceConfig]]:
+    """Every source of the bundled sets and the shipped configs; relative paths under `root`, where the
+    synthetic edit sets the edit configs' runs would write are written."""
+    from rl.prompts.edit_synthetic import ensure_synthetic_sources
+
     sources = [(f"bundled {kind}", PromptSourceConfig(kind=kind)) for kind in BUNDLED]
     for path in sorted(CONFIGS.glob("*.yaml")):
-        config = load_config(path)
+        config = load_config(path, root=root)
+        ensure_synthetic_sources(config.data.sources, log=lambda line: None)
         sources += [(f"{path.name} data.sources.{i}", source) for i, source in enumerate(config.data.sources)]
     return sources
 
 
-def test_every_shipped_training_source_is_disjoint_from_every_evaluation_set():
+def test_every_shipped_training_source_is_disjoint_from_every_evaluation_set(tmp_path):
     prompts, targets = eval_oracle()
     checked = {}
-    for name, source in shipped_sources():
+    for name, source in shipped_sources(tmp_path):
         assert not source.allow_eval_prompts, name
         items = load_source(source)
         overlap = [i.caption for i in items if i.caption.replace(" ", "").lower() in prompts]
@@ -120,6 +125,9 @@ def test_every_shipped_training_source_is_disjoint_from_every_evaluation_set():
         "tiny-cpu-sana.yaml data.sources.1": 4000,
         "tiny-cpu-sana-diffusion.yaml data.sources.0": 5000,
         "tiny-cpu-sana-joint.yaml data.sources.0": 5000,
+        "gpu-blip3o-next-grpo-edit.yaml data.sources.0": 4000,  # synthetic word edits (a placeholder for yours)
+        "tiny-cpu-glyph-edit.yaml data.sources.0": 1,  # one edit: "cat sun", sun -> we
+        "tiny-cpu-sana-edit.yaml data.sources.0": 8,
     }
 
 

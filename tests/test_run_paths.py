@@ -142,6 +142,7 @@ USED_ON = {
     "rewards.server.consistency.clip.model": {"reward"},
     "rewards.server.consistency.clip.processor": {"reward"},
     "decoder.decoder.glyph.font_path": {"decoder"},
+    "rollout.engine.glyph.font_path": {"rollout"},  # its inverse reads edit sources into ids
     "data.sources.*.path": {"head"},
     "logging.runs_dir": {"head", "learner"},  # the store on the head; learner ranks write checkpoints
 }

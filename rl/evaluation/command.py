@@ -7,6 +7,10 @@
                              the latest complete checkpoint unless STEP is given
     --model RUN_DIR/step-N   one checkpoint directly
 
+`--bench edit --data FILE [--format F]` evaluates edits (rl/evaluation/edit_bench.py): each line's
+source image and instruction through the same workers, the edited image scored by the reward API's
+consistency and edit checks, CLIP-I / CLIP-T when it serves clipscore, and a judge (`--judge-url`).
+
 A run's base model, prompt template, sampling and decoder settings come from the config the run
 store recorded for it (`runs.db` two levels above RUN_DIR), so the policy is evaluated the way it
 was trained; `--base-model DIR` replaces that lookup (then the model's defaults apply).
@@ -153,8 +157,25 @@ def start_workers(model: EvalModel):
     return LocalWorkers(rollout, decoder)
 
 
-def reward_endpoint(args: argparse.Namespace, log: Path):
-    """(endpoint, server to stop or None): --reward-url, else a `rewards serve` child of this process."""
+def server_flags(args: argparse.Namespace, edit_scorers: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `rewards serve` flags and extra environment of the server an eval starts for its bench.
+    Edit: `edit_scorers` (what the lines need, consistency at least); with --clip, that CLIP as
+    consistency's (CLIP-I) and as clipscore without its "A photo depicts " prefix (CLIP-T is the plain cosine)."""
+    if args.bench != "edit":
+        flags = ["--scorers", args.bench]
+        flags += ["--ocr-size", args.ocr_size] if args.bench == "ocr" else []
+        flags += [f for key in ("detector", "clip") if getattr(args, key) for f in (f"--{key}", getattr(args, key))]
+        return flags, {}
+    scorers = ",".join(dict.fromkeys(["consistency", *edit_scorers]))
+    env = {"BLIP3O_RL_REWARDS_CONSISTENCY__CLIP__MODEL": args.clip, "BLIP3O_RL_REWARDS_CLIPSCORE__MODEL": args.clip,
+           "BLIP3O_RL_REWARDS_CLIPSCORE__PREFIX": ""} if args.clip else {}
+    return ["--scorers", scorers, "--ocr-size", args.ocr_size], env
+
+
+def reward_endpoint(args: argparse.Namespace, log: Path, edit_scorers: list[str] | None = None):
+    """(endpoint, server to stop or None, the scorers it serves): --reward-url, else a `rewards serve`
+    child of this process. The edit bench's API must serve `edit_scorers` (but clipscore: without it
+    the eval asks for no CLIP metric)."""
     from rewards.client import RewardClient
     from rewards.local_server import start_reward_server
     from rl.scoring.service import RewardEndpoint
@@ -162,10 +183,9 @@ def reward_endpoint(args: argparse.Namespace, log: Path):
     server = None
     url = args.reward_url
     if url is None:
-        flags = ["--scorers", args.bench]
-        flags += ["--ocr-size", args.ocr_size] if args.bench == "ocr" else []
-        flags += [f for key in ("detector", "clip") if getattr(args, key) for f in (f"--{key}", getattr(args, key))]
-        env = {**os.environ, **({"BLIP3O_RL_REWARDS_TOKEN": args.reward_token} if args.reward_token else {})}
+        flags, extra_env = server_flags(args, edit_scorers or [])
+        env = {**os.environ, **extra_env,
+               **({"BLIP3O_RL_REWARDS_TOKEN": args.reward_token} if args.reward_token else {})}
         try:
             server = start_reward_server(flags, env=env, log=log)
         except RuntimeError as error:
@@ -182,13 +202,15 @@ def reward_endpoint(args: argparse.Namespace, log: Path):
         if server:
             server.stop()
         raise EvalCommandError(f"reward API at {url} did not answer /readyz: {error}") from None
-    if args.bench not in readiness.scorers:
+    needed = [name for name in edit_scorers or [] if name != "clipscore"] if args.bench == "edit" else [args.bench]
+    missing = [name for name in needed if name not in readiness.scorers]
+    if missing:
         if server:
             server.stop()
-        raise EvalCommandError(f"the reward API at {url} runs {readiness.scorers}, not '{args.bench}'")
+        raise EvalCommandError(f"the reward API at {url} runs {readiness.scorers}, not {', '.join(missing)}")
     endpoint = RewardEndpoint(url=url, token=args.reward_token, timeout_s=args.reward_timeout, outage_budget_s=300.0,
                               backoff_s=0.5, limits=readiness.limits)
-    return endpoint, server
+    return endpoint, server, list(readiness.scorers)
 
 
 def apply_overrides(model: EvalModel, args: argparse.Namespace) -> EvalModel:
@@ -206,42 +228,68 @@ def apply_overrides(model: EvalModel, args: argparse.Namespace) -> EvalModel:
 def _stop_started_server(pending) -> None:
     """The workers failed: stop the reward server this eval started, if it came up at all."""
     try:
-        _, server = pending.result()
+        _, server, _ = pending.result()
     except Exception:
         return
     if server:
         server.stop()
 
 
+def edit_data(args: argparse.Namespace):
+    """The edit bench's EditData from --data / --format / --images / --language (None for the other benches)."""
+    from rl.evaluation.edit_bench import EditData
+
+    given = [flag for flag, value in (("--data", args.data), ("--format", args.format), ("--images", args.images))
+             if value is not None]
+    if args.bench != "edit":
+        if given:
+            raise EvalCommandError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --bench edit")
+        return None
+    if args.data is None:
+        raise EvalCommandError("--bench edit needs --data FILE (an edit JSONL, ImgEdit's JSON, GEdit-Bench's "
+                               "parquet or PIE-Bench's mapping_file.json)")
+    if args.prompts is not None:
+        raise EvalCommandError("--bench edit reads --data, not --prompts")
+    return EditData(path=Path(args.data).resolve(), format=args.format,
+                    images=Path(args.images).resolve() if args.images else None,
+                    language=None if args.language == "all" else args.language)
+
+
 def run(args: argparse.Namespace) -> int:
-    from rl.evaluation.harness import EvalMismatchError, EvalProgress, EvalSpec, SampleStore, evaluate
+    from rl.evaluation.edit_bench import EditScoring, needed_scorers
+    from rl.evaluation.harness import EvalMismatchError, EvalProgress, EvalSpec, SampleStore, edit_lines, evaluate
+    from rl.prompts.edit import EditDataError
 
     out = Path(args.out)
     if out.suffix != ".json":
         raise EvalCommandError(f"--out must name a .json file, got {out}")
     results_dir = out.with_suffix("")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # progress lines, not engine INFO lines
+    data = edit_data(args)  # flag mistakes before anything resolves or loads
     model = apply_overrides(resolve_eval_model(args.model, base_model=args.base_model), args)
     flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     sampling = model.rollout.sampling.model_copy(update={k: v for k, v in flags.items() if v is not None})
     spec = EvalSpec(bench=args.bench, model=model.label, images_per_prompt=args.images_per_prompt, limit=args.limit,
                     seed=args.seed, sampling=sampling, chunk_images=args.chunk_images,
-                    prompt_file=Path(args.prompts).resolve() if args.prompts else None)
+                    prompt_file=Path(args.prompts).resolve() if args.prompts else None, edit_data=data)
     store = SampleStore(results_dir)
-    try:  # before any model loads: a directory of another eval is refused at once
+    edit_scorers: list[str] = []
+    try:  # before any model loads: a directory of another eval is refused at once, and so is a bad edit file
         store.open(spec.identity(model.policy_version))
-    except EvalMismatchError as error:
+        if spec.edit_data is not None:
+            edit_scorers = needed_scorers([line for _, line in edit_lines(spec, results_dir / "data")], bool(args.clip))
+    except (EvalMismatchError, EditDataError) as error:
         raise EvalCommandError(str(error)) from None
     results_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:  # the reward server loads its models while the workers load theirs
-        pending_endpoint = pool.submit(reward_endpoint, args, results_dir / "reward_server.log")
+        pending_endpoint = pool.submit(reward_endpoint, args, results_dir / "reward_server.log", edit_scorers)
         try:
             workers = start_workers(model)
         except BaseException:
             _stop_started_server(pending_endpoint)
             raise
-        endpoint, server = pending_endpoint.result()
+        endpoint, server, scorers = pending_endpoint.result()
     try:
         print(f"eval {args.bench}: workers up in {time.perf_counter() - t0:.1f} s; reward API {endpoint.url}; "
               f"results in {results_dir}", file=sys.stderr, flush=True)
@@ -252,8 +300,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"eval {args.bench}: {p.done}/{p.total} images ({100 * p.done / p.total:.0f}%), "
                   f"{rate:.2f} images/s{left}", file=sys.stderr, flush=True)
 
+        clip = {"clipscore", "consistency"} <= set(scorers)  # CLIP-T from clipscore, CLIP-I from consistency
+        scoring = EditScoring(clip=clip, judge_url=args.judge_url, judge_token=args.judge_token)
         try:
-            report = evaluate(workers, endpoint, spec, store, progress=show)
+            report = evaluate(workers, endpoint, spec, store, progress=show, edit_scoring=scoring)
         except KeyboardInterrupt:
             print(f"eval interrupted; results so far are in {results_dir}: run the same command to continue",
                   file=sys.stderr, flush=True)
@@ -272,14 +322,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rl.prompts.edit_benchmarks import FORMATS
+
     parser.add_argument("--model", required=True,
                         help="model directory, or run directory runs/checkpoints/<run_id>[:STEP] (default: latest checkpoint)")
-    parser.add_argument("--bench", required=True, choices=["geneval", "ocr"])
+    parser.add_argument("--bench", required=True, choices=["geneval", "ocr", "edit"])
     parser.add_argument("--out", required=True, help="summary JSON; images and samples.jsonl go to its name without .json")
-    parser.add_argument("--images-per-prompt", type=int, default=None, help="default: 4 for geneval, 1 for ocr")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate K prompts (spread over the GenEval tags)")
+    parser.add_argument("--images-per-prompt", type=int, default=None,
+                        help="default: 4 for geneval, 1 for ocr and edit")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate K prompts (spread over the GenEval tags; edit: the first K lines)")
     parser.add_argument("--prompts", default=None, help="own prompt file in the bench's format (GenEval metadata "
                         "JSONL / one quoted-text prompt a line); default: the benchmark set")
+    parser.add_argument("--data", default=None, help="edit: the edit file (our JSONL, ImgEdit's JSON, GEdit-Bench's "
+                        "parquet or its folder, PIE-Bench's mapping_file.json)")
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="edit: the --data file's format (default: told from the file)")
+    parser.add_argument("--images", default=None, help="edit: ImgEdit's / PIE-Bench's source image folder (default: "
+                        "the file's folder / annotation_images/ beside it)")
+    parser.add_argument("--language", default="en", choices=["en", "cn", "all"],
+                        help="edit, GEdit-Bench: the instruction language evaluated (default en)")
+    parser.add_argument("--judge-url", default=None, help="edit: an http scorer answering a judge's score "
+                        "(e.g. examples/vlm_judge's http://HOST:9100/score), given the instruction and source image")
+    parser.add_argument("--judge-token", default=None, help="the judge's bearer token")
     parser.add_argument("--seed", type=int, default=0, help="row (p, s) uses seed + p*N + s (default 0)")
     parser.add_argument("--temperature", type=float, default=None, help="default: the run's / 1.0")
     parser.add_argument("--top-k", type=int, default=None, help="default: the run's / the model's generation config")
@@ -293,9 +358,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-url", default=None, help="a running reward API; default: start one for this eval")
     parser.add_argument("--reward-token", default=None, help="the reward API's bearer token")
     parser.add_argument("--reward-timeout", type=float, default=300.0, help="seconds per reward request (default 300)")
-    parser.add_argument("--ocr-size", choices=["small", "tiny"], default="small", help="started server's PP-OCRv6 size")
+    parser.add_argument("--ocr-size", choices=["small", "tiny"], default="small",
+                        help="started server's PP-OCRv6 size (ocr; edit: edit_ocr)")
     parser.add_argument("--detector", default=None, help="started server's Mask2Former (dir or hub id)")
-    parser.add_argument("--clip", default=None, help="started server's CLIP (dir or hub id)")
+    parser.add_argument("--clip", default=None, help="started server's CLIP (dir or hub id): GenEval's colour "
+                        "classifier; edit: CLIP-I and CLIP-T (without it, the edit bench reports no CLIP metrics)")
 
 
 def _interrupt(signum, frame) -> None:

@@ -7,6 +7,12 @@
     -> scores: GenEval accuracy per tag and overall = mean of the tag accuracies (the official
        summary); OCR mean reward and exact-match rate (reward == 1)
 
+The edit bench (rl/evaluation/edit_bench.py) runs the same loop over the lines of an edit file: each
+row's source image goes to `workers.generate` with its instruction, and the edited image is scored
+by `edit_bench.score_edits` (background metrics under the mask, CLIP-I / CLIP-T, the edit checks,
+a judge) instead of `score_images`: those metrics are the scorers' details, which the training
+path's rewards do not carry.
+
 `evaluate` takes workers that are already running (`LocalWorkers` in this process, as the
 `blip3o-rl eval` command uses; `ActorWorkers` wraps the trainer's Ray actors), a reward endpoint
 and an `EvalSpec`, and returns an `EvalReport`. There is no second sampling or scoring path.
@@ -34,8 +40,19 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import ray
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rl.evaluation.edit_bench import (
+    EditData,
+    EditMetrics,
+    EditScores,
+    EditScoring,
+    edit_markdown,
+    edit_scores,
+    score_edits,
+)
+from rl.prompts.edit import edit_source
+from rl.prompts.edit_benchmarks import BenchEdit, load_edit_benchmark
 from rl.prompts.sources import BENCH_PROMPTS, PromptItem, benchmark_prompts
 from rl.scoring.service import RewardEndpoint, score_images
 from rollout.config import SamplingConfig
@@ -45,9 +62,9 @@ if TYPE_CHECKING:  # vLLM is imported only where a worker is built
     from rollout.ar_worker import ARRolloutWorker
     from rollout.decoder_worker import DiffusionDecoderWorker
 
-Bench = Literal["geneval", "ocr"]
-DEFAULT_IMAGES_PER_PROMPT = {"geneval": 4, "ocr": 1}
-"""GenEval's protocol samples 4 images a prompt; Flow-GRPO's OCR test scores one a prompt."""
+Bench = Literal["geneval", "ocr", "edit"]
+DEFAULT_IMAGES_PER_PROMPT = {"geneval": 4, "ocr": 1, "edit": 1}
+"""GenEval's protocol samples 4 images a prompt; Flow-GRPO's OCR test and the edit benchmarks one."""
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -68,7 +85,7 @@ class EvalSpec(BaseModel):
     images_per_prompt: int | None = Field(None, ge=1)
     """N samples a prompt; None = the bench's default (GenEval 4, OCR 1)."""
     limit: int | None = Field(None, ge=1)
-    """Evaluate only this many prompts (spread over the GenEval tags); None = the whole set."""
+    """Evaluate only this many prompts (spread over the GenEval tags; edit: the first lines); None = the whole set."""
     seed: int = Field(0, ge=0)
     """Row (p, s) is sampled and decoded with seed + p*N + s."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -76,7 +93,17 @@ class EvalSpec(BaseModel):
     chunk_images: int = Field(16, ge=1)
     """Rows per generate / decode / score call; results are committed to disk after each chunk."""
     prompt_file: Path | None = None
-    """Another prompt file in the bench's format (None = the benchmark's own)."""
+    """Another prompt file in the bench's format (None = the benchmark's own; not for edit)."""
+    edit_data: EditData | None = None
+    """The edit bench's file and its format (required for bench edit, refused for the others)."""
+
+    @model_validator(mode="after")
+    def _edit_data(self) -> EvalSpec:
+        if (self.bench == "edit") != (self.edit_data is not None):
+            raise ValueError("bench edit needs edit_data (--data FILE), and only bench edit takes it")
+        if self.bench == "edit" and self.prompt_file is not None:
+            raise ValueError("bench edit reads its lines from edit_data (--data), not from a prompt file")
+        return self
 
     @property
     def n(self) -> int:
@@ -84,9 +111,11 @@ class EvalSpec(BaseModel):
 
     def identity(self, policy_version: int) -> dict:
         """What must match for stored results to be reused (chunking and limit do not change a row)."""
+        prompts = str(self.prompt_file or BENCH_PROMPTS[self.bench]) if self.bench != "edit" else None
         return {"bench": self.bench, "model": self.model, "policy_version": policy_version,
                 "images_per_prompt": self.n, "seed": self.seed, "sampling": self.sampling.model_dump(),
-                "prompt_file": str(self.prompt_file or BENCH_PROMPTS[self.bench])}
+                "prompt_file": prompts,
+                "edit_data": self.edit_data.model_dump(mode="json") if self.edit_data else None}
 
 
 class SampleResult(BaseModel):
@@ -101,9 +130,9 @@ class SampleResult(BaseModel):
     """Rollout and decoder seed of this row."""
     prompt: str
     tag: str = ""
-    """GenEval tag ("" for OCR)."""
-    reward: float
-    """GenEval: the graded reward; OCR: Flow-GRPO's OCR reward."""
+    """GenEval tag; edit: the line's category ("" for OCR)."""
+    reward: float | None
+    """GenEval: the graded reward; OCR: Flow-GRPO's OCR reward; edit: None (its numbers are in `edit`)."""
     correct: bool | None = None
     """GenEval strict correctness (official rules); None for OCR."""
     recognized: str = ""
@@ -111,6 +140,8 @@ class SampleResult(BaseModel):
     image: str = ""
     """PNG path relative to the results directory ("" when images are not kept)."""
     policy_version: int
+    edit: EditMetrics | None = None
+    """Edit bench: the image's metrics (rl/evaluation/edit_bench.py)."""
 
 
 class TagScore(BaseModel):
@@ -149,6 +180,7 @@ class EvalReport(BaseModel):
     unset; when every row came from disk, the spec's settings, None = the model's defaults)."""
     geneval: GenevalScores | None = None
     ocr: OcrScores | None = None
+    edit: EditScores | None = None
     new_images: int
     """Images made by this call (the rest were on disk from an interrupted eval)."""
     seconds: float
@@ -198,6 +230,8 @@ def markdown_table(report: EvalReport) -> str:
         if report.geneval.missing_tags:
             lines.append(f"\nnot evaluated (limit): {', '.join(report.geneval.missing_tags)}")
         return head + "\n".join(lines)
+    if report.edit is not None:
+        return head + edit_markdown(report.edit)
     ocr = report.ocr
     return head + "\n".join(["| images | mean reward | exact match |", "|---:|---:|---:|",
                              f"| {ocr.images} | {ocr.mean_reward:.4f} | {ocr.exact_match:.4f} |"])
@@ -206,8 +240,16 @@ def markdown_table(report: EvalReport) -> str:
 # ---- prompts and rows ----------------------------------------------------------------------------
 
 def eval_prompts(spec: EvalSpec) -> list[tuple[int, PromptItem]]:
-    """(index in the file, prompt) of the prompts to evaluate, in file order."""
+    """(index in the file, prompt) of the prompts to evaluate, in file order (GenEval, OCR)."""
     return benchmark_prompts(spec.bench, spec.limit, spec.prompt_file)
+
+
+def edit_lines(spec: EvalSpec, work_dir: Path) -> list[tuple[int, BenchEdit]]:
+    """(index in the file, line) of the edit file's lines to evaluate: the first `limit`, in file
+    order; what the file embeds or encodes (GEdit's images, PIE-Bench's masks) is written to `work_dir`."""
+    data = spec.edit_data
+    lines = load_edit_benchmark(data.path, data.format, work_dir, data.images, data.language)
+    return list(enumerate(lines))[: spec.limit]
 
 
 def row_chunks(rows: list[int], size: int) -> list[list[int]]:
@@ -229,7 +271,9 @@ class EvalWorkers(Protocol):
 
     def served_version(self) -> int: ...
 
-    def generate(self, captions: list[str], group_size: int, seed: int, sampling: SamplingConfig) -> RolloutBatch: ...
+    def generate(self, captions: list[str], group_size: int, seed: int, sampling: SamplingConfig,
+                 sources: list[np.ndarray] | None = None) -> RolloutBatch:
+        """`sources[i]`: caption i's source image, uint8 [H, W, 3] (edits); None: text-to-image."""
 
     def decode(self, batch: RolloutBatch, seed: int) -> DecodedImages: ...
 
@@ -244,8 +288,8 @@ class LocalWorkers:
     def served_version(self) -> int:
         return _same_version(self.rollout.served_version(), self.decoder.served_version())
 
-    def generate(self, captions, group_size, seed, sampling) -> RolloutBatch:
-        return self.rollout.generate(captions, group_size, seed, sampling)
+    def generate(self, captions, group_size, seed, sampling, sources=None) -> RolloutBatch:
+        return self.rollout.generate(captions, group_size, seed, sampling, **_edit_sources(sources))
 
     def decode(self, batch, seed) -> DecodedImages:
         return self.decoder.decode(batch, seed)
@@ -265,11 +309,17 @@ class ActorWorkers:
                          timeout=self.timeout_s)
         return _same_version(*served)
 
-    def generate(self, captions, group_size, seed, sampling) -> RolloutBatch:
-        return ray.get(self.rollout.generate.remote(captions, group_size, seed, sampling), timeout=self.timeout_s)
+    def generate(self, captions, group_size, seed, sampling, sources=None) -> RolloutBatch:
+        call = self.rollout.generate.remote(captions, group_size, seed, sampling, **_edit_sources(sources))
+        return ray.get(call, timeout=self.timeout_s)
 
     def decode(self, batch, seed) -> DecodedImages:
         return ray.get(self.decoder.decode.remote(batch, seed), timeout=self.timeout_s)
+
+
+def _edit_sources(sources: list[np.ndarray] | None) -> dict:
+    """generate's keyword for an edit's source images; text-to-image calls pass nothing, as before."""
+    return {"sources": sources} if sources is not None else {}
 
 
 def _same_version(rollout: int, decoder: int) -> int:
@@ -352,11 +402,15 @@ class EvalProgress:
 
 
 def _run_chunk(workers: EvalWorkers, endpoint: RewardEndpoint, spec: EvalSpec, items: list[PromptItem], seed: int,
-               version: int, stages: dict[str, float]) -> tuple[RolloutBatch, np.ndarray, list]:
+               version: int, stages: dict[str, float], edits: list[BenchEdit],
+               scoring: EditScoring) -> tuple[RolloutBatch, np.ndarray, list]:
     """Sample, decode and score consecutive rows (row r of the chunk with seed + r); adds the
-    seconds of each stage to `stages`."""
+    seconds of each stage to `stages`. Edit rows (`edits`, one per item) are sampled from their
+    source images and scored by `score_edits` (EditMetrics), the others by `score_images` (SampleReward)."""
     clock = time.perf_counter()
-    batch = workers.generate([item.caption for item in items], 1, seed, spec.sampling)
+    sources = [edit_source(item.edit) for item in items] if edits else None
+    batch = workers.generate([item.caption for item in items], 1, seed, spec.sampling,
+                             [source.image for source in sources] if sources else None)
     if batch.policy_version != version:
         raise RuntimeError(f"the rollout worker changed from v{version} to v{batch.policy_version} during the eval")
     stages["generate"] += time.perf_counter() - clock
@@ -364,20 +418,43 @@ def _run_chunk(workers: EvalWorkers, endpoint: RewardEndpoint, spec: EvalSpec, i
     images = workers.decode(batch, seed).images  # [R, H, W, 3] uint8
     stages["decode"] += time.perf_counter() - clock
     clock = time.perf_counter()
-    rewards = score_images(endpoint, images, items).rewards
+    if sources:
+        scores = score_edits(endpoint, images, edits, sources, scoring)
+    else:
+        scores = score_images(endpoint, images, items).rewards
     stages["score"] += time.perf_counter() - clock
-    return batch, images, rewards
+    return batch, images, scores
+
+
+def _sample(spec: EvalSpec, row: int, item: PromptItem, score, image: str, version: int,
+            edit: BenchEdit | None) -> SampleResult:
+    """The result line of global row `row` from its score (an EditMetrics for an edit, else a SampleReward)."""
+    p, s = divmod(row, spec.n)
+    common = {"prompt_index": p, "sample_index": s, "seed": spec.seed + row, "prompt": item.caption, "image": image,
+              "policy_version": version}
+    if edit is not None:
+        return SampleResult(**common, tag=edit.category, reward=None, edit=score)
+    return SampleResult(**common, tag=score.geneval_tag, reward=score.reward, recognized=score.recognized,
+                        correct=score.geneval_correct if spec.bench == "geneval" else None)
 
 
 def evaluate(workers: EvalWorkers, endpoint: RewardEndpoint, spec: EvalSpec, store: SampleStore | None = None,
-             progress: Callable[[EvalProgress], None] | None = None) -> EvalReport:
+             progress: Callable[[EvalProgress], None] | None = None,
+             edit_scoring: EditScoring | None = None) -> EvalReport:
     """Sample, decode and score every (prompt, sample) row of `spec` not already in `store`, then
-    aggregate all rows. `progress` is called after every committed chunk."""
+    aggregate all rows. `progress` is called after every committed chunk. The edit bench needs a
+    `store` (its files go under store.root/data/) and is scored as `edit_scoring` says (None: the
+    reward API's consistency and edit checks only)."""
     start = time.perf_counter()
     n = spec.n
-    prompts = dict(eval_prompts(spec))
     version = workers.served_version()
+    if spec.bench == "edit" and store is None:
+        raise ValueError("the edit bench writes the files its benchmark embeds under the results: "
+                         "give it a SampleStore")
     done = store.open(spec.identity(version)) if store else {}
+    lines = dict(edit_lines(spec, store.root / "data")) if spec.bench == "edit" else {}
+    prompts = ({p: PromptItem(line.record.prompt, "edit", edit=line.record) for p, line in lines.items()} if lines
+               else dict(eval_prompts(spec)))
     rows = [p * n + s for p in prompts for s in range(n)]  # global row numbers: seed offsets
     pending = [row for row in rows if divmod(row, n) not in done]
     new = 0
@@ -387,15 +464,12 @@ def evaluate(workers: EvalWorkers, endpoint: RewardEndpoint, spec: EvalSpec, sto
     stages = dict.fromkeys(("generate", "decode", "score", "write"), 0.0)
     for chunk in row_chunks(pending, spec.chunk_images):
         items = [prompts[row // n] for row in chunk]
-        batch, images, rewards = _run_chunk(workers, endpoint, spec, items, spec.seed + chunk[0], version, stages)
+        edits = [lines[row // n] for row in chunk] if lines else []
+        batch, images, scores = _run_chunk(workers, endpoint, spec, items, spec.seed + chunk[0], version, stages,
+                                           edits, edit_scoring or EditScoring())
         clock = time.perf_counter()
-        samples = []
-        for row, item, reward in zip(chunk, items, rewards, strict=True):
-            p, s = divmod(row, n)
-            samples.append(SampleResult(
-                prompt_index=p, sample_index=s, seed=spec.seed + row, prompt=item.caption, tag=reward.geneval_tag,
-                reward=reward.reward, correct=reward.geneval_correct if spec.bench == "geneval" else None,
-                recognized=reward.recognized, image=store.image_name(p, s) if store else "", policy_version=version))
+        samples = [_sample(spec, row, item, score, store.image_name(*divmod(row, n)) if store else "", version,
+                           lines.get(row // n)) for row, item, score in zip(chunk, items, scores, strict=True)]
         if store:
             store.write(samples, images)
         stages["write"] += time.perf_counter() - clock
@@ -412,5 +486,6 @@ def evaluate(workers: EvalWorkers, endpoint: RewardEndpoint, spec: EvalSpec, sto
         images_per_prompt=n, sampling=sampling_used or spec.sampling.model_dump(),
         geneval=geneval_scores(results) if spec.bench == "geneval" else None,
         ocr=ocr_scores(results) if spec.bench == "ocr" else None,
+        edit=edit_scores([(r.tag, r.edit) for r in results]) if spec.bench == "edit" else None,
         new_images=new, seconds=seconds, images_per_s=new / seconds if seconds > 0 else 0.0, stage_seconds=stages,
     )

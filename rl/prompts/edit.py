@@ -31,13 +31,34 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rewards.scorer import mask_of
+from rewards.scorer import EditSource, mask_of
 
 TRAIN_WORDS = ("cat", "dog", "sun", "red", "box", "cup", "hat", "pen", "map", "key", "bus", "car",
                "fox", "owl", "bee", "ant", "egg", "ice", "jam", "kit", "log", "mud", "net", "oak")
 """Words of the synthetic training edits (3 letters: every one fits the glyph demo's 8-tile row twice)."""
 EVAL_WORDS = ("pig", "cow", "sky", "toy", "bag", "bat", "bed", "fan", "gum", "hen", "ink", "jar")
 """Words of the synthetic evaluation edits: no training edit changes a word into one of them."""
+
+
+class SyntheticEdits(BaseModel):
+    """A synthetic edit set (rl/prompts/edit_synthetic.py) a run writes at its source's `path` when the
+    file does not exist yet; `blip3o-rl prompts edit` with the same arguments writes the same files."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    n: int = Field(ge=1)
+    """Edits to write."""
+    seed: int = 0
+    """The same seed writes the same set."""
+    words: list[str] = []
+    """Words of the source rows (the word to change and the kept one); empty: TRAIN_WORDS."""
+    targets: list[str] = []
+    """Words an edit changes to; empty: the source words. A target of the evaluation set is refused."""
+
+    def overlap(self) -> str | None:
+        """Why this set would hold words of the evaluation set (None: it does not)."""
+        evaluated = sorted((set(self.words) | set(self.targets)) & set(EVAL_WORDS))
+        return f"{evaluated} are words of the synthetic edit evaluation set" if evaluated else None
 
 
 class EditDataError(ValueError):
@@ -132,6 +153,11 @@ def read_edit_file(path: Path) -> list[EditRecord]:
     if not records:
         raise EditDataError(f"edit file {path} holds no edits")
     return records
+
+
+def edit_source(record: EditRecord) -> EditSource:
+    """The record's pixels as the reward client sends them (`load_pixels`)."""
+    return EditSource(*load_pixels(record))
 
 
 def load_pixels(record: EditRecord) -> tuple[np.ndarray, np.ndarray | None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,7 @@ from PIL import Image
 
 from rl.prompts.edit import EVAL_WORDS, TRAIN_WORDS
 from rl.prompts.generators import Log, PromptSetError, write_lines
+from rl.prompts.sources import PromptSourceConfig
 
 Split = Literal["train", "eval"]
 INSTRUCTION = "change the word {word} to {new}"
@@ -61,11 +63,34 @@ class SyntheticEdit:
                 "mask": f"masks/tiles_{start}_{count}.png", "target": {"text": self.new}}
 
 
-def draw_edits(n: int, seed: int, split: Split) -> list[SyntheticEdit]:
-    """n distinct edits of the split's words (three distinct words each), drawn without replacement."""
-    words = TRAIN_WORDS if split == "train" else EVAL_WORDS
-    space = [SyntheticEdit(w, new, c, first) for w, new, c in itertools.permutations(words, 3)
-             for first in (True, False)]
+def edit_space(words: Sequence[str], targets: Sequence[str]) -> list[SyntheticEdit]:
+    """Every edit of these words: three distinct words of `words` (no `targets`), or two distinct source
+    words and a target that is neither."""
+    if not targets:
+        return [SyntheticEdit(w, new, c, first) for w, new, c in itertools.permutations(words, 3) for first in (True, False)]
+    return [SyntheticEdit(w, new, c, first) for w, c in itertools.permutations(words, 2) for new in targets
+            if new not in (w, c) for first in (True, False)]
+
+
+def check_words(words: Sequence[str], targets: Sequence[str], split: Split, row_tiles: int) -> None:
+    """PromptSetError unless every row fits the glyph row, every target fits its word's tiles (the mask)
+    and a training set keeps clear of the evaluation words."""
+    longest = sorted(words, key=len)[-2:]
+    if len(words) < 2 or sum(map(len, longest)) + 1 > row_tiles:
+        raise PromptSetError(f"two source words and a space must fit the {row_tiles} tiles of a row: {list(words)}")
+    if targets and max(map(len, targets)) > min(map(len, words)):
+        raise PromptSetError(f"a target must fit the tiles of the word it replaces (the mask): targets {list(targets)}, "
+                             f"words {list(words)}")
+    evaluated = sorted((set(words) | set(targets)) & set(EVAL_WORDS)) if split == "train" else []
+    if evaluated:
+        raise PromptSetError(f"{evaluated} are words of the synthetic edit evaluation set: a training set cannot use them")
+
+
+def draw_edits(n: int, seed: int, split: Split, words: Sequence[str] = (), targets: Sequence[str] = ()) -> list[SyntheticEdit]:
+    """n distinct edits drawn without replacement: of the split's words (three distinct words each), or of
+    `words` changed to `targets`."""
+    words = tuple(words) or (TRAIN_WORDS if split == "train" else EVAL_WORDS)
+    space = edit_space(words, tuple(targets))
     if not 1 <= n <= len(space):
         raise PromptSetError(f"--n must be between 1 and {len(space)} (distinct {split} edits), got {n}")
     chosen = np.random.default_rng(seed).choice(len(space), size=n, replace=False)
@@ -89,13 +114,18 @@ def tile_mask(shape: tuple[int, ...], tile_width: int, start: int, count: int) -
     return mask
 
 
-def write_edit_set(out: Path, n: int, seed: int, split: Split = "train", log: Log = print) -> list[str]:
-    """Draw n edits of `split`, write their images, masks and the JSONL at `out`; the lines written."""
+def write_edit_set(out: Path, n: int, seed: int, split: Split = "train", log: Log = print,
+                   words: Sequence[str] = (), targets: Sequence[str] = ()) -> list[str]:
+    """Draw n edits of `split` (or of `words` changed to `targets`), write their images, masks and the
+    JSONL at `out`; the lines written."""
     if out.is_dir():
         raise PromptSetError(f"cannot write {out}: it is a directory")
-    edits = draw_edits(n, seed, split)
-    log(f"edit ({split}): {n} edits of {len(TRAIN_WORDS if split == 'train' else EVAL_WORDS)} words (seed {seed})")
     glyphs = glyph_renderer()
+    if words or targets:
+        check_words(tuple(words) or TRAIN_WORDS, targets, split, glyphs.tokens_per_image)
+    edits = draw_edits(n, seed, split, words, targets)
+    log(f"edit ({split}): {n} edits of {len(words or (TRAIN_WORDS if split == 'train' else EVAL_WORDS))} words "
+        f"(seed {seed})")
     lines = [edit.line() for edit in edits]
     files: dict[str, np.ndarray] = {}
     for edit, line in zip(edits, lines):
@@ -113,3 +143,12 @@ def write_edit_set(out: Path, n: int, seed: int, split: Split = "train", log: Lo
     write_lines(out, encoded)
     log(f"wrote {len(lines)} edits to {out} ({len(files)} images and masks under {out.parent})")
     return encoded
+
+
+def ensure_synthetic_sources(sources: Sequence[PromptSourceConfig], log: Log = print) -> None:
+    """Write the synthetic edit set of every edit source that asks for one (`synthetic`) and whose file
+    does not exist yet (as `model.make_tiny` builds the model): the CPU edit demos need no command first."""
+    for source in sources:
+        if source.kind == "edit" and source.synthetic is not None and not source.path.exists():
+            spec = source.synthetic
+            write_edit_set(source.path, spec.n, spec.seed, "train", log, spec.words, spec.targets)

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from rewards.ocr import extract_target, normalise
-from rl.prompts.edit import EVAL_WORDS, EditRecord, read_edit_file
+from rl.prompts.edit import EVAL_WORDS, EditRecord, SyntheticEdits, read_edit_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {
@@ -66,6 +66,12 @@ class PromptItem:
     edit: EditRecord | None = None
     """Task "edit": the source image, mask and target (the caption is its instruction); None otherwise."""
 
+    @property
+    def label(self) -> str:
+        """What the run store and the dashboard show of the prompt: the caption, and for an edit the
+        source image it was given (the instruction alone does not say which row was edited)."""
+        return self.caption if self.edit is None else f"{self.caption} [source {self.edit.image.name}]"
+
 
 class PromptSourceConfig(BaseModel):
     """One source of prompts in the training mix."""
@@ -89,6 +95,9 @@ class PromptSourceConfig(BaseModel):
     allow_eval_prompts: bool = False
     """For tests only: accept prompts that are in an evaluation set (`EVAL_SETS`). A run trained
     on them reports meaningless benchmark scores."""
+    synthetic: SyntheticEdits | None = None
+    """Kind "edit": if `path` does not exist yet, the run writes this synthetic edit set there first
+    (rl/prompts/edit_synthetic.py; the CPU demos)."""
 
     @model_validator(mode="after")
     def _check(self) -> "PromptSourceConfig":
@@ -100,7 +109,16 @@ class PromptSourceConfig(BaseModel):
             raise ValueError("'words' is only for kind 'words'")
         if self.kind == "edit" and self.path is None:
             raise ValueError("kind 'edit' needs a 'path' (e.g. one written by `blip3o-rl prompts edit`)")
+        if self.synthetic is not None and self.kind != "edit":
+            raise ValueError("'synthetic' is only for kind 'edit'")
+        if self.synthetic is not None and not self.allow_eval_prompts and (reason := self.synthetic.overlap()):
+            raise ValueError(f"synthetic: {reason}; training on them makes the edit evaluation meaningless")
         return self
+
+    @property
+    def written_by_run(self) -> bool:
+        """A synthetic edit set not written yet: the run writes it before it reads it (config load skips it)."""
+        return self.synthetic is not None and self.path is not None and not self.path.exists()
 
 
 def load_source(config: PromptSourceConfig) -> list[PromptItem]:
@@ -109,6 +127,9 @@ def load_source(config: PromptSourceConfig) -> list[PromptItem]:
         items = [PromptItem(WORD_CAPTION.format(word=w), "ocr") for w in config.words]
         origin = f"words {config.words}"
     elif config.kind == "edit":
+        if config.written_by_run:
+            raise ValueError(f"edit file {config.path} is not written yet: `python -m rl.run.train` writes its synthetic set "
+                             "first (rl/prompts/edit_synthetic.py `ensure_synthetic_sources`)")
         items = [PromptItem(record.prompt, "edit", edit=record) for record in read_edit_file(config.path)]
         origin = str(config.path)
     else:

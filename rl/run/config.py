@@ -61,16 +61,25 @@ class DataSection(BaseModel):
 
     @model_validator(mode="after")
     def _sources_load(self) -> "DataSection":
-        """Read every source now: a missing file, a bad line or evaluation prompts fail at config load."""
+        """Read every source now: a missing file, a bad line or evaluation prompts fail at config load
+        (a synthetic edit set the run writes itself is read when it exists)."""
         for index, source in enumerate(self.sources):
-            if source.kind == "edit":  # its items would be sampled as text-to-image prompts
-                raise ValueError(f"sources.{index}: edit sources cannot be trained on yet: the rollout does not put "
-                                 "the source image in the prompt (docs/editing.md says what exists)")
+            if source.written_by_run:
+                continue
             try:
                 load_source(source)
             except (OSError, ValueError) as error:
                 raise ValueError(f"sources.{index}: {error}") from None
+        kinds = {source.kind == "edit" for source in self.sources}
+        if len(kinds) > 1:  # every generic reward scores every row: edit checks would get rows without a source
+            raise ValueError("edit sources cannot share a run with text-to-image sources: the edit rewards of the mix "
+                             "score every row and text-to-image rows have no source image; train them in separate runs")
         return self
+
+    @property
+    def edits(self) -> bool:
+        """The prompts are edits (a source image and an instruction each)."""
+        return any(source.kind == "edit" for source in self.sources)
 
 
 class RolloutSection(BaseModel):
@@ -266,6 +275,31 @@ class TrainConfig(BaseModel):
             decoder["decoder"].setdefault("transformer_lora", diffusion["lora"])
         return raw
 
+    @model_validator(mode="before")
+    @classmethod
+    def _source_reader_defaults(cls, raw):
+        """Edit prompts: the rollout reads a source image with the decoder's inverse, so the decoder's kind
+        and glyph settings are copied to the rollout engine unless it names its own."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("rollout"), dict) or not isinstance(raw.get("decoder"), dict):
+            return raw
+        engine, decoder = raw["rollout"].get("engine"), raw["decoder"].get("decoder")
+        if isinstance(engine, dict) and isinstance(decoder, dict):
+            if isinstance(decoder.get("glyph"), dict):
+                engine.setdefault("glyph", dict(decoder["glyph"]))
+            if decoder.get("kind") in ("glyph", "sana"):
+                engine.setdefault("source_tokenizer", "glyph" if decoder["kind"] == "glyph" else "ta_tok")
+        return raw
+
+    @model_validator(mode="after")
+    def _edits_have_a_mix(self) -> "TrainConfig":
+        """An edit has no task reward of its own (no quoted target, no GenEval line): the mix says how it is scored."""
+        if self.data.edits and self.rewards.mix is None:
+            raise ValueError(
+                "edit sources need rewards.mix: an edit prompt has no task reward of its own. Mix an edit check "
+                "(edit_ocr, edit_color, or a judge over http) with consistency (docs/editing.md), e.g. "
+                "[{name: edit, scorer: edit_ocr, weight: 1.0}, {name: keep, scorer: consistency, weight: 0.5}]")
+        return self
+
     @model_validator(mode="after")
     def _learners_match_train(self) -> "TrainConfig":
         """Each trained policy has its learner, and no learner is configured for a frozen policy."""
@@ -356,6 +390,7 @@ PATH_KEYS = {
     "rewards.server.consistency.clip.model": "model",
     "rewards.server.consistency.clip.processor": "model",
     "decoder.decoder.glyph.font_path": "path",
+    "rollout.engine.glyph.font_path": "path",
     "data.sources.*.path": "path",
     "logging.runs_dir": "path",
 }

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from rewards.scorer import EditSource
+from rl.prompts.edit import edit_source
 from rl.prompts.sources import PromptItem, SamplerState
 from rl.ray_tasks import ray_task
 from rl.run.lanes import Lanes, Stage, StageTask
@@ -151,9 +153,10 @@ class ScoredStep:
         return fetch_rows(self.images, rows)
 
 
-def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem]) -> ScoredImages:
-    """The scoring task's body: the run's reward mix over one chunk's images."""
-    return score_images(endpoint, images, items, endpoint.mix)
+def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem],
+           sources: list[EditSource] | None = None) -> ScoredImages:
+    """The scoring task's body: the run's reward mix over one chunk's images (edits: with each row's source)."""
+    return score_images(endpoint, images, items, endpoint.mix, sources)
 
 
 def _remote_score_task():
@@ -276,9 +279,13 @@ class PendingStep:
 
     def _submit(self, chunk: Chunk, stage: Stage, counts: bool = True) -> None:
         """(Re)submit `chunk` from `stage` on: later stages chain on the earlier refs."""
+        # edits: the sources' pixels, not their paths, leave the driver (the workers and the scoring task
+        # may run on other nodes); a run's prompts are all edits or all text to image
+        sources = [edit_source(item.edit) for item in chunk.items] if chunk.items[0].edit else []
         if stage == "rollout":
             captions = [item.caption for item in chunk.items]
-            chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed)
+            edits = {"sources": [source.image for source in sources]} if sources else {}
+            chunk.rollout_ref = chunk.sampler.generate.remote(captions, self.group_size, chunk.seed, **edits)
             self.lanes.of(chunk.sampler).tasks.append(StageTask(self, chunk.index, "rollout", chunk.rollout_ref))
         if stage in ("rollout", "decode"):
             if self.sde is None:
@@ -289,7 +296,8 @@ class PendingStep:
             self.lanes.of(chunk.decoder).tasks.append(
                 StageTask(self, chunk.index, "decode", chunk.decode_ref, after=chunk.rollout_ref))
         row_items = [item for item in chunk.items for _ in range(self.group_size)]
-        chunk.score_ref = _remote_score_task().remote(self.endpoint, chunk.images_ref, row_items)
+        row_sources = {"sources": [source for source in sources for _ in range(self.group_size)]} if sources else {}
+        chunk.score_ref = _remote_score_task().remote(self.endpoint, chunk.images_ref, row_items, **row_sources)
         chunk.attempts += int(counts)
 
     @property

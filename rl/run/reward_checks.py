@@ -11,10 +11,24 @@ from rl.run.config import ConfigError, TrainConfig
 from rl.scoring.reward_mix import TASK_SCORERS, RewardComponentConfig, resolve_mix, uncovered_tasks
 from rl.scoring.service import RewardEndpoint, http_scorer_limits, max_item_bytes, python_scorers
 
+SOURCE_TASKS = {"geneval": "geneval", "ocr": "ocr", "words": "ocr", "edit": "edit"}
+"""The task of each prompt source kind's items (words are OCR prompts; edits are scored by the run's mix)."""
+
 
 def prompt_tasks(config: TrainConfig) -> set[str]:
-    """The tasks of the prompt sources (words are OCR prompts)."""
-    return {"geneval" if source.kind == "geneval" else "ocr" for source in config.data.sources}
+    """The tasks of the prompt sources."""
+    return {SOURCE_TASKS[source.kind] for source in config.data.sources}
+
+
+def largest_source(config: TrainConfig) -> tuple[int, int] | None:
+    """(height, width) bounding every edit source image of the run (read from the files' headers), None
+    without edit sources: each scoring request item carries its source and mask beside the output."""
+    from rl.prompts.edit import image_size
+    from rl.prompts.sources import load_source
+
+    sizes = [image_size(item.edit.image, "image") for source in config.data.sources if source.kind == "edit"
+             for item in load_source(source)]
+    return (max(h for _, h in sizes), max(w for w, _ in sizes)) if sizes else None
 
 
 def run_mix(config: TrainConfig) -> tuple[RewardComponentConfig, ...]:
@@ -31,15 +45,21 @@ def required_scorers(config: TrainConfig) -> set[str]:
     return mixed | evaluated
 
 
-def rows_fit(limits: Limits, image_shape: tuple[int, int], where: str) -> None:
-    """ConfigError unless one decoded image can be sent to a service with these limits."""
+def rows_fit(limits: Limits, image_shape: tuple[int, int], where: str, source: tuple[int, int] | None = None) -> None:
+    """ConfigError unless one decoded image (with an edit's `source` of this (height, width) and its mask)
+    can be sent to a service with these limits."""
     height, width = image_shape
     if height * width > limits.max_image_pixels:
         raise ConfigError(f"the decoder makes {width}x{height} images, more than the reward service's "
                           f"max_image_pixels ({limits.max_image_pixels}, {where})")
-    if max_item_bytes(height, width) > limits.max_body_bytes:
-        raise ConfigError(f"one {width}x{height} image can take up to {max_item_bytes(height, width)} bytes in a "
-                          f"request, more than the reward service's max_body_bytes ({limits.max_body_bytes}, {where})")
+    if source is not None and source[0] * source[1] > limits.max_image_pixels:
+        raise ConfigError(f"an edit source image is up to {source[1]}x{source[0]}, more than the reward service's "
+                          f"max_image_pixels ({limits.max_image_pixels}, {where})")
+    largest = max_item_bytes(height, width, source)
+    if largest > limits.max_body_bytes:
+        what = f"one {width}x{height} image" + (f" with its {source[1]}x{source[0]} source and mask" if source else "")
+        raise ConfigError(f"{what} can take up to {largest} bytes in a request, more than the reward service's "
+                          f"max_body_bytes ({limits.max_body_bytes}, {where})")
 
 
 def _missing_scorers(config: TrainConfig, served: list[str], where: str) -> None:
@@ -57,6 +77,9 @@ def _missing_scorers(config: TrainConfig, served: list[str], where: str) -> None
 def check_mix(config: TrainConfig) -> None:
     """Every prompt gets a reward from the mix; with service "serve", its python rewards import."""
     uncovered = uncovered_tasks(run_mix(config), prompt_tasks(config))
+    if "edit" in uncovered:  # task rewards score their own task only; an edit has none
+        raise ConfigError("rewards.mix gives the edit prompts no reward: add an edit check (edit_ocr, edit_color or a "
+                          "judge over http) and consistency; the ocr and geneval task rewards do not score edits")
     if uncovered:
         raise ConfigError(f"rewards.mix gives the {', '.join(uncovered)} prompts no reward: add their task reward "
                           f"(scorer: {uncovered[0]}) or a reward that scores every prompt")
@@ -98,7 +121,7 @@ def check_rows_fit_config(config: TrainConfig) -> None:
     _missing_scorers(config, served, "rewards.server.scorers")
     limits = Limits(max_items=server.max_items, max_body_bytes=server.max_body_bytes,
                     max_image_pixels=server.max_image_pixels)
-    rows_fit(limits, decoded_image_shape(config.decoder.decoder), "rewards.server")
+    rows_fit(limits, decoded_image_shape(config.decoder.decoder), "rewards.server", largest_source(config))
 
 
 def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> RewardEndpoint:
@@ -116,8 +139,8 @@ def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> Rewar
 
     readiness = asyncio.run(ask())
     _missing_scorers(config, readiness.scorers, endpoint.url)
-    shape = decoded_image_shape(config.decoder.decoder)
-    rows_fit(readiness.limits, shape, endpoint.url)
+    shape, source = decoded_image_shape(config.decoder.decoder), largest_source(config)
+    rows_fit(readiness.limits, shape, endpoint.url, source)
     mix = run_mix(config)
     scorer_limits = {}
     for component in (c for c in mix if c.kind == "http"):
@@ -126,6 +149,6 @@ def check_reward_service(endpoint: RewardEndpoint, config: TrainConfig) -> Rewar
         except RewardServerError as error:
             raise ConfigError(f"reward {component.name}: the http scorer at {component.url} does not answer: "
                               f"{error}") from None
-        rows_fit(scorer_limits[component.name], shape, component.url)
+        rows_fit(scorer_limits[component.name], shape, component.url, source)
     return dataclasses.replace(endpoint, limits=readiness.limits, mix=mix, scorer_limits=scorer_limits,
                                versions=dict(readiness.versions))

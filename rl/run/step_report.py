@@ -125,7 +125,7 @@ def sample_records(scored: ScoredStep, count: int, group_size: int) -> list[Samp
     images = scored.sample_images(rows)  # only these rows' images travel to the driver
     return [
         SampleRecord(
-            prompt=scored.items[row // group_size].caption,
+            prompt=scored.items[row // group_size].label,  # an edit's names its source image
             image=image,
             reward=float(scored.mixed.total[row]),  # what GRPO trained on; the components hold each reward
             components=scored.rewards[row].components(),

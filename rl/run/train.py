@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 
 from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
+from rl.prompts.edit_synthetic import ensure_synthetic_sources
 from rl.run.config import ConfigError, TrainConfig, load_config
 from rl.run.lifecycle import RunStopped
 from rl.run.placement import LOCAL_CLUSTER_SYSTEM_CONFIG
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m rl.run.train") ->
         return 2
     try:
         ensure_model(config)
+        ensure_synthetic_sources(config.data.sources)  # the CPU edit demos' data, where it does not exist yet
         resolve_model_dir(config.model.path)  # a missing checkpoint is one clear line, before Ray starts
         check_rows_fit_config(config)  # images and prompts the reward service must take (service "serve")
     except (CheckpointNotFoundError, ConfigError) as error:

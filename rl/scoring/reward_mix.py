@@ -256,5 +256,6 @@ def reward_notes(step: int, mixed: MixedRewards, components: Sequence[RewardComp
     return notes
 
 
-SOLVED_AT_ONE = ("ocr", "geneval")
-"""Task scorers whose reward 1 means the prompt is solved (OCR: the text read; GenEval: every rule)."""
+SOLVED_AT_ONE = ("ocr", "geneval", "edit_ocr", "edit_color", "consistency")
+"""Scorers whose reward 1 means the prompt is solved (OCR: the text read; GenEval: every rule; the edit
+checks: the target read / coloured; consistency: the background kept to its PSNR cap)."""

@@ -13,6 +13,10 @@ A step is scored by the run's reward mix (rl/scoring/reward_mix.py, `rewards.mix
 once, each through its own client, so each has its own retries and outage clock, and one that
 fails names itself and leaves the others' requests alone. Task rewards (ocr, geneval) and generic
 or python scorers go to the reward service; an http scorer is called at its own URL.
+
+Edits: every generic, python and http scorer gets each edit row's source image and mask (`source_image`,
+`mask`) and its metadata's `target` (edit_ocr reads `target.text`) and `requirement` (a judge's); scorers
+that do not compare with a source ignore them. An edit has no task reward: its run's mix scores it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import numpy as np
 from pydantic import SecretStr
 
 from rewards.app.schemas import Limits
-from rewards.scorer import Region, parse_regions
+from rewards.scorer import EditSource, Region, parse_regions
+from rl.prompts.edit import edit_source
 from rl.prompts.sources import PromptItem
 from rl.scoring.config import RewardsSection
 from rl.scoring.reward_mix import RewardComponentConfig, resolve_mix
@@ -63,7 +68,7 @@ class SampleReward:
     """The task reward (OCR / GenEval) of the prompt; NaN when the run's mix does not score the task.
     GRPO trains on the mix's total (ScoredStep.reward_tensor), which is this without a mix."""
     task: str
-    """"ocr" or "geneval"."""
+    """"ocr", "geneval" or "edit" (the prompt's task)."""
     recognized: str = ""
     """OCR: the text read from the image."""
     geneval_correct: bool | None = None
@@ -127,11 +132,12 @@ def _regions(component: RewardComponentConfig, raw) -> tuple[Region, ...]:
 
 
 async def _score_component(endpoint: RewardEndpoint, component: RewardComponentConfig, images: np.ndarray,
-                           items: list[PromptItem], details: list[_RowDetails]
-                           ) -> tuple[list[float], str, list[str], float | None]:
+                           items: list[PromptItem], details: list[_RowDetails],
+                           sources: list[EditSource | None]) -> tuple[list[float], str, list[str], float | None]:
     """One component's raw rewards of the rows (NaN where it does not apply), its scorer's version,
     the failed attempts its client rode out and its request's round-trip seconds (None: no row needed
-    it); regions go to `details`. Its own client: its own retries and outage clock."""
+    it); regions go to `details`. Its own client: its own retries and outage clock. `sources`: each
+    row's source and mask (None: not an edit)."""
     from rewards.client import UNVERSIONED, RewardClient
     from rewards.geneval_rules import GenevalMetadata
 
@@ -166,7 +172,7 @@ async def _score_component(endpoint: RewardEndpoint, component: RewardComponentC
         else:
             answer = await client.score(component.served_name or component.name, chosen,
                                         [items[i].caption for i in rows], [scorer_metadata(items[i]) for i in rows],
-                                        url=component.url)
+                                        url=component.url, sources=[sources[i] for i in rows])
             for row, result in zip(rows, answer.results):
                 values[row] = result.reward
                 details[row].regions[component.name] = _regions(component, result.details.get("regions"))
@@ -184,25 +190,39 @@ def httpx_origin(url: str) -> str:
 
 
 def scorer_metadata(item: PromptItem) -> dict:
-    """What a generic scorer gets as an item's metadata: the prompt's task, and its GenEval line."""
+    """What a generic scorer gets as an item's metadata: the prompt's task, its GenEval line, and for an
+    edit its `target` (edit_ocr's text, edit_color's colour) and `requirement` (a judge's)."""
     import json
 
     metadata: dict = {"task": item.task}
     if item.geneval_metadata:
         metadata["geneval"] = json.loads(item.geneval_metadata)
+    if item.edit is not None:
+        metadata["target"] = item.edit.target
+        if item.edit.requirement:
+            metadata["requirement"] = item.edit.requirement
     return metadata
 
 
+def row_sources(items: list[PromptItem]) -> list[EditSource | None]:
+    """Each row's source image and mask (None: not an edit), each file read once (a group's rows share one)."""
+    read: dict = {}
+    for item in items:
+        if item.edit is not None and item.edit not in read:
+            read[item.edit] = edit_source(item.edit)
+    return [read[item.edit] if item.edit is not None else None for item in items]
+
+
 async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem],
-                 components: tuple[RewardComponentConfig, ...]) -> ScoredImages:
+                 components: tuple[RewardComponentConfig, ...], sources: list[EditSource | None]) -> ScoredImages:
     """Every component at once, each through its own client. A component that fails fails alone: the
     others' requests run to their end, and the error names only the scorers that failed."""
     from rewards.client import RewardRequestError, RewardServerError
 
     start = time.perf_counter()
     details = [_RowDetails() for _ in items]
-    outcomes = await asyncio.gather(*(_score_component(endpoint, c, images, items, details) for c in components),
-                                    return_exceptions=True)
+    outcomes = await asyncio.gather(*(_score_component(endpoint, c, images, items, details, sources)
+                                      for c in components), return_exceptions=True)
     failed = [(c, o) for c, o in zip(components, outcomes) if isinstance(o, BaseException)]
     outages = [(c, o) for c, o in failed if isinstance(o, RewardServerError)]
     if outages:  # the run stops on an outage: say which scorer, and only that one
@@ -226,14 +246,18 @@ async def _score(endpoint: RewardEndpoint, images: np.ndarray, items: list[Promp
 
 
 def score_images(endpoint: RewardEndpoint, images: np.ndarray, items: list[PromptItem],
-                 mix: tuple[RewardComponentConfig, ...] = ()) -> ScoredImages:
+                 mix: tuple[RewardComponentConfig, ...] = (), sources: list[EditSource | None] | None = None
+                 ) -> ScoredImages:
     """Rewards of `images` [R, H, W, 3], row r scored against `items[r]`, by the components of `mix`
-    (empty: the task reward of each prompt). Raises RewardServerError once a scorer has been
-    failing for longer than its outage budget."""
+    (empty: the task reward of each prompt). `sources`: each row's source and mask (None: read from the
+    edit items' files here). Raises RewardServerError once a scorer has been failing for longer than its
+    outage budget."""
     if len(images) != len(items):
         raise ValueError(f"{len(images)} images for {len(items)} prompt items")
+    if sources is not None and len(sources) != len(items):
+        raise ValueError(f"{len(sources)} sources for {len(items)} prompt items")
     components = resolve_mix(mix, {item.task for item in items})
-    return asyncio.run(_score(endpoint, images, items, components))
+    return asyncio.run(_score(endpoint, images, items, components, row_sources(items) if sources is None else sources))
 
 
 def start_reward_service(config: RewardsSection, resources: dict[str, float] | None = None) -> RewardEndpoint:
@@ -270,13 +294,19 @@ TEXT_ALLOWANCE_BYTES = 64 * 1024
 """Room for an item's prompt or GenEval metadata in the size bound below (ours are a few hundred bytes)."""
 
 
-def max_item_bytes(height: int, width: int) -> int:
-    """An upper bound on one item's JSON size for an RGB image of this size: a PNG is at most the
-    raw rows plus deflate's stored-block overhead (5 bytes a 64 KiB block) and its chunk headers;
-    base64 makes 4 bytes of every 3."""
-    raw = height * (3 * width + 1)  # a filter byte a row
+def png_base64_bytes(height: int, width: int, channels: int) -> int:
+    """An upper bound on a base64 PNG of this size: at most the raw rows plus deflate's stored-block
+    overhead (5 bytes a 64 KiB block) and its chunk headers; base64 makes 4 bytes of every 3."""
+    raw = height * (channels * width + 1)  # a filter byte a row
     png = raw + 5 * math.ceil(raw / 65535) + 1024
-    return 4 * math.ceil(png / 3) + TEXT_ALLOWANCE_BYTES
+    return 4 * math.ceil(png / 3)
+
+
+def max_item_bytes(height: int, width: int, source: tuple[int, int] | None = None) -> int:
+    """An upper bound on one item's JSON size for an RGB image of this size; with the (height, width) of
+    an edit's `source`, its RGB source image and its one-channel mask are counted too."""
+    edit = png_base64_bytes(*source, 3) + png_base64_bytes(*source, 1) if source is not None else 0
+    return png_base64_bytes(height, width, 3) + edit + TEXT_ALLOWANCE_BYTES
 
 
 def python_scorers(config: RewardsSection) -> dict[str, str]:
