@@ -72,15 +72,17 @@ def assert_resume_finishes(tmp_path, config, run_id: str, steps: int) -> None:
 
 
 def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_lost(tmp_path, glyph_model_dir):
-    steps, rows = 9, 4 * 16
+    # steps of ~1 s on an idle box: a fault is injected some steps after the line it waits for (it waits
+    # for the worker to be seen busy), so the injections are spread over enough steps to land in order
+    steps, rows, hang_after = 30, 4 * 16, 20
     config = small_config(tmp_path, glyph_model_dir, steps=steps,
                           **{"data.prompts_per_step": 4, "checkpoint.every": 100, "schedule.stage_timeout_s": 30})
     run = RunningTrain(config)
     injected = []
     try:
         # the rollout worker late: by then the policy has trained (v > 0), so its reload is visible
-        for after_step, role, kind in ((2, "reward", "kill"), (4, "decoder", "kill"), (6, "rollout", "kill"),
-                                       (8, "decoder", "hang")):
+        for after_step, role, kind in ((2, "reward", "kill"), (6, "decoder", "kill"), (12, "rollout", "kill"),
+                                       (hang_after, "decoder", "hang")):
             run.wait_for(f"step {after_step}/")
             injected.append(inject_fault(run.pid, role, kind, timeout_s=300))
             if role == "reward":
@@ -99,7 +101,8 @@ def test_dead_and_hung_workers_come_back_with_current_weights_and_no_step_is_los
     faults = [e.message for e in store.events(record.id) if e.kind == "worker_fault"]
     assert any("rollout-0" in m and ("died" in m or "stale_weights" in m) for m in faults), faults
     assert any("decoder-0" in m and ("died" in m or "stale_weights" in m) for m in faults), faults
-    assert any(m.startswith("step 9: decoder-0") and "hung" in m for m in faults), faults  # found by the timeout
+    hung = [int(m.split(":")[0].split()[1]) for m in faults if re.match(r"step \d+: decoder-0", m) and "hung" in m]
+    assert hung and hung[0] > hang_after, faults  # found by the timeout, at a step after the injection
     # each restarted worker was reloaded before it served again, with the learner's version then:
     # the one after the previous step's update
     recoveries = recovered_versions(store, record.id)
