@@ -131,11 +131,12 @@ def read_store(runs_dir: Path) -> dict[int, dict[str, float]] | None:
     """step -> {key: value, "_logged_at": wall time} of the run in `runs_dir` (None: no run yet)."""
     if not (runs_dir / "runs.db").exists():
         return None
-    runs = RunStore(runs_dir).list_runs()
+    store = RunStore(runs_dir)
+    runs = store.list_runs()
     if not runs:
         return None
     table: dict[int, dict[str, float]] = {}
-    for step, key, value, logged_at in RunStore(runs_dir).scalars(runs[0].id):
+    for step, key, value, logged_at in store.scalars(runs[0].id):
         row = table.setdefault(step, {})
         row[key] = value
         row["_logged_at"] = max(row.get("_logged_at", 0.0), logged_at)
