@@ -56,16 +56,28 @@ def ray_cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# In-process vLLM engines live for the whole session, one per model, and are the only ones a test may
+# start in this process: when an engine is garbage collected, vLLM's shutdown tears down the process's
+# distributed state (`cleanup_dist_env_and_memory`), which every other in-process engine still uses
+# ("pipeline model parallel group is not initialized" on its next generate). Tests that update an
+# engine's weights restore the original weights before they return.
+
 @pytest.fixture(scope="session")
 def vllm_rollout_worker(tiny_model_dir):
-    """One in-process vLLM engine serving the tiny AR model, shared by the whole session.
-
-    Tests that update its weights restore the original weights before they return.
-    """
+    """The tiny SANA model's AR policy served by vLLM in this process."""
     from rollout.ar_worker import ARRolloutWorker
     from rollout.config import RolloutConfig
 
     return ARRolloutWorker(RolloutConfig(model=str(tiny_model_dir), kv_cache_gib=1, max_model_len=256))
+
+
+@pytest.fixture(scope="session")
+def glyph_rollout_worker(glyph_model_dir):
+    """The glyph model's AR policy served by vLLM in this process (`blip3o-rl eval`'s configuration)."""
+    from rollout.ar_worker import ARRolloutWorker
+    from rollout.config import RolloutConfig
+
+    return ARRolloutWorker(RolloutConfig(model=str(glyph_model_dir), kv_cache_gib=1))
 
 
 @pytest.fixture(scope="session")

@@ -62,10 +62,8 @@ def test_edit_rows_carry_the_source_span_and_text_rows_the_text_prompt(glyph_mod
 
 
 @pytest.mark.slow
-def test_glyph_edit_rollout_through_vllm_matches_a_transformers_forward(glyph_model_dir):
-    from rollout.ar_worker import ARRolloutWorker
-
-    worker = ARRolloutWorker(RolloutConfig(model=str(glyph_model_dir), kv_cache_gib=1, max_model_len=256))
+def test_glyph_edit_rollout_through_vllm_matches_a_transformers_forward(glyph_rollout_worker):
+    worker = glyph_rollout_worker
     source, span = glyph_source(worker.vocab)
     batch = worker.generate([INSTRUCTION, "a cat"], group_size=3, seed=7, sources=[source, None])
     expected = edit_prompt_ids(worker.tokenizer, worker.vocab, INSTRUCTION,

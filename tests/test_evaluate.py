@@ -175,16 +175,13 @@ def ocr_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def glyph_workers(glyph_model_dir):
+def glyph_workers(glyph_rollout_worker, glyph_model_dir):
     """In-process rollout + decoder workers on the glyph model, configured as `blip3o-rl eval` does."""
     from rl.evaluation.harness import LocalWorkers
-    from rollout.ar_worker import ARRolloutWorker
-    from rollout.config import RolloutConfig
     from rollout.decoder_config import DecoderConfig
     from rollout.decoder_worker import DiffusionDecoderWorker
 
-    return LocalWorkers(ARRolloutWorker(RolloutConfig(model=str(glyph_model_dir))),
-                        DiffusionDecoderWorker(DecoderConfig(model=str(glyph_model_dir))))
+    return LocalWorkers(glyph_rollout_worker, DiffusionDecoderWorker(DecoderConfig(model=str(glyph_model_dir))))
 
 
 def endpoint_of(server):
@@ -340,7 +337,7 @@ def test_edit_bench_through_the_glyph_workers_reports_the_scorers_values_of_its_
 @pytest.mark.slow
 def test_in_process_eval_of_the_checkpoint_weights_equals_the_cli(glyph_workers, ocr_server, run_dir, cli_run,
                                                                   glyph_model_dir, tmp_path):
-    """The last user of `glyph_workers` in this file: it leaves them on the checkpoint's weights (v3)."""
+    """The last user of `glyph_workers` in this file; the session's glyph engine gets its weights back."""
     from rl.evaluation.command import load_policy_weights
     from rl.evaluation.harness import evaluate
 
@@ -349,10 +346,14 @@ def test_in_process_eval_of_the_checkpoint_weights_equals_the_cli(glyph_workers,
     base_store = SampleStore(tmp_path / "base")
     evaluate(glyph_workers, endpoint_of(ocr_server), spec, base_store)
     weights = load_policy_weights(run_dir / "step-000003" / "policy")
-    glyph_workers.rollout.update_weights(3, weights)
+    version = glyph_workers.rollout.served_version()
+    glyph_workers.rollout.update_weights(version + 1, weights)
     glyph_workers.decoder.update_weights(3, weights)
     store = SampleStore(tmp_path / "v3")
-    trained = evaluate(glyph_workers, endpoint_of(ocr_server), spec.model_copy(update={"model": "v3"}), store)
+    try:
+        trained = evaluate(glyph_workers, endpoint_of(ocr_server), spec.model_copy(update={"model": "v3"}), store)
+    finally:
+        glyph_workers.rollout.update_weights(version + 2, load_policy_weights(glyph_model_dir / "ar"))
     cli_samples = read_samples(out.with_suffix("") / "samples.jsonl")
     assert outcome(read_samples(store.samples_path)) == outcome(cli_samples)
     assert trained.ocr.model_dump() == json.loads(out.read_text())["ocr"]

@@ -270,7 +270,7 @@ def test_joint_gpu_config_rehearses_across_two_nodes_with_a_rollback_and_a_resum
     sessions = sorted(set(logs.iterdir()) - earlier)
     assert len(sessions) == 2  # one per invocation
     for session in sessions:
-        actors = {node.name: {line.strip() for f in node.glob("worker-*.out") for line in f.read_text().splitlines()
+        actors = {node.name: {line.strip() for f in node.rglob("worker-*.out") for line in f.read_text().splitlines()
                               if line.startswith(":actor_name:")} for node in session.iterdir()}
         assert {":actor_name:LearnerRank", ":actor_name:DiffusionLearnerRank"} <= actors["node-1"]
         assert {":actor_name:ARRolloutWorker", ":actor_name:DiffusionDecoderWorker",

@@ -274,3 +274,12 @@ def test_pool_of_ray_actors_matches_one_worker_and_takes_updates(
         assert pool.served_versions() == [3, 3]
     finally:
         pool.shutdown()
+
+
+def test_no_test_module_starts_its_own_in_process_engine():
+    """A second in-process engine, once collected, breaks the session's engines (see conftest.py)."""
+    from pathlib import Path
+
+    tests, start = Path(__file__).parent, "ARRolloutWorker" + "("
+    assert [path.name for path in tests.glob("test_*.py") if start in path.read_text()] == []
+    assert start in (tests / "conftest.py").read_text()

@@ -121,7 +121,7 @@ def link_worker_logs(ray_logs: Path | None, run_dir: Path) -> str:
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.is_symlink():
         link.symlink_to(ray_logs, target_is_directory=True)
-    return f"worker logs: {link} (-> {ray_logs})"
+    return f"worker logs: {link} (-> {ray_logs}; an exited worker's files move to old/)"
 
 
 def install_stop_handlers(trainer: Trainer) -> None:
