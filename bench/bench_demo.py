@@ -67,7 +67,8 @@ def last_mean(curve: list[float | None], last: int = LAST) -> float | None:
 def run_seed(config: Path, seed: int, steps: int, runs_dir: Path, work: Path) -> dict:
     """Train one seed to `steps`; its curve and how the run went."""
     seeded = seeded_config(config, seed, work)
-    before = RunStore(runs_dir).list_runs() if (runs_dir / "runs.db").exists() else []
+    earlier = RunStore.existing(runs_dir)
+    before = earlier.list_runs() if earlier else []
     command = [sys.executable, "-m", "rl.run.train", "--config", str(seeded), "--runs-dir", str(runs_dir),
                "--steps", str(steps)]
     load_before, t0 = os.getloadavg()[0], time.time()

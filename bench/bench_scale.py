@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.tree_memory import TreeMemory, status_bytes  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -70,13 +72,6 @@ def vm_hwm_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def status_bytes(key: str, pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
 
 
 def rss_bytes() -> int:
@@ -109,56 +104,20 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
 
 
-class TreePeaks:
-    """Samples the RSS of a process and its descendants; peak per process title (Ray actors are
-    titled after their class, e.g. `ray::LearnerRank.train_step`)."""
-
-    def __init__(self, pid: int, every_s: float = 0.2):
-        import psutil
-
-        self.root, self.every_s, self._stop = psutil.Process(pid), every_s, threading.Event()
-        self.peaks: dict[str, int] = {}
-        self.anon_peaks: dict[str, int] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for process in processes:
-                try:
-                    title = " ".join(process.cmdline()).split(" ")[0].split(".")[0] if process != self.root else "main"
-                    rss, anon = process.memory_info().rss, status_bytes("RssAnon", process.pid)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, FileNotFoundError, RuntimeError):
-                    continue
-                self.peaks[title] = max(self.peaks.get(title, 0), rss)
-                self.anon_peaks[title] = max(self.anon_peaks.get(title, 0), anon)
-            time.sleep(self.every_s)
-
-    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return self.peaks, self.anon_peaks
-
-
 def run_piece(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
     """Run one piece in a fresh process; its result plus the peak RSS of every process of its tree."""
     command = [sys.executable, __file__, "--piece", name, *forwarded(args), *extra]
     print(f"== {name} {' '.join(extra)}", flush=True)
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peaks = TreePeaks(child.pid)
+    memory = TreeMemory(child.pid)
     lines = []
     for line in child.stdout:
         print("   " + line.rstrip(), flush=True)
         lines.append(line)
     child.wait()
-    tree, tree_anon = peaks.stop()
+    memory.stop()
+    tree, tree_anon = memory.peaks, memory.anon_peaks
     if child.returncode != 0:
         raise RuntimeError(f"piece {name} failed with exit code {child.returncode}")
     result = json.loads(next(line for line in reversed(lines) if line.startswith("RESULT "))[len("RESULT "):])

@@ -74,10 +74,8 @@ def prepare(name: str, arm: str, seed: int, steps: int, workdir: Path) -> tuple[
 
 def metric_so_far(runs: Path, key: str = "reward/mean") -> list[float]:
     """`key` of every finished step of the one run in `runs` that logged it, in step order."""
-    if not (runs / "runs.db").exists():
-        return []
-    store = RunStore(runs)
-    infos = store.list_runs()
+    store = RunStore.existing(runs)
+    infos = store.list_runs() if store else []
     if not infos:
         return []
     return [value for value in store.metrics(infos[0].id, [key]).values[key] if value is not None]

@@ -129,10 +129,8 @@ def run_config(run: BenchRun, steps: int, workdir: Path, model: Path, reward_url
 
 def read_store(runs_dir: Path) -> dict[int, dict[str, float]] | None:
     """step -> {key: value, "_logged_at": wall time} of the run in `runs_dir` (None: no run yet)."""
-    if not (runs_dir / "runs.db").exists():
-        return None
-    store = RunStore(runs_dir)
-    runs = store.list_runs()
+    store = RunStore.existing(runs_dir)
+    runs = store.list_runs() if store else []
     if not runs:
         return None
     table: dict[int, dict[str, float]] = {}

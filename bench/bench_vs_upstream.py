@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.tree_memory import TreeMemory  # noqa: E402
 from bench.upstream.checkpoint import write_blip3o_checkpoint  # noqa: E402
 from bench.upstream.job import STAGES, JobSpec, read_step_log  # noqa: E402
 
@@ -52,7 +52,6 @@ SYSTEMS = ("blip3o_rl_sync", "blip3o_rl_async", "blip3o_next_trainer", "trl")
 DEFAULT_CONFIG = REPO / "deploy" / "configs" / "tiny-cpu-glyph-ocr.yaml"
 UPSTREAM_DIR = Path(os.environ.get("UPSTREAM_DIR", "/work/upstream"))
 LAST_STEPS = 10
-RSS_PERIOD_S = 0.5
 OUR_STAGES = {"rollout": "generate", "decode": "decode", "reward": "reward", "update": "update", "sync": "sync"}
 """Run-store `time/<stage>` -> the common stage names (`time/collect` and `time/step` are kept too)."""
 
@@ -129,42 +128,6 @@ def _differences(config) -> list[str]:
     return notes
 
 
-class TreeMemory:
-    """Peak of the summed RSS of a process and all its descendants, sampled in a thread."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            total = 0
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for process in processes:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    pass  # exited between the listing and the read
-            self.peak_bytes = max(self.peak_bytes, total)
-            self._stop.wait(RSS_PERIOD_S)
-
-    def stop(self) -> float:
-        """Stop sampling; the peak in GiB."""
-        self._stop.set()
-        self._thread.join()
-        return self.peak_bytes / 2**30
-
-
 @dataclass
 class Launch:
     started: float
@@ -182,9 +145,9 @@ def launch(argv: list[str], log: Path, cwd: Path = REPO, env: dict | None = None
         started = time.time()
         process = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
-        memory = TreeMemory(process.pid)
+        memory = TreeMemory(process.pid, every_s=0.5)
         returncode = process.wait()
-        peak = memory.stop()
+        peak = memory.stop().peak_total / 2**30
     return Launch(started, time.time(), returncode, round(peak, 3), load_before, str(log))
 
 
@@ -238,10 +201,8 @@ def store_records(runs_dir: Path) -> list[StepRecord]:
     """Per-step reward, stage seconds and recording time of the one run in `runs_dir`."""
     from rl.run_store import RunStore
 
-    if not (runs_dir / "runs.db").is_file():
-        return []
-    store = RunStore(runs_dir)
-    runs = store.list_runs()
+    store = RunStore.existing(runs_dir)
+    runs = store.list_runs() if store else []
     if not runs:
         return []
     table: dict[int, dict] = {}

@@ -10,7 +10,8 @@ GPU configs point at a converted checkpoint) needs `--model-shape` (a `policy.ti
 
 Formulas (bytes; P = AR parameters, tied head counted once; d = bytes per element of the role's
 dtype; W = learner.world_size; z = ZeRO stage; V = vocabulary rows, h = hidden, K = codebook,
-N = tokens per image, L = prompt + N tokens, I = MLP width, n_l = AR layers):
+N = tokens per image, L = prompt + N tokens (+ N for an edit: its prompt holds the source image's
+N codes), I = MLP width, n_l = AR layers):
 
   learner rank (DeepSpeed, torch AdamW wrapped by ZeRO):
     weights        d P / (W if z = 3 else 1)
@@ -311,9 +312,16 @@ def head_bytes_per_logit(d: int) -> int:
     return 8 if d == 4 else d + 4 + 4 + d
 
 
-def learner_row_bytes(shape: ModelShape, d: int, checkpointing: bool, probs: bool) -> tuple[float, float]:
+def prompt_tokens(shape: ModelShape, edits: bool) -> int:
+    """A rollout prompt's length for the activations: an edit prompt also holds the source image's
+    codes, as many as an image's tokens (policy/prompt.py `edit_prompt_ids`)."""
+    return PROMPT_TOKENS + (shape.tokens_per_image if edits else 0)
+
+
+def learner_row_bytes(shape: ModelShape, d: int, checkpointing: bool, probs: bool,
+                      prompt: int = PROMPT_TOKENS) -> tuple[float, float]:
     """(head bytes, layer bytes) one micro-batch row needs for backward."""
-    n, seq = shape.tokens_per_image, PROMPT_TOKENS + shape.tokens_per_image
+    n, seq = shape.tokens_per_image, prompt + shape.tokens_per_image
     head = n * shape.codebook * head_bytes_per_logit(d)
     per_layer = layer_activation_elements(shape, seq, probs)
     if checkpointing:
@@ -323,7 +331,7 @@ def learner_row_bytes(shape: ModelShape, d: int, checkpointing: bool, probs: boo
     return head, layers
 
 
-def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
+def plan_learner(shape: ModelShape, learner, on_gpu: bool, prompt: int = PROMPT_TOKENS) -> RolePlan:
     d = bytes_per_element(learner.precision)
     if learner.lora is None:
         lines = learner_state_lines(shape.ar_params, d, learner.world_size, learner.zero_stage, learner.grpo.beta > 0)
@@ -334,11 +342,11 @@ def plan_learner(shape: ModelShape, learner, on_gpu: bool) -> RolePlan:
         lines.append(Line("tied head gradient (transient)", d * shape.vocab_rows * shape.hidden, "[V, h] dense"))
     if learner.lora is None:
         lines += publish_lines(learner, d * shape.vocab_rows * shape.hidden, "the embedding")
-    head, layers = learner_row_bytes(shape, d, learner.gradient_checkpointing, probs=not on_gpu)
+    head, layers = learner_row_bytes(shape, d, learner.gradient_checkpointing, probs=not on_gpu, prompt=prompt)
     b = learner.micro_batch_size
     lines.append(Line("activations: image logits", b * head,
                       f"{b} rows x [{shape.tokens_per_image}, {shape.codebook}] x {head_bytes_per_logit(d)} B"))
-    lines.append(Line("activations: layers", b * layers, f"{b} rows x {PROMPT_TOKENS + shape.tokens_per_image} tokens x "
+    lines.append(Line("activations: layers", b * layers, f"{b} rows x {prompt + shape.tokens_per_image} tokens x "
                       f"{shape.layers} layers" + (" (checkpointed)" if learner.gradient_checkpointing else "")))
     lines.append(_runtime("learner", on_gpu))
     return RolePlan("learner rank", lines, learner.device, learner.world_size)
@@ -545,7 +553,7 @@ def plan_config(config, shape: ModelShape) -> list[RolePlan]:
     plans = [plan_rollout(shape, engine, learner, engine.device != "cpu", config.rollout.workers),
              plan_decoder(shape, decoder, learner, batch, decoder.device != "cpu", config.decoder.workers, diffusion)]
     if learner is not None:
-        plans.append(plan_learner(shape, learner, learner.device != "cpu"))
+        plans.append(plan_learner(shape, learner, learner.device != "cpu", prompt_tokens(shape, config.data.edits)))
         plans.append(plan_weight_buffer(learner, published_ar_params(shape, learner)))
     if diffusion is not None:
         plans.append(plan_diffusion_learner(shape, diffusion, decoder.guidance_scale, diffusion.device != "cpu"))

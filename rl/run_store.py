@@ -179,6 +179,12 @@ class RunStore:
         finally:
             db.close()
 
+    @classmethod
+    def existing(cls, runs_dir: str | Path) -> RunStore | None:
+        """The store of `runs_dir` if a run has created it, else None: a reader watching for a run
+        that has not started must not create the database (or the directory) itself."""
+        return cls(runs_dir) if (Path(runs_dir) / DB_NAME).is_file() else None
+
     # ---- connections: one short-lived connection per call, so threads and processes never share
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)

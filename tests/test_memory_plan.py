@@ -288,3 +288,20 @@ def test_decoder_plans_its_call_its_dc_ae_micro_batch_and_the_sde_trajectory():
     joint = real_plans("gpu-blip3o-next-joint-geneval")["decoder worker"]
     assert sde_trajectory_bytes(shape.sana, 10) == 2 * 11 * 32768 * 4
     assert by_name(joint.lines)["SDE trajectory + AR states"] == 32 * (2 * 11 * 32768 * 4 + 730 * 2048 * 2)
+
+
+def test_an_edit_runs_learner_rows_hold_the_source_images_codes():
+    """An edit prompt holds the source image's 729 codes: on GPU (no attention probabilities kept) a
+    row's layer activations grow with its length, (64 + 729 + 729) / (64 + 729) over a text-to-image row."""
+    from rl.memory_plan import PROMPT_TOKENS, plan_learner
+    from rl.run.config import load_config
+
+    edit = real_plans("gpu-blip3o-next-grpo-edit")["learner rank"]
+    learner = load_config(str(CONFIGS / "gpu-blip3o-next-grpo-edit.yaml")).learner
+    text = plan_learner(real_shape(), learner, on_gpu=True, prompt=PROMPT_TOKENS)
+    n = real_shape().tokens_per_image
+    assert n == 729
+    ratio = by_name(edit.lines)["activations: layers"] / by_name(text.lines)["activations: layers"]
+    assert ratio == pytest.approx((PROMPT_TOKENS + 2 * n) / (PROMPT_TOKENS + n), rel=1e-12)
+    assert by_name(edit.lines)["activations: image logits"] == by_name(text.lines)["activations: image logits"]
+    assert f"{learner.micro_batch_size} rows x {PROMPT_TOKENS + 2 * n} tokens" in str(edit.lines)

@@ -425,3 +425,24 @@ def test_a_stage_error_mid_run_stops_it_failed_with_a_checkpoint_of_the_last_fin
     latest = CheckpointDir(config.logging.runs_dir / "checkpoints" / record.id).latest()
     assert latest is not None and latest.name == "step-000001"
     assert (latest / "learner" / "version").read_text() == "1"
+
+
+def test_an_edit_chunk_reads_its_sources_once_and_a_redo_sends_the_same_pixels(tmp_path):
+    from PIL import Image
+
+    from rl.prompts.edit import EditRecord
+    from rl.run.pipeline import Chunk
+
+    paths = [tmp_path / f"source-{n}.png" for n in range(2)]
+    for n, path in enumerate(paths):
+        Image.fromarray(np.full((6, 10, 3), 40 * n, np.uint8)).save(path)
+    items = [PromptItem(f"make it red {n}", "edit", edit=EditRecord(f"make it red {n}", path))
+             for n, path in enumerate(paths)]
+    chunk = Chunk(index=0, start=0, items=items, seed=0, sampler=None, decoder=None, launched_version=0)
+    first = chunk.edit_sources()
+    assert [int(source.image[0, 0, 0]) for source in first] == [0, 40] and first[0].image.shape == (6, 10, 3)
+    for path in paths:
+        path.unlink()  # a redo must not need the files again
+    assert chunk.edit_sources() is first
+    text = Chunk(index=1, start=2, items=ITEMS[:1], seed=0, sampler=None, decoder=None, launched_version=0)
+    assert text.edit_sources() == []

@@ -57,6 +57,13 @@ def test_metrics_round_trip_aligned_on_steps(tmp_path):
     assert (info.name, info.status, info.config, info.last_step) == ("demo run/1", "running", {"lr": 1e-6, "group_size": 16}, 2)
 
 
+def test_existing_opens_a_store_a_run_created_and_creates_nothing_itself(tmp_path):
+    runs = tmp_path / "runs"
+    assert RunStore.existing(runs) is None and not runs.exists()
+    run = RunStore(runs).create_run("first", {})
+    assert [info.id for info in RunStore.existing(runs).list_runs()] == [run]
+
+
 def test_log_metrics_replaces_a_step_and_resume_drops_later_steps(tmp_path):
     store = RunStore(tmp_path)
     run = store.create_run("r", {})

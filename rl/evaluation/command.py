@@ -112,11 +112,12 @@ def run_configs(runs_dir: Path, run_id: str):
     from rollout.config import RolloutConfig
     from rollout.decoder_config import DecoderConfig
 
-    if not (runs_dir / DB_NAME).is_file():
+    store = RunStore.existing(runs_dir)
+    if store is None:
         raise EvalCommandError(f"no run store ({runs_dir / DB_NAME}) to find run {run_id}'s base model in; "
                                "pass --base-model DIR")
     try:
-        config = RunStore(runs_dir).get_run(run_id).config
+        config = store.get_run(run_id).config
     except UnknownRunError:
         raise EvalCommandError(f"run {run_id} is not in {runs_dir / DB_NAME}; pass --base-model DIR") from None
     try:

@@ -219,9 +219,17 @@ class Chunk:
     attempts: int = 0
     """Tries that count against `faults.max_chunk_attempts` (a resample is not a failure)."""
     result: ChunkResult | None = None
+    sources: list[EditSource] | None = None
+    """Edits: the sources' pixels, read on the first submit (a redo sends the same arrays)."""
 
     def ref(self, stage: Stage):
         return {"rollout": self.rollout_ref, "decode": self.decode_ref, "reward": self.score_ref}[stage]
+
+    def edit_sources(self) -> list[EditSource]:
+        """The pixels of the chunk's edit sources (none for text to image: a run's prompts are all one kind)."""
+        if self.sources is None:
+            self.sources = [edit_source(item.edit) for item in self.items] if self.items[0].edit else []
+        return self.sources
 
 
 @dataclass(frozen=True)
@@ -280,8 +288,8 @@ class PendingStep:
     def _submit(self, chunk: Chunk, stage: Stage, counts: bool = True) -> None:
         """(Re)submit `chunk` from `stage` on: later stages chain on the earlier refs."""
         # edits: the sources' pixels, not their paths, leave the driver (the workers and the scoring task
-        # may run on other nodes); a run's prompts are all edits or all text to image
-        sources = [edit_source(item.edit) for item in chunk.items] if chunk.items[0].edit else []
+        # may run on other nodes)
+        sources = chunk.edit_sources()
         if stage == "rollout":
             captions = [item.caption for item in chunk.items]
             edits = {"sources": [source.image for source in sources]} if sources else {}
