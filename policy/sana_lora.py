@@ -26,8 +26,16 @@ from typing import ClassVar
 
 import torch
 
-from policy.lora import (LoRAConfig, LoRAMerger, check_adapter_fits, find_adapter, linear_adapter_specs, linear_shapes,
-                         merge_record, read_adapter)
+from policy.lora import (
+    LoRAConfig,
+    LoRAMerger,
+    check_adapter_fits,
+    find_adapter,
+    linear_adapter_specs,
+    linear_shapes,
+    merge_record,
+    read_adapter,
+)
 from policy.weights import ParamSpec
 
 SANA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")

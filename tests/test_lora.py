@@ -132,7 +132,6 @@ def test_adapted_head_logits_are_the_peft_models_and_the_base_with_the_adapter_o
     torch.testing.assert_close(off, base, rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_bf16_merge_loses_a_small_update_and_the_unmerged_adapter_serves_the_learners_layer():
     """A 2240 x 2240 bf16 layer (SANA 1.6B's width; weights ~ N(0, 0.02)), rank 32, alpha 64, A as
     peft initialises it (U(+-1/sqrt(2240))), B ~ N(0, b^2) for b = 1e-4, 3e-4, 1e-3 (a few Adam steps

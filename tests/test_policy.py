@@ -27,7 +27,7 @@ from policy.logprobs import (
 from policy.model_dir import CheckpointNotFoundError, ModelPaths, resolve_checkpoint, resolve_model_dir
 from policy.prompt import rollout_prompt_ids, rollout_prompt_text
 from policy.tiny import PRESETS
-from policy.vocab import IM_START, ImageVocab, image_token
+from policy.vocab import ImageVocab, image_token
 
 
 def small_vocab() -> ImageVocab:

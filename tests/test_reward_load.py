@@ -14,8 +14,8 @@ import pytest
 from rewards.app.deps import get_ocr_scorer
 from rewards.app.main import create_app
 from rewards.app.settings import Settings
-from rewards.local_server import start_reward_server
 from rewards.loadtest import OCR, build_workload, drive, measure_references, run_load_test, same_answer
+from rewards.local_server import start_reward_server
 from tests.rewards_support import StubOcr, serve_in_thread
 
 TOKEN = "load-token"

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from policy.model_dir import CheckpointNotFoundError
+from rewards.aesthetic import AestheticConfig, aesthetic_scorer
 from rewards.app.main import create_app
 from rewards.app.run import add_serve_arguments, serve_from_args
 from rewards.app.settings import Settings
-from rewards.aesthetic import AestheticConfig, aesthetic_scorer
 from rewards.client import encode_png
 from rewards.clip_score import (
     ClipEmbedder,

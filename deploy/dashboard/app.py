@@ -18,8 +18,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import SecretStr
 
-from deploy.dashboard.auth import (Credentials, Unauthorized, authorized, login_page, require_bearer, require_token,
-                                   session_response, unauthorized_response)
+from deploy.dashboard.auth import (
+    Credentials,
+    Unauthorized,
+    authorized,
+    login_page,
+    require_bearer,
+    require_token,
+    session_response,
+    unauthorized_response,
+)
 from deploy.dashboard.schemas import Event, Metrics, RunDetail, RunSummary, Sample, Samples
 from deploy.dashboard.settings import DashboardSettings
 from rl.run_store import RunInfo, RunStore, SampleKind, UnknownRunError
