@@ -4,6 +4,7 @@ request size counts them), and the glyph edit demo learning its edit (slow)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -36,6 +37,7 @@ def demo_config(tmp_path, model, **changes):
     raw = yaml.safe_load(DEMO.read_text())
     raw["model"] = {"path": str(model)}
     raw["data"]["sources"][0]["path"] = str(tmp_path / "data" / "train.jsonl")
+    raw["eval"]["edit_data"]["path"] = str(tmp_path / "data" / "eval.jsonl")
     raw["logging"]["runs_dir"] = str(tmp_path / "runs")
     return write_config(tmp_path, raw, changes)
 
@@ -65,6 +67,51 @@ def test_the_run_writes_the_demos_edit_once(tmp_path, glyph_model_dir):
     assert (item.caption, item.task, item.edit.target) == ("change the word sun to we", "edit", {"text": "we"})
     assert item.label == "change the word sun to we [source cat_sun.png]"  # what the run store's samples show
     assert (item.edit.image.name, item.edit.mask.name) == ("cat_sun.png", "tiles_4_3.png")
+
+
+def test_the_in_run_edit_eval_writes_held_out_edits_the_run_does_not_train_on(tmp_path, glyph_model_dir):
+    from rl.evaluation.config import chosen_eval_prompts, eval_scorers
+    from rl.prompts.edit import EVAL_WORDS
+    from rl.prompts.edit_synthetic import ensure_synthetic_eval
+    from rl.run.reward_checks import required_scorers
+
+    config = load_config(demo_config(tmp_path, glyph_model_dir))
+    assert chosen_eval_prompts(config.eval) == []  # not written yet
+    assert eval_scorers(config.eval) == required_scorers(config) == {"edit_ocr", "consistency"}
+    ensure_synthetic_eval(config.eval, log=lambda line: None)
+    items = chosen_eval_prompts(config.eval)
+    assert len(items) == 8 and all(item.task == "edit" and item.edit.target["text"] in EVAL_WORDS for item in items)
+    # the eval file as a training source: refused, its edits would be trained on (even when a source may hold
+    # evaluation words, which the sources refuse by themselves otherwise)
+    source = {"kind": "edit", "path": str(tmp_path / "data" / "eval.jsonl"), "allow_eval_prompts": True}
+    with pytest.raises(ConfigError, match="8 of the 8 evaluation prompts are trained on"):
+        load_config(demo_config(tmp_path, glyph_model_dir, **{"data.sources": [source]}))
+    for changes, message in (
+        ({"eval.edit_data": None}, "eval bench edit needs edit_data"),
+        ({"eval.bench": "ocr"}, "only bench edit takes it"),
+        ({"eval.edit_data.format": "imgedit"}, "the in-run edit eval reads edit lines with a target"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(demo_config(tmp_path, glyph_model_dir, **changes))
+
+
+def test_an_edit_evals_score_is_its_edit_checks_mean_never_a_background_metric():
+    from types import SimpleNamespace
+
+    from rl.evaluation.edit_bench import EditMetrics, summarise
+    from rl.evaluation.in_run import EditScoreMissing, eval_metrics, eval_score
+
+    def report(*metrics):
+        return SimpleNamespace(edit=SimpleNamespace(overall=summarise(list(metrics))), geneval=None, ocr=None)
+
+    text = report(EditMetrics(key="0", masked=True, psnr=20.0, edit_ocr=1.0, edit_ocr_exact=True),
+                  EditMetrics(key="1", masked=True, psnr=30.0, edit_ocr=0.5, edit_ocr_exact=False))
+    assert eval_score(text) == 0.75
+    assert eval_metrics(text) == {"eval/edit/score": 0.75, "eval/edit/psnr": 25.0, "eval/edit/edit_ocr": 0.75,
+                                  "eval/edit/edit_ocr_exact": 0.5}
+    assert eval_score(report(EditMetrics(key="0", masked=True, psnr=20.0, edit_color=0.25))) == 0.25
+    with pytest.raises(EditScoreMissing, match="none of the edit checks"):
+        eval_score(report(EditMetrics(key="0", masked=True, psnr=40.0)))
 
 
 def test_a_request_item_counts_the_source_and_its_mask(tmp_path, glyph_model_dir):
@@ -134,9 +181,9 @@ def test_the_glyph_edit_demo_learns_its_edit(tmp_path, glyph_model_dir):
     it started), and the background is not given up for it (keep: 0.32 -> 0.33 measured; it rises once the
     edit is learned, after step 30, which this test does not wait for)."""
     steps = 10
-    config = demo_config(tmp_path, glyph_model_dir, steps=steps, **{"checkpoint.every": 100})
+    config = demo_config(tmp_path, glyph_model_dir, steps=steps, **{"checkpoint.every": 100, "eval.every": 10})
     result = train(config)
-    assert "wrote 1 edits to" in result.stdout  # the run wrote its data
+    assert "wrote 1 edits to" in result.stdout and "wrote 8 edits to" in result.stdout  # the run wrote its data
     store, run = only_run(tmp_path / "runs")
     table = metric_table(store, run.id)
     edit = [table[step]["reward/edit"] for step in range(1, steps + 1)]
@@ -148,6 +195,14 @@ def test_the_glyph_edit_demo_learns_its_edit(tmp_path, glyph_model_dir):
     samples = store.samples(run.id, steps)
     assert samples and all(s.prompt == "change the word sun to we [source cat_sun.png]" for s in samples)
     assert {"edit", "keep"} <= set(samples[0].components)
+    # the in-run eval of step 10 on the 8 held-out edits: its score is edit_ocr's mean over its images
+    evaluated = [json.loads(line) for line in
+                 (tmp_path / "runs" / run.id / "eval" / "step-0000010" / "samples.jsonl").read_text().splitlines()]
+    assert len(evaluated) == 8 and all(s["edit"]["psnr"] is not None for s in evaluated)
+    assert table[steps]["eval/edit/score"] == pytest.approx(np.mean([s["edit"]["edit_ocr"] for s in evaluated]))
+    assert table[steps]["eval/edit/psnr"] == pytest.approx(np.mean([s["edit"]["psnr"] for s in evaluated]))
+    assert f"eval step {steps}/{steps} | edit score" in result.stdout
+    assert len(store.samples(run.id, steps, kind="eval")) == 8
 
 
 def test_edit_ocr_regions_are_the_characters_of_the_box_placed_on_the_image():

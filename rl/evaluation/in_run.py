@@ -1,11 +1,13 @@
 """In-run evaluation: the current policy scored on a benchmark's evaluation prompts during training.
 
-    config `eval: {every: K, bench: geneval|ocr, prompts: N, images_per_prompt: M, seed: S}`
+    config `eval: {every: K, bench: geneval|ocr|edit, prompts: N, images_per_prompt: M, seed: S}`
+    (bench edit: `edit_data: {path, format}`, and `synthetic_edits` to have the run write a synthetic set)
     after steps K, 2K, ... and the last one (Trainer._evaluate, rl/run/trainer.py):
       -> rl.evaluation.harness.evaluate over the run's first rollout and decoder actors (ActorWorkers) and its
          reward endpoint: the harness of `blip3o-rl eval`, no second sampling or scoring path
       -> per-image results in <runs_dir>/<run_id>/eval/step-NNNNNNN/ (spec.json, samples.jsonl, images/)
-      -> metrics at that step: eval/<bench>/score, eval/ocr/exact | eval/geneval/<tag>, time/eval;
+      -> metrics at that step: eval/<bench>/score, eval/ocr/exact | eval/geneval/<tag> | eval/edit/<metric>,
+         time/eval;
          the first image of each prompt in the eval gallery
       -> a score above the best so far: that step's checkpoint is saved and pinned (best.json,
          `keep_if_best`)
@@ -45,34 +47,70 @@ if TYPE_CHECKING:
     from rl.evaluation.config import EvalSection
 
 
+EDIT_SCORES = ("edit_ocr", "edit_color", "judge")
+"""An edit eval's score: the mean of the first of these edit checks its images have (the background
+metrics reward copying the source, so none of them can pick the best checkpoint)."""
+
+
+class EditScoreMissing(ValueError):
+    """An edit eval whose images have no edit check to score them by."""
+
+
 def eval_spec(section: EvalSection, model: str, sampling: SamplingConfig | None = None,
               chunk_images: int = 16) -> EvalSpec:
     """The `rl.evaluation.harness` spec of one in-run eval (`sampling` None: the model's defaults)."""
     return EvalSpec(bench=section.bench, model=model, images_per_prompt=section.images_per_prompt,
                     limit=section.prompts, seed=section.seed, sampling=sampling or SamplingConfig(),
-                    chunk_images=chunk_images)
+                    chunk_images=chunk_images, edit_data=section.edit_data)
 
 
 def eval_score(report: EvalReport) -> float:
-    """The number best-eval compares (higher is better): GenEval overall, OCR mean reward."""
+    """The number best-eval compares (higher is better): GenEval overall, OCR mean reward, the edit check's mean."""
+    if report.edit is not None:
+        means = report.edit.overall.metrics
+        name = next((name for name in EDIT_SCORES if name in means), None)
+        if name is None:
+            raise EditScoreMissing(f"the edit eval's images have none of the edit checks {list(EDIT_SCORES)} to be "
+                                   "scored by: give its lines a target (text or color)")
+        return means[name].mean
     return report.geneval.overall if report.geneval is not None else report.ocr.mean_reward
 
 
 def eval_metrics(report: EvalReport) -> dict[str, float]:
-    """The run store's keys: eval/<bench>/score, then GenEval's per-tag accuracies or OCR's exact-match share."""
+    """The run store's keys: eval/<bench>/score, then GenEval's per-tag accuracies, OCR's exact-match
+    share, or every mean of the edit summary (PSNR, SSIM, edit_ocr, copied, ...)."""
     if report.geneval is not None:
         tags = {f"eval/geneval/{tag}": score.accuracy for tag, score in report.geneval.tags.items()}
         return {"eval/geneval/score": report.geneval.overall, **tags}
+    if report.edit is not None:
+        means = {f"eval/edit/{name}": mean.mean for name, mean in report.edit.overall.metrics.items()}
+        return {"eval/edit/score": eval_score(report), **means}
     return {"eval/ocr/score": report.ocr.mean_reward, "eval/ocr/exact": report.ocr.exact_match}
+
+
+def gallery_components(sample: SampleResult) -> dict[str, float]:
+    """What the eval gallery shows beside an image."""
+    if sample.edit is not None:
+        numbers = sample.edit.model_dump(include=set(EDIT_SCORES) | {"psnr", "copied"})
+        return {name: float(value) for name, value in numbers.items() if value is not None}
+    if sample.correct is None:
+        return {"ocr": sample.reward}
+    return {"geneval": sample.reward, "geneval_correct": float(sample.correct)}
 
 
 def gallery_records(samples: list[SampleResult], root: Path, count: int) -> list[SampleRecord]:
     """The first image of each prompt (in prompt order, at most `count`) for the eval gallery."""
     firsts = sorted((s for s in samples if s.sample_index == 0), key=lambda s: s.prompt_index)[:count]
-    return [SampleRecord(prompt=s.prompt, image=root / s.image, reward=s.reward,
-                         components={"ocr": s.reward} if s.correct is None
-                         else {"geneval": s.reward, "geneval_correct": float(s.correct)})
-            for s in firsts]
+    return [SampleRecord(prompt=s.prompt, image=root / s.image, reward=sample_score(s),
+                         components=gallery_components(s)) for s in firsts]
+
+
+def sample_score(sample: SampleResult) -> float:
+    """One image's reward (edit: its edit check, 0 where it has none)."""
+    if sample.edit is None:
+        return sample.reward
+    return next((float(getattr(sample.edit, name)) for name in EDIT_SCORES
+                 if getattr(sample.edit, name) is not None), 0.0)
 
 
 @dataclass(frozen=True)
@@ -91,8 +129,13 @@ class InRunEvalResult:
     def describe(self, steps: int) -> str:
         """The console's progress line of this eval (and the run store's event)."""
         report = self.report
-        detail = (f"exact {report.ocr.exact_match:.3f}" if report.ocr is not None
-                  else f"image accuracy {report.geneval.image_accuracy:.3f}")
+        if report.edit is not None:
+            psnr = report.edit.overall.metrics.get("psnr")
+            detail = f"background PSNR {psnr.mean:.2f} dB" if psnr is not None else "no background metric"
+        elif report.ocr is not None:
+            detail = f"exact {report.ocr.exact_match:.3f}"
+        else:
+            detail = f"image accuracy {report.geneval.image_accuracy:.3f}"
         return (f"eval step {self.step}/{steps} | {report.bench} score {self.score:.4f} | {detail} | "
                 f"{report.prompts} prompts x {report.images_per_prompt} images, v{report.policy_version} | "
                 f"{self.seconds:.2f}s")

@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -32,6 +32,9 @@ from PIL import Image
 from rl.prompts.edit import EVAL_WORDS, TRAIN_WORDS
 from rl.prompts.generators import Log, PromptSetError, write_lines
 from rl.prompts.sources import PromptSourceConfig
+
+if TYPE_CHECKING:
+    from rl.evaluation.config import EvalSection
 
 Split = Literal["train", "eval"]
 INSTRUCTION = "change the word {word} to {new}"
@@ -122,7 +125,8 @@ def write_edit_set(out: Path, n: int, seed: int, split: Split = "train", log: Lo
         raise PromptSetError(f"cannot write {out}: it is a directory")
     glyphs = glyph_renderer()
     if words or targets:
-        check_words(tuple(words) or TRAIN_WORDS, targets, split, glyphs.tokens_per_image)
+        check_words(tuple(words) or (TRAIN_WORDS if split == "train" else EVAL_WORDS), targets, split,
+                    glyphs.tokens_per_image)
     edits = draw_edits(n, seed, split, words, targets)
     log(f"edit ({split}): {n} edits of {len(words or (TRAIN_WORDS if split == 'train' else EVAL_WORDS))} words "
         f"(seed {seed})")
@@ -152,3 +156,12 @@ def ensure_synthetic_sources(sources: Sequence[PromptSourceConfig], log: Log = p
         if source.kind == "edit" and source.synthetic is not None and not source.path.exists():
             spec = source.synthetic
             write_edit_set(source.path, spec.n, spec.seed, "train", log, spec.words, spec.targets)
+
+
+def ensure_synthetic_eval(section: EvalSection | None, log: Log = print) -> None:
+    """Write the in-run edit eval's synthetic set (`eval.synthetic_edits`: evaluation words) at
+    `eval.edit_data.path` where it does not exist yet."""
+    if section is None or section.synthetic_edits is None or section.edit_data.path.exists():
+        return
+    spec = section.synthetic_edits
+    write_edit_set(section.edit_data.path, spec.n, spec.seed, "eval", log, spec.words, spec.targets)

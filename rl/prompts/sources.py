@@ -244,9 +244,12 @@ def check_not_trained(eval_items: list[PromptItem], train_items: list[PromptItem
     """Raise EvalPromptOverlapError if an evaluation prompt (or, for text rendering, its quoted
     target) is also a training prompt (target), compared after `normalise`: an in-run eval must score
     prompts the policy never trained on, even when a source sets `allow_eval_prompts`."""
-    captions = {normalise(item.caption) for item in train_items}
+    def key(item: PromptItem) -> tuple[str, str]:  # an edit is its instruction on its source image
+        return normalise(item.caption), str(item.edit.image) if item.edit is not None else ""
+
+    captions = {key(item) for item in train_items}
     targets = {normalise(extract_target(item.caption)) for item in train_items if item.task == "ocr"}
-    overlaps = [item for item in eval_items if normalise(item.caption) in captions
+    overlaps = [item for item in eval_items if key(item) in captions
                 or (item.task == "ocr" and normalise(extract_target(item.caption)) in targets)]
     if overlaps:
         raise EvalPromptOverlapError(

@@ -356,15 +356,23 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _eval_prompts_not_trained(self) -> "TrainConfig":
-        """The in-run eval's prompts are in no training source, `allow_eval_prompts` ones included."""
-        if self.eval is None or self.eval.every == 0:
-            return self
-        from rl.prompts.sources import check_not_trained, load_source
-
-        eval_items = chosen_eval_prompts(self.eval)
-        for index, source in enumerate(self.data.sources):  # an overlap is a ValueError: pydantic reports it
-            check_not_trained(eval_items, load_source(source), f"eval ({self.eval.bench}) vs data.sources.{index}")
+        """The in-run eval's prompts are in no training source, `allow_eval_prompts` ones included
+        (checked again once the run has written its synthetic sets: `check_eval_not_trained`)."""
+        check_eval_not_trained(self)  # an overlap is a ValueError: pydantic reports it
         return self
+
+
+def check_eval_not_trained(config: TrainConfig) -> None:
+    """EvalPromptOverlapError if a prompt of the in-run eval is in a training source (a synthetic set the
+    run has not written yet has none to compare)."""
+    if config.eval is None or config.eval.every == 0:
+        return
+    from rl.prompts.sources import check_not_trained, load_source
+
+    eval_items = chosen_eval_prompts(config.eval)
+    for index, source in enumerate(config.data.sources):
+        if not source.written_by_run:
+            check_not_trained(eval_items, load_source(source), f"eval ({config.eval.bench}) vs data.sources.{index}")
 
 
 ROOT_ENV = "BLIP3O_RL_ROOT"
@@ -392,6 +400,8 @@ PATH_KEYS = {
     "decoder.decoder.glyph.font_path": "path",
     "rollout.engine.glyph.font_path": "path",
     "data.sources.*.path": "path",
+    "eval.edit_data.path": "path",
+    "eval.edit_data.images": "path",
     "logging.runs_dir": "path",
 }
 # Ray 2.60 runs a job's driver in <temp dir>/session_*/runtime_resources/working_dir_files/

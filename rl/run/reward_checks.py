@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 
 from rewards.app.schemas import Limits
+from rl.evaluation.config import eval_scorers
 from rl.run.config import ConfigError, TrainConfig
 from rl.scoring.reward_mix import TASK_SCORERS, RewardComponentConfig, resolve_mix, uncovered_tasks
 from rl.scoring.service import RewardEndpoint, http_scorer_limits, max_item_bytes, python_scorers
@@ -39,7 +40,7 @@ def run_mix(config: TrainConfig) -> tuple[RewardComponentConfig, ...]:
 def required_scorers(config: TrainConfig) -> set[str]:
     """The reward service's scorers the run needs: the task rewards of its prompts that the mix
     scores, every generic and python scorer of the mix, and the in-run eval's bench."""
-    evaluated = {config.eval.bench} if config.eval is not None and config.eval.every > 0 else set()
+    evaluated = eval_scorers(config.eval)
     tasks = prompt_tasks(config)
     mixed = {c.served_name for c in run_mix(config) if c.kind != "http" and (c.kind != "task" or c.scorer in tasks)}
     return mixed | evaluated

@@ -43,8 +43,10 @@ import sys
 from pathlib import Path
 
 from policy.model_dir import CheckpointNotFoundError, resolve_model_dir
-from rl.prompts.edit_synthetic import ensure_synthetic_sources
-from rl.run.config import ConfigError, TrainConfig, load_config
+from rl.prompts.edit_synthetic import ensure_synthetic_eval, ensure_synthetic_sources
+from rl.prompts.generators import PromptSetError
+from rl.prompts.sources import EvalPromptOverlapError
+from rl.run.config import ConfigError, TrainConfig, check_eval_not_trained, load_config
 from rl.run.lifecycle import RunStopped
 from rl.run.placement import LOCAL_CLUSTER_SYSTEM_CONFIG
 from rl.run.reward_checks import check_rows_fit_config
@@ -165,9 +167,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m rl.run.train") ->
     try:
         ensure_model(config)
         ensure_synthetic_sources(config.data.sources)  # the CPU edit demos' data, where it does not exist yet
+        ensure_synthetic_eval(config.eval)
+        check_eval_not_trained(config)  # again, with the synthetic sets written
         resolve_model_dir(config.model.path)  # a missing checkpoint is one clear line, before Ray starts
         check_rows_fit_config(config)  # images and prompts the reward service must take (service "serve")
-    except (CheckpointNotFoundError, ConfigError) as error:
+    except (CheckpointNotFoundError, ConfigError, EvalPromptOverlapError, PromptSetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     ray_logs = init_ray(config)
