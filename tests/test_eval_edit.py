@@ -10,6 +10,7 @@ python scorer stands in for the judge).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,13 @@ def test_the_edit_bench_needs_its_data_and_only_it_takes_it(tmp_path):
         EvalSpec(bench="edit", model="m", edit_data=EditData(path=tmp_path / "x.jsonl"), prompt_file=tmp_path / "p")
 
 
-def test_the_cli_refuses_edit_flags_elsewhere_and_an_edit_bench_without_data(tmp_path):
+def test_the_cli_refuses_edit_flags_elsewhere_and_an_edit_bench_without_data(tmp_path, monkeypatch):
     from deploy.cli import build_parser
     from rl.evaluation.command import EvalCommandError, run
+
+    # `run` is the CLI's, in this process: whatever it sets in the environment must not reach the
+    # subprocesses of later tests (VLLM_LOGGING_LEVEL once silenced their engines' INFO lines)
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
 
     for flags, message in (
         (["--bench", "ocr", "--data", "x.jsonl", "--images", "d"], "--data, --images are for --bench edit"),
@@ -77,6 +82,7 @@ def test_the_cli_refuses_edit_flags_elsewhere_and_an_edit_bench_without_data(tmp
         args = build_parser().parse_args(["eval", "--model", "m", "--out", str(tmp_path / "o.json"), *flags])
         with pytest.raises(EvalCommandError, match=message):
             run(args)
+    assert "VLLM_LOGGING_LEVEL" not in os.environ  # a refusal comes before anything is started
 
 
 def test_the_started_reward_server_loads_what_the_lines_need(tmp_path):

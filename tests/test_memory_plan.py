@@ -3,6 +3,8 @@ no weights), and `blip3o-rl plan` on the shipped configs."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -108,8 +110,20 @@ def test_check_fit_sums_cpu_roles_and_checks_each_gpu():
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "plan", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env)
+    """`blip3o-rl plan ARGS`: in this process (its exit code and output, as a subprocess would show them,
+    without a second interpreter's imports each time), or in a subprocess when `env` is given."""
+    if env is not None:
+        return subprocess.run([sys.executable, "-m", "deploy.cli", "plan", *args], capture_output=True, text=True,
+                              cwd=REPO, env=env)
+    from deploy.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["plan", *args])
+        except SystemExit as exit:
+            code = exit.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 GPU_CONFIGS = sorted(path.stem for path in CONFIGS.glob("gpu-*.yaml"))

@@ -147,6 +147,7 @@ def start_workers(model: EvalModel):
     from rollout.ar_worker import ARRolloutWorker
     from rollout.decoder_worker import DiffusionDecoderWorker
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # progress lines, not engine INFO lines
     rollout = ARRolloutWorker(model.rollout)
     decoder = DiffusionDecoderWorker(model.decoder)
     if model.checkpoint is not None and (model.checkpoint / "policy").is_dir():  # absent: the AR policy was frozen
@@ -265,7 +266,6 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix != ".json":
         raise EvalCommandError(f"--out must name a .json file, got {out}")
     results_dir = out.with_suffix("")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # progress lines, not engine INFO lines
     data = edit_data(args)  # flag mistakes before anything resolves or loads
     model = apply_overrides(resolve_eval_model(args.model, base_model=args.base_model), args)
     flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
