@@ -9,7 +9,8 @@ subprocess of `python -m deploy.cli rehearse`):
     lora toggled  the joint config without its transformer LoRA (full fine-tuning); the AR-only configs
                   with an AR LoRA (rank 32, alpha 64, Qwen3's seven projections) on learner and workers
 
-Writes `{"configs": {"<config file name>": {...}}}`: what was substituted, steps completed, the AR and
+Writes `{"configs": {"<config file name>": {...}}}` (entries of configs not rehearsed by this call are
+kept; each says when it ran, with how many steps and nodes): what was substituted, steps completed, the AR and
 decoder max |learner - sampler| log-prob (bf16; per variant, with its LoRA flag: the max over steps and
 the value at the step sampled after 3 updates; null for a policy the config does not train), weight-sync
 GB/s per stream and transport (median over steps), seconds a step (median over steps 2.., step 1
@@ -130,8 +131,13 @@ def main() -> None:
     args = parser.parse_args()
     names = args.configs.split(",") if args.configs else [c.name for c in CONFIGS]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-rehearsal-"))
-    results = {"configs": {}, "steps": args.steps, "nodes": args.nodes,
-               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # read-modify-write: the configs this call does not rehearse keep their entries (each says when it ran)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"configs": {}}
+    for earlier in results["configs"].values():
+        earlier.setdefault("measured_at", results.get("measured_at"))
+        earlier.setdefault("steps", results.get("steps"))
+        earlier.setdefault("nodes", results.get("nodes"))
+    results = {"configs": results["configs"]}
     for name in names:
         config = REPO / "deploy" / "configs" / name
         toggle, toggled = toggled_lora(config)
@@ -142,7 +148,8 @@ def main() -> None:
             variants[variant] = (report, lora)
             print(f"  exit {report['exit_code_cli']}, {report.get('steps_completed', 0)} steps, "
                   f"{report['wall_s']:.0f} s; problems: {report.get('problems') or 'none'}", flush=True)
-        results["configs"][name] = summary(config, variants, args.steps)
+        results["configs"][name] = {**summary(config, variants, args.steps), "steps": args.steps, "nodes": args.nodes,
+                                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after every config: a partial run keeps its part
     print(f"wrote {args.out}")

@@ -5,6 +5,8 @@ more stops the run with a named error."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from policy.weights import UNSERVICEABLE
@@ -94,8 +96,28 @@ def test_a_worker_dead_for_good_is_a_named_failure(ray_cluster):
     fleet, _ = make_fleet(ray_cluster, (3, 3), FlakyLearner(ray_cluster, version=3, failures=0))
     assert fleet.name(fleet.decoder_actors[0]) == "decoder-0"
     ray_cluster.kill(fleet.decoder_actors[0])  # no restarts left
-    with pytest.raises(WorkerFailedError, match=r"dead for good \(faults.max_worker_restarts = 0 used up\)"):
+    with pytest.raises(WorkerFailedError, match=r"dead for good \(its start failed, or faults.max_worker_restarts = "
+                                                r"0 are used up\)"):
         fleet.recover(Versions(3), "step 4: decoder-0 dead")
+    fleet.shutdown()
+
+
+class WorkerThatCannotStart(StandInWorker):
+    def __init__(self):
+        raise ValueError("User-specified max_model_len (2048) is greater than the derived max_model_len (1024)")
+
+
+def test_a_worker_whose_start_failed_fails_the_connect_with_its_own_error(ray_cluster):
+    """Not the weight transport's rendezvous waiting out its timeout (300 s for gloo) for a process that is gone."""
+    learner = FlakyLearner(ray_cluster, version=0, failures=0)
+    rollout = ray_cluster.remote(WorkerThatCannotStart).options(num_cpus=0).remote()
+    decoder = ray_cluster.remote(StandInWorker).options(num_cpus=0).remote(0)
+    fleet = Fleet([rollout], [decoder], learner, max_worker_restarts=2, restart_timeout_s=PATIENCE_S,
+                  call_timeout_s=PATIENCE_S, log_event=lambda kind, message: None)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailedError, match=r"its start failed(.|\n)*max_model_len \(2048\) is greater"):
+        fleet._connect()
+    assert learner.calls == [] and time.monotonic() - started < PATIENCE_S
     fleet.shutdown()
 
 

@@ -144,6 +144,7 @@ def test_the_tiny_model_keeps_blip3o_next_choices(tmp_path):
     assert (spec.tie_word_embeddings, spec.markers_first, spec.sana.qk_norm, spec.save_dtype) == \
         (True, True, "rms_norm_across_heads", "bfloat16")
     assert spec.sana.vae_channels == (8, 8, 16, 16, 32, 32) and spec.hidden_size == 128
+    assert spec.max_position_embeddings == 40960  # the real context: a config's max_model_len 2048 is served
     assert build_tiny_model(tmp_path / "model", BLIP3O_NEXT_CHOICES)
     assert not build_tiny_model(tmp_path / "model", BLIP3O_NEXT_CHOICES)  # already there: kept
     read = read_model_choices(tmp_path / "model")
@@ -216,9 +217,10 @@ def rehearse(work: Path, name: str, *extra: str, timeout: float = 1200) -> tuple
     return result.returncode, json.loads(out.read_text()), console
 
 
-def check_passed(report: dict, steps: list[int], policies: tuple[str, ...]) -> None:
+def check_passed(report: dict, steps: list[int], policies: tuple[str, ...], measured: list[int] | None = None) -> None:
     """The run finished the steps with weights published every step, and each trained policy's
-    sampler and learner agree on log-probs in bf16 within the stated tolerance."""
+    sampler and learner agree on log-probs in bf16 within the stated tolerance, at the `measured`
+    steps (default every step; in the async schedule only rows of the learner's own weights are)."""
     assert report["ok"] and report["problems"] == [], report["problems"]
     assert report["status"] == "finished" and sorted(map(int, report["per_step"])) == steps
     for step in steps:
@@ -229,20 +231,31 @@ def check_passed(report: dict, steps: list[int], policies: tuple[str, ...]) -> N
         if policy in policies:
             agreement = report["agreement"][policy]
             assert agreement["metric"] == metric and agreement["precision"] == "bf16"
-            assert sorted(map(int, agreement["per_step"])) == steps  # measured at every update
+            assert sorted(map(int, agreement["per_step"])) == (measured or steps)  # measured at every update
             # the run's alarm thresholds (logging.alarms defaults): 0.05 AR, 1e-4 decoder
             assert agreement["tolerance"] == {"ar": 0.05, "decoder": 1e-4}[policy]
             assert agreement["max_abs_diff"] <= agreement["tolerance"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [GENEVAL, TEXT])
+@pytest.mark.parametrize("name", [GENEVAL, TEXT, EDIT])
 def test_ar_only_gpu_config_rehearses(name, workdir):
-    """2 steps of the AR-only GPU config: bf16 vLLM and DeepSpeed ZeRO-1 on 2 ranks, NCCL broadcast
-    rehearsed on gloo, the config's scorer through Ray Serve, role resources on one node."""
-    code, report, console = rehearse(workdir, name, "--steps", "2")
-    assert code == 0, console[-4000:]
-    check_passed(report, [1, 2], ("ar",))
+    """The AR-only GPU configs: bf16 vLLM and DeepSpeed ZeRO-1 on 2 ranks, NCCL broadcast rehearsed on
+    gloo, the config's scorers through Ray Serve, role resources on one node; 2 steps. The edit config's
+    prompts hold the source's tiny TA-Tok ids (in bf16), its max_model_len 2048 as written. The text
+    config runs the async schedule with 2 steps in flight (4 steps: rows 2 versions stale by step 3)."""
+    if name == TEXT:
+        steps = [1, 2, 3, 4]
+        code, report, console = rehearse(workdir, name, "--steps", "4", "--set", "schedule.mode=async",
+                                         "--set", "schedule.max_staleness=2")
+        assert code == 0, console[-4000:]
+        check_passed(report, steps, ("ar",), measured=[1])  # later rows were sampled by older weights
+        staleness = [report["per_step"][str(s)]["schedule/staleness_max"] for s in steps]
+        assert staleness == [0, 1, 2, 2] and report["per_step"]["1"]["schedule/in_flight_steps"] == 2
+    else:
+        code, report, console = rehearse(workdir, name, "--steps", "2")
+        assert code == 0, console[-4000:]
+        check_passed(report, [1, 2], ("ar",))
     written = yaml.safe_load((workdir / "config.yaml").read_text())
     assert (written["learner"]["precision"], written["rollout"]["engine"]["dtype"]) == ("bf16", "bfloat16")
     assert {s["key"] for s in report["substituted"]} >= {"learner.dist_backend", "model.path", "ray.address"}

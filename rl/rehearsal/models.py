@@ -31,7 +31,8 @@ def read_model_choices(path: Path) -> ModelChoices:
         markers_first=ids.get(IM_START, 0) < ids.get(image_token(0), 0),
         sana_qk_norm=qk_norm, dcae_stages=stages,
         save_dtype=str(ar.get("torch_dtype") or ar.get("dtype") or "float32"),
-        decoder=layout.decoder, sampling=layout.sampling, source=str(paths.root))
+        decoder=layout.decoder, sampling=layout.sampling,
+        max_positions=int(ar.get("max_position_embeddings", 0)), source=str(paths.root))
 
 
 def build_tiny_model(directory: Path, choices: ModelChoices) -> bool:

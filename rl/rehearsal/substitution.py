@@ -98,6 +98,8 @@ class ModelChoices:
     """Decoder kind: "sana" or "glyph"."""
     sampling: SamplingDefaults
     """The model's sampling truncation (the rollout takes it unless the config names its own)."""
+    max_positions: int
+    """The AR model's context (max_position_embeddings): vLLM refuses a max_model_len beyond it."""
     source: str
     """Where these were read from."""
 
@@ -109,17 +111,20 @@ BLIP3O_NEXT_CHOICES = ModelChoices(
     tied_head=BLIP3O_NEXT_SHAPE.tie_word_embeddings, markers_first=BLIP3O_NEXT_SHAPE.markers_first,
     sana_qk_norm=BLIP3O_NEXT_SHAPE.sana.qk_norm, dcae_stages=len(BLIP3O_NEXT_SHAPE.sana.vae_channels),
     save_dtype=BLIP3O_NEXT_SHAPE.save_dtype, decoder="sana", sampling=QWEN3_SAMPLING,
+    max_positions=BLIP3O_NEXT_SHAPE.max_position_embeddings,
     source="BLIP3o-NEXT-3B (policy/tiny.py's blip3o-next-shape preset; the model directory is not on this machine)")
 
 
 def tiny_spec(choices: ModelChoices) -> TinySpec:
     """The tiny "sana" preset with `choices` applied (widths stay tiny: 2 AR layers, hidden 128,
-    1024 image tokens, 16 per image, 64 px; DC-AE stages 8, 8, 16, 16, 32, 32 wide when 6)."""
+    1024 image tokens, 16 per image, 64 px; DC-AE stages 8, 8, 16, 16, 32, 32 wide when 6; the real
+    model's context, so the config's max_model_len is served as written)."""
     base = PRESETS["sana"]
     widths = (8, 8, 16, 16, 32, 32)[:choices.dcae_stages] if choices.dcae_stages <= 6 else base.sana.vae_channels
     sana = replace(base.sana, qk_norm=choices.sana_qk_norm, vae_channels=widths)
     return replace(base, tie_word_embeddings=choices.tied_head, markers_first=choices.markers_first,
                    save_dtype=choices.save_dtype, decoder=choices.decoder,
+                   max_position_embeddings=choices.max_positions,
                    sana=sana if choices.decoder == "sana" else SanaSpec())
 
 

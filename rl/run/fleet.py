@@ -114,7 +114,10 @@ class Fleet:
         return [group for group in (self.learner, self.diffusion_learner) if group is not None]
 
     def _connect(self) -> None:
-        """(Re)build each learner's weight transport to its workers (a restarted worker is a new process)."""
+        """(Re)build each learner's weight transport to its workers (a restarted worker is a new process).
+        Every worker must have started first: one whose start failed fails here with its own error,
+        where the transport's rendezvous would wait out its timeout for it."""
+        self.served_versions(self.restart_timeout_s)
         if self.learner is not None:
             self.learner.connect_workers(self.workers)
         if self.diffusion_learner is not None:
@@ -151,8 +154,8 @@ class Fleet:
                     raise WorkerFailedError(f"a worker did not come back within {timeout_s:.0f} s") from None
                 time.sleep(1.0)
             except ActorDiedError as error:
-                raise WorkerFailedError(f"a worker is dead for good (faults.max_worker_restarts = "
-                                        f"{self.max_worker_restarts} used up): {error}") from None
+                raise WorkerFailedError(f"a worker is dead for good (its start failed, or faults.max_worker_restarts = "
+                                        f"{self.max_worker_restarts} are used up): {error}") from None
             except GetTimeoutError:
                 raise WorkerFailedError(f"workers did not answer served_version within {timeout_s:.0f} s") from None
 
