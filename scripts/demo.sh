@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job: a full GRPO run on tiny models on this CPU, with the live dashboard.
-# A tiny Qwen3 policy on vLLM learns to "write" a word that real PaddleOCR reads (~10 min on 2 cores).
+# A tiny Qwen3 policy on vLLM learns to "write" a word that real PaddleOCR reads (~2 min on 2 idle cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-deploy/configs/tiny-cpu-glyph-ocr.yaml}
