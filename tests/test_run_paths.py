@@ -144,6 +144,8 @@ USED_ON = {
     "decoder.decoder.glyph.font_path": {"decoder"},
     "rollout.engine.glyph.font_path": {"rollout"},  # its inverse reads edit sources into ids
     "data.sources.*.path": {"head"},
+    "eval.edit_data.path": {"head"},  # the in-run eval reads the lines and sends the sources' pixels
+    "eval.edit_data.images": {"head"},
     "logging.runs_dir": {"head", "learner"},  # the store on the head; learner ranks write checkpoints
 }
 
