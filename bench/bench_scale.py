@@ -68,10 +68,10 @@ GIB = 2**30
 
 def vm_hwm_bytes() -> int:
     """Peak RSS of this process since start or the last `reset_peak_rss` (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return status_bytes("VmHWM")
+    except RuntimeError:  # no VmHWM line: the kernel's peak since start
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
